@@ -1,0 +1,105 @@
+"""Vcpu exits and run results as values; describing any value never raises."""
+from __future__ import annotations
+
+from . import uapi as u
+from .msr.model import reason_name
+
+EXIT_NAMES = {getattr(u, n): n for n in dir(u) if n.startswith("KVM_EXIT_")
+              and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
+
+
+def exit_name(reason) -> str:
+    """KVM_EXIT_* name of an exit reason, e.g. 'KVM_EXIT_HLT'; unknown values are shown raw."""
+    try:
+        return EXIT_NAMES.get(reason) or f"KVM_EXIT_{int(reason)}(unknown)"
+    except Exception:
+        return f"exit({reason!r})"
+
+
+class MsrExit:
+    """One KVM_EXIT_X86_RDMSR/WRMSR: what the guest asked for and what user space answered."""
+    __slots__ = ("index", "is_write", "data", "reason", "vcpu", "reply")
+
+    def __init__(self, index, is_write, data, reason, vcpu=0, reply=None):
+        self.index = index
+        self.is_write = is_write
+        self.data = data          # value written (0 for reads)
+        self.reason = reason      # KVM_MSR_EXIT_REASON_*
+        self.vcpu = vcpu
+        self.reply = reply        # value returned to a read, "gp" or None (write completed)
+
+    def __repr__(self) -> str:
+        try:
+            op = f"WRMSR {self.index:#x} <- {self.data:#x}" if self.is_write else f"RDMSR {self.index:#x}"
+            return f"<MsrExit vcpu{self.vcpu} {op} {reason_name(self.reason)} reply={self.reply!r}>"
+        except Exception:
+            return f"<MsrExit {self.index!r} {self.reason!r}>"
+
+
+class GpFault:
+    """A guest RDMSR/WRMSR that took #GP: recorded by the guest runtime, then skipped."""
+    __slots__ = ("rip", "index", "vcpu")
+
+    def __init__(self, rip, index, vcpu=0):
+        self.rip = rip
+        self.index = index
+        self.vcpu = vcpu
+
+    def __repr__(self) -> str:
+        try:
+            return f"<GpFault vcpu{self.vcpu} rip={self.rip:#x} msr={self.index:#x}>"
+        except Exception:
+            return f"<GpFault {self.rip!r} {self.index!r}>"
+
+
+class Regs:
+    """General-purpose registers at the end of a run, as attributes (rax..r15, rip, rflags)."""
+
+    def __init__(self, kregs: u.kvm_regs):
+        for name, _ in u.kvm_regs._fields_:
+            setattr(self, name, getattr(kregs, name))
+
+    def __repr__(self) -> str:
+        return "Regs(" + ", ".join(f"{n}={getattr(self, n):#x}" for n, _ in u.kvm_regs._fields_) + ")"
+
+
+class VcpuResult:
+    """What one vCPU did in a run."""
+
+    def __init__(self, vcpu: int, regs: Regs, gp_faults: list, msr_exits: list, exits: int):
+        self.vcpu = vcpu
+        self.regs = regs
+        self.gp_faults = gp_faults
+        self.msr_exits = msr_exits
+        self.exits = exits        # every KVM_RUN return, MSR or not
+
+
+class RunResult:
+    """A finished run; the top-level attributes are vCPU 0's, `vcpus` has them all."""
+
+    def __init__(self, vcpus: list[VcpuResult], seconds: float):
+        self.vcpus = vcpus
+        self.seconds = seconds
+        self.regs = vcpus[0].regs
+        self.gp_faults = vcpus[0].gp_faults if len(vcpus) == 1 else \
+            [f for v in vcpus for f in v.gp_faults]
+        self.msr_exits = vcpus[0].msr_exits if len(vcpus) == 1 else \
+            [e for v in vcpus for e in v.msr_exits]
+
+
+class GuestError(RuntimeError):
+    """The guest stopped in a way the run cannot continue from (exception, shutdown, failure)."""
+
+    def __init__(self, message: str, vcpu: int = 0, rip: int | None = None):
+        super().__init__(message)
+        self.vcpu = vcpu
+        self.rip = rip
+
+
+EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
+                   8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
+                   17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
+
+
+def exception_name(vector) -> str:
+    return EXCEPTION_NAMES.get(vector, f"vector {vector!r}")

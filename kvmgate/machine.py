@@ -1,0 +1,365 @@
+"""Machine: a VM with one or more vCPUs running an assembled guest program, and the exit loop.
+
+MSR exits (KVM_EXIT_X86_RDMSR/WRMSR) are answered by one handler; ports by port handlers.
+`run()` never hangs: on timeout every vCPU is stopped with immediate_exit plus a signal.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import mmap
+import signal
+import threading
+import time
+from typing import Callable
+
+from . import guest, uapi as u
+from .asm import assemble
+from .errors import FilterError, InjectGP, KvmError
+from .exits import GpFault, GuestError, MsrExit, Regs, RunResult, VcpuResult, exception_name, exit_name
+from .kvm import Kvm
+from .msr.model import EXIT_REASON_VALID_MASK, U32, MsrFilter
+
+KICK_SIGNAL = signal.SIGRTMIN + 6
+M64 = (1 << 64) - 1
+_RDMSR, _WRMSR, _IO, _HLT = u.KVM_EXIT_X86_RDMSR, u.KVM_EXIT_X86_WRMSR, u.KVM_EXIT_IO, u.KVM_EXIT_HLT
+
+
+def install_kick_handler() -> bool:
+    """Give KICK_SIGNAL a (no-op) Python handler so it interrupts KVM_RUN; main thread only."""
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, lambda *_: None)
+    return True
+
+
+install_kick_handler()
+
+
+def marshal_filter(flt: MsrFilter) -> tuple[u.kvm_msr_filter, list]:
+    """struct kvm_msr_filter for `flt`, bitmaps copied into 64-bit-word buffers (the kernel
+    copies ceil(nmsrs/64)*8 bytes).  Returns the struct and the buffers it points to."""
+    raw = u.kvm_msr_filter(flags=flt.flags)
+    keep = []
+    for i, r in enumerate(flt.ranges):
+        dst = raw.ranges[i]
+        if not r.nmsrs:   # skipped by the kernel: pass u32 garbage through, no bitmap
+            dst.flags = r.flags & U32 if isinstance(r.flags, int) else 0
+            dst.base = r.base & U32 if isinstance(r.base, int) else 0
+            continue
+        words = (r.nmsrs + 63) // 64
+        buf = (C.c_uint64 * words)()
+        n = min(len(r.bitmap), words * 8)
+        C.memmove(buf, bytes(r.bitmap[:n]), n)
+        keep.append(buf)
+        dst.flags, dst.nmsrs, dst.base = r.flags, r.nmsrs, r.base
+        dst.bitmap = C.addressof(buf)
+    return raw, keep
+
+
+class _VcpuState:
+    __slots__ = ("index", "vcpu", "msr_exits", "gp_faults", "exits", "ident", "alive", "error")
+
+    def __init__(self, index: int, vcpu):
+        self.index = index
+        self.vcpu = vcpu
+        self.ident = None
+        self.alive = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.msr_exits = []
+        self.gp_faults = []
+        self.exits = 0
+        self.error = None
+
+
+class Machine:
+    """A VM running `asm` (64-bit Intel syntax, or raw bytes) in long mode.
+
+    Every vCPU starts at the program with its index in RDI and its own stack.  Handlers may be
+    called from several vCPU threads at once when vcpus > 1.
+    """
+
+    def __init__(self, asm: str | bytes = "hlt", *, vcpus: int = 1, mem_size: int = 4 << 20,
+                 cpuid: bool = True, kvm: Kvm | None = None):
+        if mem_size < guest.DATA + 0x100000 + vcpus * guest.STACK_SIZE:
+            raise ValueError(f"mem_size {mem_size:#x} too small")
+        if not 1 <= vcpus <= 64:
+            raise ValueError(f"vcpus={vcpus}: 1..64")
+        program = asm if isinstance(asm, (bytes, bytearray)) else assemble(asm, guest.CODE)
+        self._own_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self.vm = None
+        self._mem = None
+        self._states: list[_VcpuState] = []
+        try:
+            self.vm = self.kvm.create_vm()
+            self.mem_size = mem_size
+            self._mem = mmap.mmap(-1, mem_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self.memory = memoryview(self._mem)
+            self._mem_addr = C.addressof(C.c_char.from_buffer(self._mem))
+            guest.build_image(self.memory, bytes(program))
+            self.vm.set_user_memory_region(0, 0, mem_size, self._mem_addr)
+            cpuid_blob = self.kvm.supported_cpuid() if cpuid else None
+            for i in range(vcpus):
+                vcpu = self.vm.create_vcpu(i)
+                self._states.append(_VcpuState(i, vcpu))
+                if cpuid_blob:
+                    vcpu.set_cpuid(cpuid_blob)
+        except BaseException:
+            self.close()
+            raise
+        self._msr_handler: Callable | None = None
+        self._port_handlers: dict[int, Callable] = {}
+        self.exit_mask = 0
+        self.msr_filter: MsrFilter | None = None
+        self._stop = False
+        self._timed_out = False
+        self._lock = threading.Lock()
+        self._running = False
+
+    # ---- lifecycle
+    def close(self) -> None:
+        """Stop every vCPU, close vCPU and VM fds, unmap guest memory."""
+        if self._states and getattr(self, "_running", False):
+            self.stop()
+        for st in self._states:
+            st.vcpu.close()
+        self._states = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self._mem is not None:
+            self.memory.release()
+            self._mem.close()
+            self._mem = None
+        if self._own_kvm and self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def vcpus(self) -> list:
+        return [st.vcpu for st in self._states]
+
+    # ---- configuration
+    def on_msr(self, fn: Callable) -> Callable:
+        """Register the handler for every MSR exit: fn(exit) -> value | None; raise InjectGP for #GP."""
+        self._msr_handler = fn
+        return fn
+
+    def on_port(self, port: int) -> Callable:
+        """Decorator: fn(machine, value) for guest OUT to `port` (its return value answers IN)."""
+        def register(fn):
+            self._port_handlers[port] = fn
+            return fn
+        return register
+
+    def enable_user_space_msr(self, mask: int) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): which failure reasons exit to user space."""
+        if not isinstance(mask, int) or not 0 <= mask <= M64:
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", self.vm, f"mask {mask!r} is not a u64")
+        self.vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR, mask)
+        self.exit_mask = mask & EXIT_REASON_VALID_MASK
+
+    def set_msr_filter(self, flt: MsrFilter | None) -> None:
+        """KVM_X86_SET_MSR_FILTER; None removes filtering.  Validated first: a rejected filter
+        raises FilterError with the kernel's errno and leaves the installed filter untouched."""
+        new = flt if flt is not None else MsrFilter()
+        new.validate()
+        raw, keep = marshal_filter(new)
+        try:
+            self.vm.set_msr_filter(raw, keep)
+        except KvmError as e:
+            raise FilterError(f"kernel rejected the filter: {e.strerror}", e.errno) from None
+        self.msr_filter = flt
+
+    # ---- guest memory and host-side MSR access
+    def write_mem(self, gpa: int, data: bytes) -> None:
+        self.memory[gpa:gpa + len(data)] = data
+
+    def read_mem(self, gpa: int, size: int) -> bytes:
+        return bytes(self.memory[gpa:gpa + size])
+
+    def get_msrs(self, indices, vcpu: int = 0) -> dict[int, int]:
+        return self._states[vcpu].vcpu.get_msrs(indices)
+
+    def set_msrs(self, values: dict[int, int], vcpu: int = 0) -> int:
+        return self._states[vcpu].vcpu.set_msrs(values)
+
+    # ---- running
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run every vCPU from the program's start until all halt.  TimeoutError if not in time."""
+        with self._lock:
+            if self._running:
+                raise RuntimeError("this Machine is already running")
+            self._running = True
+        self._stop = self._timed_out = False
+        started = time.monotonic()
+        timer = None
+        try:
+            for st in self._states:
+                self._reset_vcpu(st)
+            others = [threading.Thread(target=self._thread_main, args=(st,), daemon=True,
+                                       name=f"kvmgate-vcpu{st.index}") for st in self._states[1:]]
+            for t in others:
+                t.start()
+            if timeout is not None:
+                timer = threading.Timer(timeout, self._timeout)
+                timer.daemon = True
+                timer.start()
+            self._thread_main(self._states[0])
+            for t in others:
+                t.join()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._running = False
+        for st in self._states:
+            if st.error is not None:
+                raise st.error
+        if self._timed_out:
+            raise TimeoutError(f"guest did not halt within {timeout} s")
+        return RunResult([VcpuResult(st.index, Regs(st.vcpu.get_regs()), st.gp_faults,
+                                     st.msr_exits, st.exits) for st in self._states],
+                         time.monotonic() - started)
+
+    def stop(self) -> None:
+        """Ask every vCPU to stop (immediate_exit, then a signal to its thread); returns at once."""
+        self._stop = True
+        for st in self._states:
+            st.vcpu.run_bytes[1] = 1
+            with self._lock:
+                if st.alive and st.ident is not None and st.ident != threading.get_ident():
+                    try:
+                        signal.pthread_kill(st.ident, KICK_SIGNAL)
+                    except (ProcessLookupError, OSError):
+                        pass
+
+    def _timeout(self) -> None:
+        self._timed_out = True
+        self.stop()
+
+    def _reset_vcpu(self, st: _VcpuState) -> None:
+        vcpu = st.vcpu
+        vcpu.run_bytes[1] = 1          # flush any completion pending from an earlier run
+        vcpu.kvm_run()
+        vcpu.run_bytes[1] = 0
+        sregs = vcpu.get_sregs()
+        guest.long_mode_sregs(sregs)
+        vcpu.set_sregs(sregs)
+        regs = u.kvm_regs()
+        guest.entry_regs(regs, st.index, self.mem_size)
+        vcpu.set_regs(regs)
+        st.reset()
+
+    def _thread_main(self, st: _VcpuState) -> None:
+        with self._lock:
+            st.ident = threading.get_ident()
+            st.alive = True
+        try:
+            self._loop(st)
+        except BaseException as e:  # noqa: BLE001 - carried to run()'s caller
+            st.error = e
+            self.stop()
+        finally:
+            with self._lock:
+                st.alive = False
+
+    def _loop(self, st: _VcpuState) -> None:
+        """The exit loop.  Hot path: MSR exits, read and answered through word views of kvm_run."""
+        vcpu = st.vcpu
+        run32, run64, runb = vcpu.run32, vcpu.run64, vcpu.run_bytes
+        kvm_run = vcpu.kvm_run
+        append = st.msr_exits.append
+        vid = st.index
+        n = 0
+        try:
+            while True:
+                if kvm_run():
+                    if self._stop:
+                        return
+                    runb[1] = 0
+                    continue
+                n += 1
+                reason = run32[2]
+                if reason == _RDMSR or reason == _WRMSR:
+                    is_write = reason == _WRMSR
+                    ex = MsrExit(run32[11], is_write, run64[6], run32[10], vid)
+                    append(ex)
+                    handler = self._msr_handler
+                    if handler is None:
+                        ex.reply = "gp"
+                        runb[32] = 1
+                        continue
+                    try:
+                        value = handler(ex)
+                    except InjectGP:
+                        value = InjectGP
+                    if value is InjectGP or (value is None and not is_write):
+                        ex.reply = "gp"
+                        runb[32] = 1
+                    else:
+                        if not is_write:
+                            run64[6] = value & M64
+                            ex.reply = value
+                        runb[32] = 0
+                elif reason == _IO:
+                    self._port_exit(st, run32[8] >> 16)
+                elif reason == _HLT:
+                    return
+                else:
+                    raise self._unexpected_exit(st, reason)
+        finally:
+            st.exits = n
+
+    def _port_exit(self, st: _VcpuState, port: int) -> None:
+        if port == guest.GP_PORT:
+            regs = st.vcpu.get_regs()
+            st.gp_faults.append(GpFault(regs.rax, regs.rcx & U32, st.index))
+            return
+        if port == guest.EXC_PORT:
+            regs = st.vcpu.get_regs()
+            raise GuestError(f"vCPU {st.index}: guest took {exception_name(regs.rax)} "
+                             f"(error code {regs.rbx:#x}) at RIP {regs.rcx:#x}", st.index, regs.rcx)
+        handler = self._port_handlers.get(port)
+        runb = st.vcpu.run_bytes
+        off, size = st.vcpu.run64[5], runb[33]      # kvm_run.io.data_offset, .size
+        if runb[32] == u.KVM_EXIT_IO_OUT:          # kvm_run.io.direction
+            if handler is not None:
+                handler(self, int.from_bytes(st.vcpu.run_bytes[off:off + size], "little"))
+        else:
+            value = handler(self, None) if handler is not None else (1 << (8 * size)) - 1
+            st.vcpu.run_bytes[off:off + size] = (int(value or 0) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    def _unexpected_exit(self, st: _VcpuState, reason: int) -> GuestError:
+        run = st.vcpu.run_struct()
+        detail = ""
+        if reason == u.KVM_EXIT_INTERNAL_ERROR:
+            detail = f" suberror {run.internal.suberror}"
+        elif reason == u.KVM_EXIT_FAIL_ENTRY:
+            detail = f" hardware reason {run.fail_entry.hardware_entry_failure_reason:#x}"
+        elif reason == u.KVM_EXIT_MMIO:
+            detail = f" at {run.mmio.phys_addr:#x} (outside guest memory)"
+        try:
+            rip = st.vcpu.get_regs().rip
+        except KvmError:
+            rip = None
+        where = f" at RIP {rip:#x}" if rip is not None else ""
+        return GuestError(f"vCPU {st.index}: unexpected exit {exit_name(reason)}{detail}{where}",
+                          st.index, rip)

@@ -1,0 +1,25 @@
+"""Test tiers: pure (default), `kvm` (needs /dev/kvm), `differential` (model vs kernel)."""
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
+REQUIRE_KVM = os.environ.get("KVMGATE_REQUIRE_KVM") == "1"
+SLOW = os.environ.get("KVMGATE_SLOW") == "1"
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("slow", deadline=None, max_examples=2000,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("slow" if SLOW else "ci")
+
+
+@pytest.fixture(autouse=True)
+def _kvm_tier(request):
+    """KVM and differential tests skip without /dev/kvm, and fail instead when it is required."""
+    node = request.node
+    if (node.get_closest_marker("kvm") or node.get_closest_marker("differential")) and not HAVE_KVM:
+        if REQUIRE_KVM:
+            pytest.fail("KVMGATE_REQUIRE_KVM=1 but /dev/kvm is not usable")
+        pytest.skip("/dev/kvm is not available")
