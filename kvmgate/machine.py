@@ -18,7 +18,7 @@ from .asm import assemble
 from .errors import FilterError, InjectGP, KvmError
 from .exits import GpFault, GuestError, MsrExit, Regs, RunResult, VcpuResult, exception_name, exit_name
 from .kvm import Kvm
-from .msr.model import EXIT_REASON_VALID_MASK, U32, MsrFilter
+from .msr.model import EXIT_REASON_VALID_MASK, MAX_NMSRS, U32, MsrFilter
 
 KICK_SIGNAL = signal.SIGRTMIN + 6
 M64 = (1 << 64) - 1
@@ -49,7 +49,7 @@ def marshal_filter(flt: MsrFilter) -> tuple[u.kvm_msr_filter, list]:
             dst.flags = r.flags & U32 if isinstance(r.flags, int) else 0
             dst.base = r.base & U32 if isinstance(r.base, int) else 0
             continue
-        words = (r.nmsrs + 63) // 64
+        words = (min(r.nmsrs, MAX_NMSRS + 64) + 63) // 64   # past the limit the kernel reads nothing
         buf = (C.c_uint64 * words)()
         n = min(len(r.bitmap), words * 8)
         C.memmove(buf, bytes(r.bitmap[:n]), n)
@@ -114,6 +114,7 @@ class Machine:
             self.close()
             raise
         self._msr_handler: Callable | None = None
+        self._gp_handler: Callable | None = None
         self._port_handlers: dict[int, Callable] = {}
         self.exit_mask = 0
         self.msr_filter: MsrFilter | None = None
@@ -161,6 +162,11 @@ class Machine:
     def on_msr(self, fn: Callable) -> Callable:
         """Register the handler for every MSR exit: fn(exit) -> value | None; raise InjectGP for #GP."""
         self._msr_handler = fn
+        return fn
+
+    def on_gp(self, fn: Callable) -> Callable:
+        """Register fn(fault) called as each guest RDMSR/WRMSR #GP is recorded."""
+        self._gp_handler = fn
         return fn
 
     def on_port(self, port: int) -> Callable:
@@ -331,7 +337,10 @@ class Machine:
     def _port_exit(self, st: _VcpuState, port: int) -> None:
         if port == guest.GP_PORT:
             regs = st.vcpu.get_regs()
-            st.gp_faults.append(GpFault(regs.rax, regs.rcx & U32, st.index))
+            fault = GpFault(regs.rax, regs.rcx & U32, st.index)
+            st.gp_faults.append(fault)
+            if self._gp_handler is not None:
+                self._gp_handler(fault)
             return
         if port == guest.EXC_PORT:
             regs = st.vcpu.get_regs()

@@ -23,3 +23,14 @@ def _kvm_tier(request):
         if REQUIRE_KVM:
             pytest.fail("KVMGATE_REQUIRE_KVM=1 but /dev/kvm is not usable")
         pytest.skip("/dev/kvm is not available")
+
+
+def pytest_terminal_summary(terminalreporter):
+    import sys
+    mod = sys.modules.get("tests.test_differential")
+    if mod is not None and mod.STATS["filters"]:
+        s = mod.STATS
+        terminalreporter.write_line(
+            f"differential (model vs kernel): {s['filters']} filters ({s['accepted']} accepted, "
+            f"{s['rejected']} rejected, errno compared for all), {s['accesses']} accesses, "
+            f"{s['mismatches']} mismatches")
