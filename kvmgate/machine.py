@@ -5,6 +5,7 @@ MSR exits (KVM_EXIT_X86_RDMSR/WRMSR) are answered by one handler; ports by port 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes as C
 import errno
 import mmap
@@ -60,13 +61,15 @@ def marshal_filter(flt: MsrFilter) -> tuple[u.kvm_msr_filter, list]:
 
 
 class _VcpuState:
-    __slots__ = ("index", "vcpu", "msr_exits", "gp_faults", "exits", "ident", "alive", "error")
+    __slots__ = ("index", "vcpu", "msr_exits", "gp_faults", "exits", "ident", "alive", "error",
+                 "parked")
 
     def __init__(self, index: int, vcpu):
         self.index = index
         self.vcpu = vcpu
         self.ident = None
         self.alive = False
+        self.parked = False
         self.reset()
 
     def reset(self) -> None:
@@ -121,7 +124,11 @@ class Machine:
         self._stop = False
         self._timed_out = False
         self._lock = threading.Lock()
+        self._park = threading.Condition(self._lock)
+        self._pause_req = False
         self._running = False
+        self.policy = None
+        self._registers = None
 
     # ---- lifecycle
     def close(self) -> None:
@@ -257,6 +264,67 @@ class Machine:
                     except (ProcessLookupError, OSError):
                         pass
 
+    def set_policy(self, policy, audit=None) -> None:
+        """Swap filter, exit mask and handler table atomically, also while the guest runs.
+
+        `policy` is a Policy or CompiledPolicy.  It is compiled and validated first; every other
+        vCPU is then parked outside KVM_RUN, so no access sees one policy's filter with the other's
+        handlers.  A failure changes nothing.  Emulated registers carry over."""
+        from .hostinfo import ignore_msrs
+        from .policy import CompiledPolicy, compile_policy
+        from .policy.handlers import Registers, make_handler
+        cp = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy, ignore_msrs())
+        if self._registers is None:
+            self._registers = Registers()
+        handler = make_handler(cp, self, audit, self._registers)
+        with self.quiesced():
+            old = self.msr_filter
+            self.set_msr_filter(cp.filter)
+            try:
+                self.enable_user_space_msr(cp.exit_mask)
+            except KvmError:
+                self.set_msr_filter(old)
+                raise
+            self._msr_handler = handler
+            self.policy = cp
+
+    @contextlib.contextmanager
+    def quiesced(self, timeout: float = 10.0):
+        """Hold every vCPU except the caller's outside KVM_RUN for the duration of the block."""
+        me = threading.get_ident()
+        with self._lock:
+            others = [st for st in self._states if st.alive and st.ident != me]
+            if not others:
+                yield
+                return
+            self._pause_req = True
+        try:
+            for st in others:
+                st.vcpu.run_bytes[1] = 1
+                with self._lock:
+                    if st.alive:
+                        signal.pthread_kill(st.ident, KICK_SIGNAL)
+            deadline = time.monotonic() + timeout
+            with self._park:
+                while not all(st.parked or not st.alive for st in others):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("vCPUs did not pause (a handler is blocked?)")
+                    self._park.wait(left)
+            yield
+        finally:
+            with self._park:
+                self._pause_req = False
+                self._park.notify_all()
+
+    def _parked(self, st: _VcpuState) -> None:
+        with self._park:
+            st.parked = True
+            self._park.notify_all()
+            while self._pause_req and not self._stop:
+                self._park.wait(0.5)
+            st.parked = False
+
     def _timeout(self) -> None:
         self._timed_out = True
         self.stop()
@@ -284,8 +352,9 @@ class Machine:
             st.error = e
             self.stop()
         finally:
-            with self._lock:
+            with self._park:
                 st.alive = False
+                self._park.notify_all()
 
     def _loop(self, st: _VcpuState) -> None:
         """The exit loop.  Hot path: MSR exits, read and answered through word views of kvm_run."""
@@ -301,6 +370,8 @@ class Machine:
                     if self._stop:
                         return
                     runb[1] = 0
+                    if self._pause_req:
+                        self._parked(st)
                     continue
                 n += 1
                 reason = run32[2]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 
-from ...errors import KvmError
+from ..errors import KvmError
 from . import ids
 
 IOCTL_COMMAND = "KVM_INTROSPECTION_COMMAND"

@@ -1,0 +1,21 @@
+"""VM introspection (the KVMI protocol and its permission model): kvmgate plays KVM's part.
+
+ids          message/event ids, actions, KVM_E* codes and their names
+permissions  the owner's allow/disallow model (spec §1)
+protocol     framing, Reader, payload codecs (spec §2, §3)
+backend      `Backend`: what the server needs from a live VM
+server       `IntrospectionServer` (one tool connection); re-exports `Introspection`
+owner        `Introspection`: hook/unhook/allow, attached as `machine.introspection`
+client       `Client`: the tool's side
+"""
+from .backend import Backend
+from .client import Client, Crash, Event, IntrospectionError
+from .ids import CONTINUE, CRASH, RETRY, Action
+from .owner import Introspection
+from .permissions import Permissions
+from .protocol import ProtocolError
+from .server import EventResult, IntrospectionServer
+
+__all__ = ["Action", "Backend", "CONTINUE", "CRASH", "Client", "Crash", "Event", "EventResult",
+           "Introspection", "IntrospectionError", "IntrospectionServer", "Permissions",
+           "ProtocolError", "RETRY"]

@@ -1,0 +1,58 @@
+"""What the introspection server needs from a live VM (implemented by `Machine`).
+
+Threads: every method except `set_registers` is called from the server's reader thread,
+whether or not the guest runs at that moment, so each must be safe against running vCPUs.
+`set_registers` is called on the vCPU's own thread, inside `send_event`, after the tool replied
+(the kernel's "delayed registers"), so plain KVM_SET_REGS is fine there.  `control_msr(..., False)`
+is also called from whichever thread closes the connection (reader, vCPU or owner thread).
+A method that raises makes the command fail with -KVM_E<errno> when the exception is an OSError
+whose errno is a KVM code, else -KVM_EFAULT; it never breaks the connection.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+
+class Backend(abc.ABC):
+    """The live-VM side of the introspection protocol (spec §2 command table)."""
+
+    @abc.abstractmethod
+    def vcpu_count(self) -> int:
+        """Number of vCPUs; vCPU indexes are 0..count-1."""
+
+    @abc.abstractmethod
+    def read_physical(self, gpa: int, size: int) -> bytes | None:
+        """`size` bytes of guest memory at `gpa` (within one 4 KiB page); None if outside RAM."""
+
+    @abc.abstractmethod
+    def write_physical(self, gpa: int, data: bytes) -> bool:
+        """Write guest memory (within one page); False if outside RAM."""
+
+    @abc.abstractmethod
+    def get_registers(self, vcpu: int, msrs: Sequence[int]) -> tuple[int, bytes, bytes, list[tuple[int, int]]]:
+        """(mode 2/4/8, kvm_regs 144 bytes, kvm_sregs 312 bytes, [(msr, value)] for `msrs`)."""
+
+    @abc.abstractmethod
+    def set_registers(self, vcpu: int, regs: bytes) -> None:
+        """Load kvm_regs (144 bytes) into the vCPU (called on the vCPU's thread, see above)."""
+
+    @abc.abstractmethod
+    def tsc_khz(self) -> int | None:
+        """Guest TSC frequency in kHz; 0 or None if unknown."""
+
+    @abc.abstractmethod
+    def control_msr(self, vcpu: int, msr: int, enable: bool) -> int:
+        """Start/stop sending guest writes to `msr` on `vcpu` to `msr_event`.
+
+        Return 0, or a negative KVM code: -KVM_EPERM when the owner's MSR policy denies guest
+        writes to that MSR.  Disabling must restore whatever the owner's policy does alone.
+        """
+
+    @abc.abstractmethod
+    def pause_vcpu(self, vcpu: int, wait: bool) -> int | None:
+        """Kick `vcpu` so its thread calls `Introspection.handle_pauses` soon.
+
+        With `wait`, return once the vCPU has left guest mode, never later (its PAUSE event
+        needs the reader thread, which is the caller).  Return None/0, or a negative KVM code.
+        """

@@ -1,0 +1,82 @@
+"""The MSR exit handler driven by a CompiledPolicy: one dict lookup and one small function per
+exit; audit records only for logged actions.  Safe to call from several vCPU threads."""
+from __future__ import annotations
+
+import threading
+
+from ..errors import InjectGP
+from ..msr.model import EXIT_REASON_FILTER, EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN
+from .compile import Action, CompiledPolicy
+
+M64 = (1 << 64) - 1
+
+
+class Registers:
+    """User-space MSR registers of `emulate` actions (one lock: writes check-and-set)."""
+
+    def __init__(self):
+        self.values: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+
+def perform(act: Action, exit, regs: Registers, machine) -> tuple[object, str]:
+    """Carry out one action: (reply for the exit path, result text for the audit log)."""
+    kind, write = act.kind, exit.is_write
+    if kind == "deny":
+        return InjectGP, "#GP"
+    if kind == "ignore":
+        return (None, "dropped") if write else (0, "read 0x0")
+    if kind == "constant":
+        if write:
+            return (InjectGP, "#GP") if act.writes == "gp" else (None, "dropped")
+        return act.value, f"read {act.value:#x}"
+    if kind == "emulate":
+        with regs.lock:
+            cur = regs.values.get(exit.index, act.initial)
+            if not write:
+                return cur, f"read {cur:#x}"
+            new = exit.data
+            if (new ^ cur) & ~act.write_mask & M64 or (act.allowed is not None and new not in act.allowed):
+                return InjectGP, "#GP"
+            regs.values[exit.index] = new
+            return None, "written"
+    if kind == "forward":    # allow + log: carried out as host-initiated KVM_GET/SET_MSRS
+        vcpu = machine.vcpus[exit.vcpu]
+        if write:
+            return (None, "written") if vcpu.set_msrs({exit.index: exit.data}) == 1 else (InjectGP, "#GP")
+        got = vcpu.get_msrs([exit.index])
+        return (got[exit.index], f"read {got[exit.index]:#x}") if exit.index in got else (InjectGP, "#GP")
+    return InjectGP, "#GP"
+
+
+def make_handler(cp: CompiledPolicy, machine, audit=None, regs: Registers | None = None):
+    """on_msr handler for `cp`; `regs` carries emulated registers across policy swaps."""
+    actions_get = cp.actions.get
+    default, unknown, invalid = cp.default_action, cp.unknown, cp.invalid
+    regs = regs if regs is not None else Registers()
+    record = audit.record if audit is not None else None
+
+    def handler(exit):
+        reason = exit.reason
+        if reason == EXIT_REASON_FILTER:
+            act = actions_get(exit.index << 1 | exit.is_write, default)
+        elif reason == EXIT_REASON_UNKNOWN:
+            act = unknown
+        elif reason == EXIT_REASON_INVAL:
+            act = invalid
+        else:
+            act = None
+        if act is None:
+            return InjectGP
+        reply, result = perform(act, exit, regs, machine)
+        if act.log and record is not None:
+            try:
+                rip = machine.vcpus[exit.vcpu].get_regs().rip
+            except Exception:
+                rip = None
+            record(vcpu=exit.vcpu, rip=rip, index=exit.index, write=exit.is_write, value=exit.data,
+                   reason=reason, action=act.kind, result=result, rule=act.rule)
+        return reply
+
+    handler.registers = regs
+    return handler
