@@ -35,12 +35,17 @@ def absolute_operands(source: str) -> str:
     return _MEMORY.sub(fix, source)
 
 
+def strip_comments(source: str) -> str:
+    """`;` starts a comment (NASM style); Keystone would take it as a statement separator."""
+    return "\n".join(line.split(";", 1)[0] for line in source.splitlines())
+
+
 @functools.lru_cache(maxsize=256)
 def assemble(source: str, address: int) -> bytes:
     """Machine code for `source` placed at guest address `address` (labels resolve there)."""
     ks_mod, ks = _keystone()
     try:
-        code, _count = ks.asm(absolute_operands(source), address)
+        code, _count = ks.asm(absolute_operands(strip_comments(source)), address)
     except ks_mod.KsError as e:
         raise AsmError(f"cannot assemble guest program: {e}", where=_guess_line(source, ks)) from None
     if code is None:

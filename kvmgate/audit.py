@@ -58,6 +58,11 @@ class AuditLog:
             self._out.write(json.dumps(rec) + "\n")
         return True
 
+    def count(self, index: int, write: bool, action: str, result: str) -> None:
+        """Count a decision that is not logged (it still shows in the summary)."""
+        with self._lock:
+            self.counts[(index, write, action, result)] += 1
+
     def summary(self) -> list[dict]:
         """Counters per MSR, direction, action and result, with how many records were suppressed."""
         with self._lock:

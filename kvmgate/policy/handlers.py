@@ -55,6 +55,7 @@ def make_handler(cp: CompiledPolicy, machine, audit=None, regs: Registers | None
     default, unknown, invalid = cp.default_action, cp.unknown, cp.invalid
     regs = regs if regs is not None else Registers()
     record = audit.record if audit is not None else None
+    count = audit.count if audit is not None else None
 
     def handler(exit):
         reason = exit.reason
@@ -76,6 +77,8 @@ def make_handler(cp: CompiledPolicy, machine, audit=None, regs: Registers | None
                 rip = None
             record(vcpu=exit.vcpu, rip=rip, index=exit.index, write=exit.is_write, value=exit.data,
                    reason=reason, action=act.kind, result=result, rule=act.rule)
+        elif count is not None:
+            count(exit.index, exit.is_write, act.kind, result)
         return reply
 
     handler.registers = regs

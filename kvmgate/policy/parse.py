@@ -30,8 +30,7 @@ class _Lines:
                        for m in [re.match(r"\s*\[\s*([A-Za-z_]+)\s*\]\s*(#.*)?$", l)] if m}
 
     def key(self, start: int, key: str) -> int:
-        end = len(self.lines)
-        for i in range(start, end):
+        for i in range(start, len(self.lines) + 1):
             if i > start and re.match(r"\s*\[", self.lines[i - 1]):
                 break
             if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i - 1]):

@@ -1,0 +1,71 @@
+"""The command line: user mistakes exit 2 with a located message and no traceback."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "kvmgate" / "examples"
+
+
+def kvmgate(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kvmgate", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("content,where", [
+    ("[policy]\ndefault = 'nope'\n", "bad.toml:2"),
+    ("[[rule]]\nmsr = 'NO_SUCH_MSR'\naction = 'deny'\n", "bad.toml:2"),
+    ("not toml at all [", "bad.toml"),
+])
+def test_policy_check_bad_file_exit_2(tmp_path, content, where):
+    f = tmp_path / "bad.toml"
+    f.write_text(content)
+    r = kvmgate("policy", "check", str(f))
+    assert r.returncode == 2 and where in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_file_and_bad_arguments_exit_2(tmp_path):
+    r = kvmgate("policy", "check", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "missing.toml" in r.stderr and "Traceback" not in r.stderr
+    r = kvmgate("policy", "explain", str(EXAMPLES / "deny-by-default.toml"), "NOT_AN_MSR")
+    assert r.returncode == 2 and "NOT_AN_MSR" in r.stderr
+    r = kvmgate("frobnicate")
+    assert r.returncode == 2
+
+
+def test_policy_check_compile_explain_diff():
+    pol = str(EXAMPLES / "deny-by-default.toml")
+    r = kvmgate("policy", "check", pol)
+    assert r.returncode == 0 and "OK" in r.stdout
+    rep = json.loads(kvmgate("policy", "compile", pol, "--json").stdout)
+    assert rep["default"] == "DEFAULT_DENY" and 1 <= len(rep["ranges"]) <= 16
+    rows = json.loads(kvmgate("policy", "explain", pol, "LSTAR", "--json").stdout)
+    assert {(r["access"], r["handled_by"]) for r in rows} == {("read", "kernel"), ("write", "user space: emulate")}
+    r = kvmgate("policy", "diff", pol, pol)
+    assert r.returncode == 0 and "no difference" in r.stdout
+
+
+@pytest.mark.kvm
+def test_run_with_policy_and_audit(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    r = kvmgate("run", "--policy", str(EXAMPLES / "deny-by-default.toml"), str(EXAMPLES / "probe.S"),
+                "--audit", str(audit), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["gp_faults"] == 3
+    recs = [json.loads(l) for l in audit.read_text().splitlines()]
+    assert [(x["msr"], x["access"], x["action"], x["result"]) for x in recs] == [
+        ("0x35", "read", "constant", "read 0x10001"),
+        ("0xc0000082", "write", "emulate", "written"),
+        ("0xc0000082", "write", "emulate", "#GP"),
+        ("0x1a0", "read", "deny", "#GP"),
+        ("0x12345678", "read", "deny", "#GP"),
+    ]
+
+
+@pytest.mark.kvm
+def test_demo_runs():
+    r = kvmgate("demo")
+    assert r.returncode == 0 and "MSR_CORE_THREAD_COUNT" in r.stdout and "user space (FILTER)" in r.stdout
