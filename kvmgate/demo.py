@@ -83,3 +83,24 @@ def run_demo() -> list[dict]:
                      "name": p.name, "value": f"{p.value:#x}" if p.write else "",
                      "handled_by": where, "result": result})
     return rows
+
+
+def run_policy_demo() -> tuple[str, list[dict], list[dict]]:
+    """The bundled deny-by-default policy on the bundled probe guest: audit records and counts."""
+    import io
+    import json
+    from pathlib import Path
+
+    from .audit import AuditLog
+    from .policy import load_policy
+    here = Path(__file__).resolve().parent / "examples"
+    buf = io.StringIO()
+    audit = AuditLog(buf)
+    with Machine((here / "probe.S").read_text()) as m:
+        m.set_policy(load_policy(here / "deny-by-default.toml"), audit)
+        m.run(timeout=10)
+    records = [json.loads(line) for line in buf.getvalue().splitlines()]
+    rows = [{"rip": r["rip"], "access": r["access"], "msr": r["msr"], "name": r["name"],
+             "value": r["value"] if r["access"] == "write" else "", "action": r["action"],
+             "result": r["result"]} for r in records]
+    return str(here / "deny-by-default.toml"), rows, audit.summary()

@@ -219,7 +219,7 @@ def _capture(run, errors):
 
 
 @settings(max_examples=N_STREAMS, **SETTINGS)
-@given(st.lists(message(), max_size=25),
+@given(st.lists(message(), min_size=1, max_size=40),
        st.one_of(st.just(ids.COMMANDS), st.sets(st.sampled_from(sorted(ids.COMMANDS)))),
        st.one_of(st.just(ids.EVENTS), st.sets(st.sampled_from(sorted(ids.EVENTS)))))
 def test_fuzz_message_streams(msgs, commands, events):
@@ -241,8 +241,9 @@ def test_fuzz_raw_bytes():
         parts = []
         for _ in range(rng.randint(0, 30)):
             mid = rng.choice([rng.randrange(0x10000), rng.choice(sorted(ids.COMMANDS))])
-            size = rng.choice([rng.randrange(40), rng.randrange(0x10000), 8184, 8185])
-            body = rng.randbytes(min(size, rng.choice([size, size, rng.randrange(64)])))
+            size = rng.choice([rng.randrange(40)] * 12 + [rng.randrange(8185), 8184, 8185,
+                                                           rng.randrange(0x10000)])
+            body = rng.randbytes(size if rng.random() < 0.95 else rng.randrange(size + 1))
             parts.append(p.HEADER.pack(mid, size, rng.getrandbits(32)) + body)
         stream = b"".join(parts) + rng.randbytes(rng.randrange(16))
         TRIED["streams"] += 1

@@ -325,7 +325,7 @@ class TraceWriter:
             dtype, rel, _ = layout[name]
             a = np.ascontiguousarray(arr, np.dtype(dtype))
             f.write(memoryview(a).cast("B"))
-            f.write(b"\0" * (data_start + rel + a.nbytes - f.tell() + _pad(a.nbytes)))
+            f.write(b"\0" * _pad(a.nbytes))
         header["offset"] = start
         header["data"] = data_start
         self._chunks.append(header)
