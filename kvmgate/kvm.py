@@ -29,12 +29,15 @@ REQUIRED_CAPS = {
 }
 
 _ioctl = fcntl.ioctl
+_KVM_RUN = u.KVM_RUN
 
 
 def ioctl(fd: int, request: int, arg=0, obj: object = None) -> int:
     """The one place kvmgate calls ioctl(2); a failure raises KvmError(errno, name, obj)."""
     try:
-        return _ioctl(fd, request, arg, True) if not isinstance(arg, int) else _ioctl(fd, request, arg)
+        if arg.__class__ is int:
+            return _ioctl(fd, request, arg)
+        return _ioctl(fd, request, arg, True)
     except OSError as e:
         raise KvmError(e.errno, _IOCTL_NAMES.get(request, f"ioctl {request:#x}"), obj) from None
 
@@ -221,13 +224,14 @@ class Vcpu(_Fd):
         return u.kvm_run.from_buffer_copy(self._mm)
 
     def kvm_run(self) -> int:
-        """KVM_RUN; returns 0, or -EINTR when interrupted (immediate_exit or a signal)."""
+        """KVM_RUN; returns 0, or -EINTR when interrupted (immediate_exit or a signal): an
+        outcome, not an error."""
         try:
-            return _ioctl(self.fd, u.KVM_RUN, 0)
-        except InterruptedError:
-            return -errno.EINTR
-        except OSError as e:
-            raise KvmError(e.errno, "KVM_RUN", self) from None
+            return ioctl(self.fd, _KVM_RUN, 0, self)
+        except KvmError as e:
+            if e.errno == errno.EINTR:
+                return -errno.EINTR
+            raise
 
     def get_regs(self) -> u.kvm_regs:
         regs = u.kvm_regs()

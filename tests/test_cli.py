@@ -69,3 +69,29 @@ def test_run_with_policy_and_audit(tmp_path):
 def test_demo_runs():
     r = kvmgate("demo")
     assert r.returncode == 0 and "MSR_CORE_THREAD_COUNT" in r.stdout and "user space (FILTER)" in r.stdout
+
+
+@pytest.mark.kvm
+def test_sighup_reloads_policy_while_guest_runs(tmp_path):
+    import signal
+    import time
+    pol = tmp_path / "p.toml"
+    rule = "[policy]\ndefault='allow'\n[[rule]]\nmsr=0x35\naccess='read'\naction='constant'\nvalue={}\n"
+    pol.write_text(rule.format(1))
+    guest = tmp_path / "g.S"
+    guest.write_text("again:\nmov ecx, 0x35\nrdmsr\ncmp eax, 2\njne again\nhlt\n")
+    p = subprocess.Popen([sys.executable, "-m", "kvmgate", "run", "--policy", str(pol), str(guest),
+                          "--timeout", "30", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(1.5)
+    assert p.poll() is None                      # spinning under value 1
+    pol.write_text("this is not toml [")
+    p.send_signal(signal.SIGHUP)                 # a bad file is refused, the old policy stays
+    time.sleep(0.5)
+    assert p.poll() is None
+    pol.write_text(rule.format(2))
+    p.send_signal(signal.SIGHUP)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "reload refused" in err and "reloaded" in err
+    assert json.loads(out)["regs"]["0"]["rax"] == "0x2"
