@@ -30,7 +30,8 @@ class Backend(abc.ABC):
         """Write guest memory (within one page); False if outside RAM."""
 
     @abc.abstractmethod
-    def get_registers(self, vcpu: int, msrs: Sequence[int]) -> tuple[int, bytes, bytes, list[tuple[int, int]]]:
+    def get_registers(self, vcpu: int, msrs: Sequence[int]
+                      ) -> tuple[int, bytes, bytes, list[tuple[int, int]]]:
         """(mode 2/4/8, kvm_regs 144 bytes, kvm_sregs 312 bytes, [(msr, value)] for `msrs`)."""
 
     @abc.abstractmethod

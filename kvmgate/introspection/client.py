@@ -79,7 +79,8 @@ class Event:
         self.reply(action, MSR_REPLY.pack(self.new if value is None else value))
 
     def __repr__(self) -> str:
-        extra = f" msr={self.msr:#x} old={self.old:#x} new={self.new:#x}" if self.msr is not None else ""
+        extra = "" if self.msr is None else \
+            f" msr={self.msr:#x} old={self.old:#x} new={self.new:#x}"
         return f"<Event {self.name} vcpu={self.vcpu} seq={self.seq}{extra}>"
 
 

@@ -10,7 +10,14 @@ get -KVM_ENOSYS, as the kernel answers any id it has no handler for, and VM_CHEC
 reports them -KVM_ENOENT, so a tool probing features sees a kernel without those handlers.
 (-KVM_EOPNOTSUPP means "known, but not possible now", e.g. VCPU_SET_REGISTERS outside an event.)
 Likewise events we never send (all but UNHOOK, PAUSE, MSR) are unknown to VM_CHECK_EVENT
-(-KVM_ENOENT) and VCPU_CONTROL_EVENTS (-KVM_EINVAL).
+(-KVM_ENOENT) and VCPU_CONTROL_EVENTS (-KVM_EINVAL).  PAUSE may be enabled/disabled per vCPU
+but is sent once per successful VM_PAUSE_VCPU regardless (while allowed), as in KVMI.
+
+Where the spec is silent: `enable`/`wait` flags above 1 are -KVM_EINVAL; a variable-length tail
+(write data, msrs[]) shorter than its count is -KVM_EINVAL; more MSRs than fit one reply (481)
+is -KVM_E2BIG; a backend exception is -KVM_E<errno> for an OSError carrying a KVM code, else
+-KVM_EFAULT.  Event replies: a short payload reads as zero, an unknown action or a reply
+naming another event closes the connection like a wrong seq.
 """
 from __future__ import annotations
 
@@ -480,7 +487,8 @@ class IntrospectionServer:
         if not msrs or msr not in msrs:
             return CONTINUE, new
         evs = self._vcpu_events.get(vcpu)
-        if not evs or ids.VCPU_EVENT_MSR not in evs or not self._perms.event_allowed(ids.VCPU_EVENT_MSR):
+        if not evs or ids.VCPU_EVENT_MSR not in evs \
+                or not self._perms.event_allowed(ids.VCPU_EVENT_MSR):
             return CONTINUE, new
         st = state_bytes(state)
         old &= U64
