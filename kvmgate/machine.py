@@ -19,7 +19,8 @@ from .asm import assemble
 from .errors import FilterError, InjectGP, KvmError
 from .exits import GpFault, GuestError, MsrExit, Regs, RunResult, VcpuResult, exception_name, exit_name
 from .kvm import Kvm
-from .msr.model import EXIT_REASON_VALID_MASK, MAX_NMSRS, U32, MsrFilter
+from .msr.model import (EXIT_REASON_FILTER, EXIT_REASON_VALID_MASK, MAX_NMSRS, U32, WRITE,
+                        MsrFilter, deny_writes_first)
 
 KICK_SIGNAL = signal.SIGRTMIN + 6
 M64 = (1 << 64) - 1
@@ -116,11 +117,13 @@ class Machine:
         except BaseException:
             self.close()
             raise
-        self._msr_handler: Callable | None = None
+        self._msr_handler: Callable | None = None     # what the exit loop calls
+        self._owner_handler: Callable | None = None   # the owner's on_msr or policy handler
+        self._intercept: tuple[frozenset, Callable] | None = None
         self._gp_handler: Callable | None = None
         self._port_handlers: dict[int, Callable] = {}
-        self.exit_mask = 0
-        self.msr_filter: MsrFilter | None = None
+        self.exit_mask = 0                            # the owner's mask
+        self.msr_filter: MsrFilter | None = None      # the owner's filter
         self._stop = False
         self._timed_out = False
         self._lock = threading.Lock()
@@ -168,7 +171,8 @@ class Machine:
     # ---- configuration
     def on_msr(self, fn: Callable) -> Callable:
         """Register the handler for every MSR exit: fn(exit) -> value | None; raise InjectGP for #GP."""
-        self._msr_handler = fn
+        self._owner_handler = fn
+        self._msr_handler = self._routing_handler()
         return fn
 
     def on_gp(self, fn: Callable) -> Callable:
@@ -187,7 +191,8 @@ class Machine:
         """KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): which failure reasons exit to user space."""
         if not isinstance(mask, int) or not 0 <= mask <= M64:
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", self.vm, f"mask {mask!r} is not a u64")
-        self.vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR, mask)
+        self.vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR,
+                           mask | (EXIT_REASON_FILTER if self._intercept else 0))
         self.exit_mask = mask & EXIT_REASON_VALID_MASK
 
     def set_msr_filter(self, flt: MsrFilter | None) -> None:
@@ -195,6 +200,8 @@ class Machine:
         raises FilterError with the kernel's errno and leaves the installed filter untouched."""
         new = flt if flt is not None else MsrFilter()
         new.validate()
+        if self._intercept:
+            new = deny_writes_first(new, self._intercept[0])
         raw, keep = marshal_filter(new)
         try:
             self.vm.set_msr_filter(raw, keep)
@@ -285,8 +292,52 @@ class Machine:
             except KvmError:
                 self.set_msr_filter(old)
                 raise
-            self._msr_handler = handler
+            self._owner_handler = handler
+            self._msr_handler = self._routing_handler()
             self.policy = cp
+
+    def intercept_msr_writes(self, msrs, callback: Callable | None) -> None:
+        """Send guest WRMSRs of `msrs` to callback(exit) -> value to store (None: the guest's),
+        or InjectGP; layered over the owner's filter, mask and handler, never weakening them.
+
+        The value is stored with host-initiated KVM_SET_MSRS.  Writes the owner's filter denies
+        still go to the owner's handler.  An empty set or None callback removes interception.
+        Swapped atomically like set_policy; FilterError if the filter has no room left."""
+        new = (frozenset(msrs), callback) if msrs and callback is not None else None
+        with self.quiesced():
+            old = self._intercept
+            self._intercept = new
+            try:
+                self.set_msr_filter(self.msr_filter)
+                self.enable_user_space_msr(self.exit_mask)
+            except KvmError:
+                self._intercept = old
+                self.set_msr_filter(self.msr_filter)
+                raise
+            self._msr_handler = self._routing_handler()
+
+    def _routing_handler(self) -> Callable | None:
+        """The owner's handler, or, while writes are intercepted, a router in front of it."""
+        owner = self._owner_handler
+        if self._intercept is None:
+            return owner
+        msrs, callback = self._intercept
+        owner_filter = self.msr_filter or MsrFilter()
+        owner_mask = self.exit_mask
+
+        def route(ex):
+            if ex.reason == EXIT_REASON_FILTER:
+                if ex.is_write and ex.index in msrs and owner_filter.allows(ex.index, WRITE):
+                    value = callback(ex)
+                    if value is InjectGP:
+                        return InjectGP
+                    value = ex.data if value is None else value & M64
+                    ok = self._states[ex.vcpu].vcpu.set_msrs({ex.index: value}) == 1
+                    return None if ok else InjectGP
+                if not owner_mask & EXIT_REASON_FILTER:
+                    return InjectGP            # what KVM would have done for the owner
+            return InjectGP if owner is None else owner(ex)
+        return route
 
     @contextlib.contextmanager
     def quiesced(self, timeout: float = 10.0):

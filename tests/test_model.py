@@ -123,3 +123,20 @@ def test_validate_never_raises_anything_but_filter_error(flt):
         flt.validate()
     except FilterError as e:
         assert e.errno == errno.EINVAL and str(e)
+
+
+@given(filters(valid_only=True), st.lists(u32_near(), min_size=1, max_size=8), st.data())
+def test_deny_writes_first_changes_only_those_writes(flt, msrs, data):
+    from kvmgate.msr.model import deny_writes_first
+    try:
+        out = deny_writes_first(flt, msrs)
+    except FilterError:
+        assert len([r for r in flt.ranges if r.nmsrs]) + len(msrs) > 16
+        return
+    out.validate()
+    for index in msrs + edge_indices(flt) + [data.draw(u32_near())]:
+        assert out.allows(index, READ) == flt.allows(index, READ)
+        if index in msrs and not 0x800 <= index <= 0x8FF:
+            assert not out.allows(index, WRITE)
+        else:
+            assert out.allows(index, WRITE) == flt.allows(index, WRITE)

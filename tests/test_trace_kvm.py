@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from kvmgate.errors import UserError
 from kvmgate.machine import Machine
 from kvmgate.msr.model import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, READ, WRITE,
                                MsrFilter, MsrRange)
@@ -42,6 +43,7 @@ EXPECTED = [(0x10, False, False), (0xC0000080, False, False), (0xC0000080, True,
 CHILD_MSR = 0x4B564D50          # + vCPU index: only the child process touches these
 CHILD = f"""
 import sys
+from kvmgate.errors import UserError
 from kvmgate.machine import Machine
 m = Machine("mov ecx, {CHILD_MSR:#x}\\nadd ecx, edi\\nrdmsr\\nhlt", vcpus=2)
 print("ready", flush=True)
@@ -193,6 +195,14 @@ def test_instance_removed_on_error_and_interrupt():
             raise KeyboardInterrupt
     trace = record_tracefs(duration=5, progress=ctrl_c)        # Ctrl-C ends a recording normally
     assert trace.meta["stopped_by"] == "interrupt"
+    assert _our_instances() == []
+
+
+def test_unknown_pid_is_a_user_error():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with pytest.raises(UserError, match=str(dead.pid)):
+        record_tracefs(duration=0, pid=dead.pid)
     assert _our_instances() == []
 
 

@@ -149,6 +149,41 @@ class MsrFilter:
 NO_FILTER = MsrFilter()
 
 
+def windows(points: list[int], width: int = MAX_NMSRS) -> list[tuple[int, int]]:
+    """Fewest [lo, hi] windows of at most `width` MSRs covering sorted points (greedy: optimal)."""
+    out: list[tuple[int, int]] = []
+    for p in points:
+        if out and p - out[-1][0] < width:
+            out[-1] = (out[-1][0], p)
+        else:
+            out.append((p, p))
+    return out
+
+
+def deny_writes_first(flt: MsrFilter | None, msrs) -> MsrFilter:
+    """`flt` with guest writes to `msrs` denied, everything else decided exactly as by `flt`.
+
+    First match per access type: WRITE-only all-zero ranges over exact runs of consecutive
+    listed MSRs, placed before flt's ranges, catch those writes and decide nothing else (a
+    wider range would decide its other MSRs too).  FilterError past 16 ranges."""
+    base = flt if flt is not None else NO_FILTER
+    points = sorted({m for m in msrs if not X2APIC_FIRST <= m <= X2APIC_LAST})
+    if not points:
+        return base
+    runs: list[list[int]] = []
+    for p in points:
+        if runs and p == runs[-1][1] + 1 and p - runs[-1][0] < MAX_NMSRS:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    front = [MsrRange(WRITE, lo, hi - lo + 1, bytes((hi - lo + 8) // 8)) for lo, hi in runs]
+    out = MsrFilter(front + [r for r in base.ranges if r.nmsrs], base.flags)
+    if len(out.ranges) > MAX_RANGES:
+        raise FilterError(f"intercepting writes needs {len(front)} more ranges; the filter already "
+                          f"uses {len(out.ranges) - len(front)} of {MAX_RANGES}")
+    return out
+
+
 def _check_u32(what: str, value: object) -> None:
     if not isinstance(value, int) or not 0 <= value <= U32:
         raise FilterError(f"{what} {value!r} is not a u32")

@@ -9,7 +9,7 @@ from ..errors import PolicyError
 from ..msr import names
 from ..msr.model import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
                          EXIT_REASON_UNKNOWN, MAX_NMSRS, MAX_RANGES, READ, WRITE, X2APIC_FIRST,
-                         X2APIC_LAST, KernelMsr, MsrFilter, MsrRange, outcome)
+                         X2APIC_LAST, KernelMsr, MsrFilter, MsrRange, outcome, windows)
 from .model import FailureRule, Policy, Rule
 
 U64 = (1 << 64) - 1
@@ -110,17 +110,6 @@ def _failure(rule: FailureRule, what: str) -> Action | None:
     return Action("deny" if rule.action == "gp" else "ignore", rule.log, f"[{what}]")
 
 
-def _windows(points: list[int]) -> list[tuple[int, int]]:
-    """Fewest [lo, hi] windows of at most MAX_NMSRS MSRs covering sorted points (greedy)."""
-    out = []
-    for p in points:
-        if out and p - out[-1][0] < MAX_NMSRS:
-            out[-1] = (out[-1][0], p)
-        else:
-            out.append((p, p))
-    return out
-
-
 def plan_ranges(exceptions: dict[int, set[int]], default_allow: bool) -> list[MsrRange]:
     """Ranges whose bitmaps flip the default for the given MSRs.
 
@@ -132,7 +121,7 @@ def plan_ranges(exceptions: dict[int, set[int]], default_allow: bool) -> list[Ms
         return MsrRange.from_bits(flags, lo, [(i in flip) != default_allow for i in range(lo, hi + 1)])
 
     shared = []
-    for lo, hi in _windows(sorted(reads | writes)):
+    for lo, hi in windows(sorted(reads | writes)):
         r = {i for i in reads if lo <= i <= hi}
         w = {i for i in writes if lo <= i <= hi}
         if r == w:
@@ -142,8 +131,8 @@ def plan_ranges(exceptions: dict[int, set[int]], default_allow: bool) -> list[Ms
                 shared.append(rng(READ, min(r), max(r), r))
             if w:
                 shared.append(rng(WRITE, min(w), max(w), w))
-    separate = [rng(READ, lo, hi, reads) for lo, hi in _windows(sorted(reads))] + \
-               [rng(WRITE, lo, hi, writes) for lo, hi in _windows(sorted(writes))]
+    separate = [rng(READ, lo, hi, reads) for lo, hi in windows(sorted(reads))] + \
+               [rng(WRITE, lo, hi, writes) for lo, hi in windows(sorted(writes))]
     return shared if len(shared) <= len(separate) else separate
 
 

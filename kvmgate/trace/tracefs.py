@@ -483,55 +483,70 @@ class _Merger:
         return {k: v[:cut] for k, v in cols.items()} if cut else None
 
 
-def _record(sink: Callable[[dict], None], duration, pid, stop, progress, ready, opts) -> dict:
-    """The recording loop shared by record_tracefs and record_tracefs_to; returns metadata."""
-    if duration is not None and duration < 0:
-        raise ValueError("duration must be >= 0")
-    merger = _Merger()
-    events = 0
-    reason = "duration"
-    with TracefsSession(pid, **opts) as s:
-        t0 = time.monotonic()
-        if ready is not None:
-            ready.set()
-        last_progress = 0.0
+class _Loop:
+    """One recording: drain, merge, hand events to `sink`, report progress, decide when to stop."""
+
+    def __init__(self, session: TracefsSession, sink, duration, stop, progress):
+        self.s, self.sink, self.duration, self.stop, self.progress = session, sink, duration, stop, progress
+        self.merger = _Merger()
+        self.events = 0
+        self.t0 = time.monotonic()
+        self.last_progress = 0.0
+
+    def drain(self, final: bool = False) -> bool:
+        """Read every CPU and pass on the events that are final; True if events flow fast."""
+        cols, busy = self.s.read()
+        self.merger.push(cols)
+        out = self.merger.pop(None if final else self.s.watermark_ns())
+        if out is not None:
+            self.events += len(out["index"])
+            self.sink(out)
+        return busy
+
+    def tick(self, force: bool = False) -> float:
+        now = time.monotonic() - self.t0
+        if self.progress is not None and (force or now - self.last_progress >= 0.1):
+            self.progress(self.events, now)
+            self.last_progress = now
+        return now
+
+    def run(self) -> str:
+        """Until duration, stop or Ctrl-C; returns which one ended it."""
         try:
             while True:
-                cols, busy = s.read()
-                merger.push(cols)
-                out = merger.pop(s.watermark_ns())
-                if out is not None:
-                    events += len(out["index"])
-                    sink(out)
-                now = time.monotonic() - t0
-                if progress is not None and now - last_progress >= 0.1:
-                    progress(events, now)
-                    last_progress = now
-                if stop is not None and stop.is_set():
-                    reason = "stop"
-                    break
-                if duration is not None and now >= duration:
-                    break
+                busy = self.drain()
+                now = self.tick()
+                if self.stop is not None and self.stop.is_set():
+                    return "stop"
+                if self.duration is not None and now >= self.duration:
+                    return "duration"
                 if not busy:
-                    wait = POLL_INTERVAL if duration is None else min(POLL_INTERVAL, duration - now)
-                    if stop is not None:
-                        stop.wait(max(0.0, wait))
-                    else:
-                        time.sleep(max(0.0, wait))
+                    self._sleep(now)
         except KeyboardInterrupt:
-            reason = "interrupt"
+            return "interrupt"
+
+    def _sleep(self, now: float) -> None:
+        wait = POLL_INTERVAL if self.duration is None else min(POLL_INTERVAL, self.duration - now)
+        if self.stop is not None:
+            self.stop.wait(max(0.0, wait))
+        else:
+            time.sleep(max(0.0, wait))
+
+
+def _record(sink: Callable[[dict], None], duration, pid, stop, progress, ready, opts) -> dict:
+    """The recording shared by record_tracefs and record_tracefs_to; returns the metadata."""
+    if duration is not None and duration < 0:
+        raise ValueError("duration must be >= 0")
+    with TracefsSession(pid, **opts) as s:
+        loop = _Loop(s, sink, duration, stop, progress)
+        if ready is not None:
+            ready.set()
+        reason = loop.run()
         s.stop_tracing()
-        cols, _ = s.read()
-        merger.push(cols)
-        out = merger.pop(None)
-        if out is not None:
-            events += len(out["index"])
-            sink(out)
-        seconds = time.monotonic() - t0
-        if progress is not None:
-            progress(events, seconds)
+        loop.drain(final=True)
+        seconds = loop.tick(force=True)
         meta = s.meta()
-        meta.update(duration_s=seconds, stopped_by=reason, events=events,
+        meta.update(duration_s=seconds, stopped_by=reason, events=loop.events,
                     lost_events=s.lost_events(), missed_pages=s.missed_pages)
     return meta
 
