@@ -93,6 +93,42 @@ def bench_exits(n: int = 20000, rounds: int = 5, progress=None) -> dict:
     return res
 
 
+def bench_vcpus(counts=(1, 2, 4), n: int = 20000, rounds: int = 3) -> list[dict]:
+    """Total MSR-exit throughput with 1, 2, 4 vCPUs (one thread each): the Python handler path,
+    and bare C loops on the same vCPUs in as many threads (what the host allows)."""
+    import threading
+    lib = build_c_loop()
+    rows = []
+    for k in counts:
+        with Machine(exit_guest(n), vcpus=k) as m:
+            m.enable_user_space_msr(7)
+            m.on_msr(lambda e: 0)
+            m.run(timeout=120)
+            py = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                m.run(timeout=300)
+                py.append(k * n / (time.perf_counter() - t))
+            row = {"vcpus": k, "python_exits_per_s": statistics.median(py)}
+            if lib is not None:
+                cl = []
+                for _ in range(rounds):
+                    for st in m._states:
+                        m._reset_vcpu(st)
+                    threads = [threading.Thread(target=lib.kvmgate_bench_loop,
+                                                args=(st.vcpu.fd, st.vcpu.run_addr)) for st in m._states]
+                    t = time.perf_counter()
+                    for th in threads:
+                        th.start()
+                    for th in threads:
+                        th.join()
+                    cl.append(k * n / (time.perf_counter() - t))
+                row["c_exits_per_s"] = statistics.median(cl)
+                row["python_vs_c"] = row["python_exits_per_s"] / row["c_exits_per_s"]
+            rows.append(row)
+    return rows
+
+
 def large_policy_text(n_rules: int) -> str:
     """A deny-by-default policy with `n_rules` rules over 16 clusters of MSRs."""
     out = ["[policy]", "default = \"deny\"", ""]
@@ -143,13 +179,24 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvmgate bench", description=__doc__)
-    ap.add_argument("what", choices=["exits", "policy"])
+    ap.add_argument("what", choices=["exits", "policy", "vcpus"])
     ap.add_argument("--rules", type=int, default=4000, help="policy: rules in the large policy")
     ap.add_argument("-n", type=int, default=20000, help="MSR exits per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     prog = None if a.json else (lambda i, k: print(f"  round {i}/{k}", file=sys.stderr))
+    if a.what == "vcpus":
+        rows = bench_vcpus(n=a.n, rounds=a.rounds)
+        if a.json:
+            print(json.dumps(rows))
+            return 0
+        base = rows[0]["python_exits_per_s"]
+        for r in rows:
+            c = f"   C loops: {r['c_exits_per_s']:,.0f}/s (Python/C {r['python_vs_c']:.2f})" if "c_exits_per_s" in r else ""
+            print(f"  {r['vcpus']} vCPU(s): {r['python_exits_per_s']:,.0f} exits/s "
+                  f"({r['python_exits_per_s'] / base:.2f}x of 1 vCPU){c}")
+        return 0
     if a.what == "policy":
         res = bench_policy(a.rules, a.n, a.rounds)
         if a.json:

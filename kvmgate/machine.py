@@ -17,7 +17,7 @@ from typing import Callable
 from . import guest, uapi as u
 from .asm import assemble
 from .errors import FilterError, InjectGP, KvmError
-from .exits import GpFault, GuestError, MsrExit, Regs, RunResult, VcpuResult, exception_name, exit_name
+from .exits import GpFault, GuestError, Stopped, MsrExit, Regs, RunResult, VcpuResult, exception_name, exit_name
 from .kvm import Kvm
 from .msr.model import (EXIT_REASON_FILTER, EXIT_REASON_VALID_MASK, MAX_NMSRS, U32, WRITE,
                         MsrFilter, deny_writes_first)
@@ -129,6 +129,7 @@ class Machine:
         self._lock = threading.Lock()
         self._park = threading.Condition(self._lock)
         self._pause_req = False
+        self._pause_gen = 0
         self._running = False
         self.policy = None
         self._registers = None
@@ -255,6 +256,8 @@ class Machine:
                 raise st.error
         if self._timed_out:
             raise TimeoutError(f"guest did not halt within {timeout} s")
+        if self._stop:
+            raise Stopped("run stopped by Machine.stop() or close() before every vCPU halted")
         return RunResult([VcpuResult(st.index, Regs(st.vcpu.get_regs()), st.gp_faults,
                                      st.msr_exits, st.exits) for st in self._states],
                          time.monotonic() - started)
@@ -349,6 +352,7 @@ class Machine:
                 yield
                 return
             self._pause_req = True
+            self._pause_gen += 1
         try:
             for st in others:
                 st.vcpu.run_bytes[1] = 1
@@ -372,7 +376,8 @@ class Machine:
         with self._park:
             st.parked = True
             self._park.notify_all()
-            while self._pause_req and not self._stop:
+            gen = self._pause_gen       # leave when this pause ends, even if another begins
+            while self._pause_req and self._pause_gen == gen and not self._stop:
                 self._park.wait(0.5)
             st.parked = False
 

@@ -27,6 +27,10 @@ def _kvm_tier(request):
 
 def pytest_terminal_summary(terminalreporter):
     import sys
+    for name, mod in sorted(sys.modules.items()):
+        if name.startswith("tests.test_"):
+            for line in getattr(mod, "SUMMARY_LINES", []):
+                terminalreporter.write_line(line)
     mod = sys.modules.get("tests.test_differential")
     if mod is not None and mod.STATS["filters"]:
         s = mod.STATS

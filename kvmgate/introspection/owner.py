@@ -72,10 +72,12 @@ class Introspection:
 
     # --- owner operations -----------------------------------------------------------------
 
-    def hook(self, sock, uuid) -> None:
+    def hook(self, sock, uuid, *, commands=(), events=()) -> None:
         """KVM_INTROSPECTION_HOOK: serve the tool on `sock` (a connected stream socket or fd).
 
         The socket is duplicated (the caller may close its own) and put in blocking mode.
+        `commands`/`events`: ids (or -1) to allow before the tool's first message is read, as
+        allow_command(id, 1)/allow_event(id, 1) right after hooking would, without the race.
         """
         from .server import IntrospectionServer   # lazy: server.py re-exports this module
         with self._lock:
@@ -86,6 +88,10 @@ class Introspection:
             raw_uuid = _uuid_bytes(uuid, self.obj)
             s = _stream_socket(sock, self.obj)
             perms = Permissions(self.obj)
+            for cid in commands:
+                perms.allow_command(cid, 1)
+            for eid in events:
+                perms.allow_event(eid, 1)
             srv = IntrospectionServer(s, self.backend, perms, on_close=self._closed,
                                       event_timeout=self.event_timeout,
                                       name=f"kvmi-{_uuid.UUID(bytes=raw_uuid)}")
@@ -147,6 +153,11 @@ class Introspection:
         if srv is None:
             return CONTINUE, new
         return srv.msr_event(vcpu, msr, old, new, state)
+
+    def msr_wanted(self, vcpu: int, msr: int) -> bool:
+        """Whether a write to `msr` on `vcpu` would reach the tool (cheap; vCPU threads)."""
+        srv = self._server
+        return srv is not None and srv.msr_wanted(vcpu, msr)
 
     def msr_controlled(self, vcpu: int, msr: int) -> bool:
         """Whether the tool asked for writes to `msr` on `vcpu` (VCPU_CONTROL_MSR)."""

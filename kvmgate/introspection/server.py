@@ -502,6 +502,18 @@ class IntrospectionServer:
             return CONTINUE, MSR_REPLY.unpack(res.data)[0]
         return res.action, old
 
+    def msr_wanted(self, vcpu: int, msr: int) -> bool:
+        """Whether a guest write to `msr` on `vcpu` would be sent to the tool (if it changes the
+        value): controlled, MSR event enabled on that vCPU and allowed, connection open."""
+        if self._closed:
+            return False
+        msrs = self._msrs.get(vcpu)
+        if not msrs or msr not in msrs:
+            return False
+        evs = self._vcpu_events.get(vcpu)
+        return bool(evs) and ids.VCPU_EVENT_MSR in evs \
+            and self._perms.event_allowed(ids.VCPU_EVENT_MSR)
+
     def _take_pause(self, vcpu: int) -> bool:
         with self._lock:
             n = self._pauses.get(vcpu, 0)

@@ -6,6 +6,7 @@ report text), store (chunked, dictionary-encoded .kvmtrace files) and replay aga
     report = replay(TraceReader("vm.kvmtrace"), filter_decider(flt))
     print(report.table(limit=30)); report.to_json()
 """
+from .policy import policy_decider
 from .replay import ReplayReport, ReplayRow, filter_decider, naive_counts, replay, report_counts
 from .store import (DEFAULT_CHUNK_EVENTS, Chunk, Trace, TraceFormatError, TraceReader, TraceWriter,
                     open_trace)
@@ -24,4 +25,4 @@ __all__ = ["Chunk", "Trace", "TraceWriter", "TraceReader", "TraceFormatError", "
            "DEFAULT_CHUNK_EVENTS", "import_trace_cmd", "import_trace_cmd_to", "parse_line",
            "ImportStats", "record_tracefs", "record_tracefs_to", "Recording", "TracefsSession",
            "TracefsError", "tracefs_root", "sweep_stale_instances", "replay", "filter_decider",
-           "ReplayReport", "ReplayRow", "naive_counts", "report_counts", "bench_replay"]
+           "ReplayReport", "ReplayRow", "naive_counts", "policy_decider", "report_counts", "bench_replay"]

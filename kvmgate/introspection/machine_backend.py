@@ -1,0 +1,500 @@
+"""`MachineBackend`: the introspection `Backend` on a live `Machine`, and `attach()`.
+
+    intro = attach(m)                  # or m.introspection once Machine has the property
+    intro.hook(sock, uuid)             # the owner's API (owner.py), defaults per spec §1
+    intro.allow_command(ids.VCPU_CONTROL_MSR, 1); intro.allow_event(ids.VCPU_EVENT_MSR, 1)
+
+How each part maps onto the Machine:
+
+* VCPU_CONTROL_MSR adds the MSR to the machine's write interception (`intercept_msr_writes`),
+  which is layered over the owner's filter: writes the owner's filter denies still go to the
+  owner's handler, and an MSR whose guest writes the owner's filter (or policy) denies gets
+  -KVM_EPERM.  The interception set is the union over vCPUs of the MSRs the tool controls;
+  nothing is intercepted (no user-space exit at all) for MSRs nobody controls.
+* A guest write to an intercepted MSR calls `_on_write` on the vCPU's thread: when the tool
+  wants that write (MSR controlled on that vCPU, MSR event enabled and allowed) and the value
+  changes (old value from KVM_GET_MSRS), the MSR event is sent and the vCPU waits; CONTINUE
+  stores the tool's `new_val` (host-initiated KVM_SET_MSRS, by the machine), RETRY keeps the
+  old value, CRASH raises `IntrospectionCrash` out of `m.run()`.
+* While a vCPU waits for the tool it counts as parked for `Machine.quiesced()`, so the tool may
+  send VCPU_CONTROL_MSR (a filter swap) from its event handler without a deadlock.
+* Commands that need a vCPU ioctl (registers, MSRs, TSC) run on the reader thread; a vCPU in
+  KVM_RUN holds its mutex, so the vCPU is kicked (immediate_exit + signal) until the ioctl
+  gets through.
+* VM_PAUSE_VCPU: with the machine's per-vCPU kick hook (`Machine.kick_hook`, see the report),
+  the vCPU is kicked and sends its PAUSE event from its own thread; without it, a worker
+  thread holds every vCPU outside KVM_RUN (`quiesced()`) and sends the event itself.
+
+Machine internals (`_states`, `_park`, `_pause_req`, `_stop`) are only touched by the
+`_compat_*` helpers, used until Machine has the public `kick()`/`blocked()` they stand for.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from typing import Sequence
+
+from .. import uapi as u
+from ..errors import FilterError, KvmError
+from ..exits import GuestError
+from ..msr.model import WRITE, X2APIC_FIRST, X2APIC_LAST
+from . import ids
+from .backend import Backend
+from .ids import CONTINUE, CRASH, RETRY
+from .owner import Introspection
+from .protocol import PAGE_SIZE, REGS_SIZE, msr_valid, pack_state
+
+__all__ = ["MachineBackend", "IntrospectionCrash", "attach", "vcpu_mode", "STATE_MSR_INDICES"]
+
+log = logging.getLogger("kvmgate.introspection")
+
+# The 9 MSRs of every vCPU event's state block, in the wire order (protocol.STATE_MSRS).
+STATE_MSR_INDICES = (0x174, 0x175, 0x176, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
+                     0x277, 0xC0000102)
+EFER_LMA = 1 << 10
+CR0_PE = 1
+KICK_INTERVAL = 0.002     # re-kick a vCPU this often while a command waits for its mutex
+PAUSE_WAIT = 1.0          # VM_PAUSE_VCPU with wait: at most this long for the vCPU to stop
+APPLY_LOCK_TIMEOUT = 2.0  # a command waiting for another filter swap / PAUSE: -KVM_EBUSY after
+QUIESCE_TIMEOUT = 5.0
+
+
+class IntrospectionCrash(GuestError):
+    """The introspection tool answered an event with CRASH: the VM was stopped."""
+
+    def __init__(self, vcpu: int, event: int, msr: int | None = None, rip: int | None = None):
+        what = ids.event_name(event) + (f" (MSR {msr:#x})" if msr is not None else "")
+        super().__init__(f"vCPU {vcpu}: the introspection tool answered {what} with CRASH",
+                         vcpu, rip)
+        self.event = event
+        self.msr = msr
+
+
+def vcpu_mode(sregs) -> int:
+    """KVMI's mode: 8 (64-bit), 4 (32-bit) or 2 (16-bit) code, from EFER.LMA, CR0.PE, CS.L/D."""
+    if sregs.efer & EFER_LMA and sregs.cs.l:
+        return 8
+    return 4 if sregs.cs.db else 2
+
+
+# --- Machine compatibility: public API when present, else the equivalent on its internals ----
+
+def _compat_states(m):
+    return m._states
+
+
+def _compat_vcpu_thread(m, index: int) -> tuple[bool, int | None]:
+    """(alive, thread ident) of vCPU `index`'s thread in the current run."""
+    st = _compat_states(m)[index]
+    return st.alive, st.ident
+
+
+def _compat_kick(m, index: int) -> bool:
+    """Make vCPU `index` leave KVM_RUN soon; False if its thread is not running."""
+    kick = getattr(m, "kick", None)
+    if kick is not None:
+        return bool(kick(index))
+    from ..machine import KICK_SIGNAL
+    st = _compat_states(m)[index]
+    st.vcpu.run_bytes[1] = 1          # kvm_run.immediate_exit
+    with m._lock:
+        if not st.alive or st.ident is None:
+            return False
+        if st.ident != threading.get_ident():
+            try:
+                signal.pthread_kill(st.ident, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+        return True
+
+
+@contextlib.contextmanager
+def _compat_blocked(m, index: int):
+    """Around a wait on the tool, on vCPU `index`'s thread: Machine.quiesced() counts the vCPU
+    as parked meanwhile; on the way out, wait for a quiesce in progress to end."""
+    blocked = getattr(m, "blocked", None)
+    if blocked is not None:
+        with blocked(index):
+            yield
+        return
+    st = _compat_states(m)[index]
+    park = m._park
+    with park:
+        st.parked = True
+        park.notify_all()
+    try:
+        yield
+    finally:
+        with park:
+            while m._pause_req and not m._stop:
+                park.wait(0.5)
+            st.parked = False
+
+
+def _compat_fail_run(m, index: int, exc: BaseException) -> bool:
+    """Stop the run so that m.run() raises `exc` (from a thread other than the vCPU's)."""
+    st = _compat_states(m)[index]
+    if not st.alive:
+        return False
+    if st.error is None:
+        st.error = exc
+    m.stop()
+    return True
+
+
+# --- the backend -----------------------------------------------------------------------------
+
+class MachineBackend(Backend):
+    """The live-VM side of KVMI for one Machine (see the module docstring)."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.intro: Introspection | None = None
+        self._vcpus = list(machine.vcpus)
+        self._n = len(self._vcpus)
+        self._lock = threading.Lock()
+        self._apply_lock = threading.RLock()    # one filter swap / quiesce of ours at a time
+        self._controlled: dict[int, set[int]] = {}
+        self._installed: frozenset = frozenset()
+        self._tsc_khz: int | None = None
+        self._waiting = [False] * self._n       # vCPU blocked on the tool
+        self._kicked = [threading.Event() for _ in range(self._n)]
+        self._jobs: deque = deque()
+        self._worker: threading.Thread | None = None
+        # Counters (for tests and the bench).
+        self.msr_writes = 0          # intercepted guest writes seen
+        self.msr_events = 0          # of which sent to the tool
+        self.pause_events = 0
+        self.crashes: list[IntrospectionCrash] = []
+        self.kick_hook = hasattr(machine, "kick_hook")
+        if self.kick_hook:
+            machine.kick_hook = self._on_kick
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _current_vcpu(self) -> int | None:
+        me = threading.get_ident()
+        for i in range(self._n):
+            alive, ident = _compat_vcpu_thread(self.machine, i)
+            if alive and ident == me:
+                return i
+        return None
+
+    def _vcpu_call(self, index: int, fn, *args):
+        """fn(*args) doing ioctls on vCPU `index`, from any thread: while the vCPU may sit in
+        KVM_RUN (holding its mutex), kick it every few ms until fn returns."""
+        alive, ident = _compat_vcpu_thread(self.machine, index)
+        if not alive or ident == threading.get_ident():
+            return fn(*args)
+        done = threading.Event()
+
+        def kicker():
+            while not done.is_set():
+                if not _compat_kick(self.machine, index):
+                    return
+                done.wait(KICK_INTERVAL)
+
+        t = threading.Thread(target=kicker, name=f"kvmi-kick{index}", daemon=True)
+        t.start()
+        try:
+            return fn(*args)
+        finally:
+            done.set()
+
+    @contextlib.contextmanager
+    def _blocked(self, vid: int):
+        self._waiting[vid] = True
+        try:
+            with _compat_blocked(self.machine, vid):
+                yield
+        finally:
+            self._waiting[vid] = False
+
+    def state(self, vid: int) -> bytes:
+        """The 536-byte state block of vCPU `vid` (on its thread, or while it is parked)."""
+        v = self._vcpus[vid]
+        regs, sregs = v.get_regs(), v.get_sregs()
+        msrs = v.get_msrs(STATE_MSR_INDICES)
+        return pack_state(vcpu_mode(sregs), bytes(regs), bytes(sregs),
+                          [msrs.get(i, 0) for i in STATE_MSR_INDICES])
+
+    def _pause_state(self, vid: int) -> bytes:
+        self.pause_events += 1          # called once per PAUSE event actually sent
+        return self.state(vid)
+
+    # --- Backend: VM ----------------------------------------------------------------------
+
+    def vcpu_count(self) -> int:
+        return self._n
+
+    def _range(self, gpa: int, size: int) -> bool:
+        if size <= 0 or (gpa & (PAGE_SIZE - 1)) + size > PAGE_SIZE:
+            raise KvmError(errno.EINVAL, "VM_READ/WRITE_PHYSICAL", None,
+                           f"{size} bytes at {gpa:#x} cross a page")
+        return 0 <= gpa and gpa + size <= self.machine.mem_size
+
+    def read_physical(self, gpa: int, size: int) -> bytes | None:
+        if not self._range(gpa, size):
+            return None
+        return bytes(self.machine.memory[gpa:gpa + size])
+
+    def write_physical(self, gpa: int, data: bytes) -> bool:
+        if not self._range(gpa, len(data)):
+            return False
+        self.machine.memory[gpa:gpa + len(data)] = data
+        return True
+
+    def tsc_khz(self) -> int | None:
+        if self._tsc_khz is None:
+            try:
+                self._tsc_khz = self._vcpu_call(0, self._vcpus[0].tsc_khz)
+            except KvmError:
+                return 0
+        return self._tsc_khz
+
+    # --- Backend: registers ---------------------------------------------------------------
+
+    def get_registers(self, vcpu: int, msrs: Sequence[int]):
+        v = self._vcpus[vcpu]
+
+        def grab():
+            return v.get_regs(), v.get_sregs(), (v.get_msrs(msrs) if msrs else {})
+
+        regs, sregs, values = self._vcpu_call(vcpu, grab)
+        missing = [i for i in msrs if i not in values]
+        if missing:
+            raise KvmError(errno.EINVAL, "KVM_GET_MSRS", v, f"MSR {missing[0]:#x} cannot be read")
+        return vcpu_mode(sregs), bytes(regs), bytes(sregs), [(i, values[i]) for i in msrs]
+
+    def set_registers(self, vcpu: int, regs: bytes) -> None:
+        # On the vCPU's thread inside an event, or while it is parked (PAUSE without the hook).
+        self._vcpus[vcpu].set_regs(u.kvm_regs.from_buffer_copy(bytes(regs)[:REGS_SIZE]))
+
+    # --- Backend: MSR interception --------------------------------------------------------
+
+    def owner_denies(self, msr: int) -> bool:
+        """The owner's filter or policy denies guest writes to `msr`."""
+        m = self.machine
+        policy = getattr(m, "policy", None)
+        for flt in (m.msr_filter, getattr(policy, "filter", None)):
+            if flt is not None and not flt.allows(msr, WRITE):
+                return True
+        return False
+
+    def controlled(self) -> frozenset:
+        """MSRs the tool controls on some vCPU (what should be intercepted)."""
+        with self._lock:
+            return frozenset().union(*self._controlled.values()) if self._controlled \
+                else frozenset()
+
+    @property
+    def intercepted(self) -> frozenset:
+        """MSRs whose guest writes currently exit to us."""
+        return self._installed
+
+    def control_msr(self, vcpu: int, msr: int, enable: bool) -> int:
+        if not msr_valid(msr):
+            return -ids.KVM_EINVAL
+        if enable:
+            if X2APIC_FIRST <= msr <= X2APIC_LAST:
+                return -ids.KVM_EOPNOTSUPP      # KVM never filters x2APIC MSRs
+            if self.owner_denies(msr):
+                return -ids.KVM_EPERM
+        with self._lock:
+            s = self._controlled.setdefault(vcpu, set())
+            had = msr in s
+            if enable:
+                s.add(msr)
+            else:
+                s.discard(msr)
+                if not s:
+                    del self._controlled[vcpu]
+        if had == enable:
+            return 0
+        err = self._sync(adding=enable)
+        if err and enable:
+            with self._lock:
+                s = self._controlled.get(vcpu)
+                if s is not None:
+                    s.discard(msr)
+                    if not s:
+                        del self._controlled[vcpu]
+        return err
+
+    def _sync(self, adding: bool) -> int:
+        """Make the machine's interception set the controlled set; 0 or a negative KVM code."""
+        if not adding and self._current_vcpu() is not None:
+            # Undoing from a vCPU thread (a close there): do it on another thread, because
+            # a quiesce must not wait for its own caller's siblings blocked behind it.  Until
+            # then the extra exits are answered with the guest's value.
+            self._submit(("sync",))
+            return 0
+        if not self._apply_lock.acquire(timeout=APPLY_LOCK_TIMEOUT):
+            return -ids.KVM_EBUSY
+        try:
+            return self._apply()
+        finally:
+            self._apply_lock.release()
+
+    def _apply(self) -> int:
+        want = self.controlled()
+        if want == self._installed:
+            return 0
+        m = self.machine
+        try:
+            m.intercept_msr_writes(want, self._on_write if want else None)
+        except FilterError as exc:
+            log.warning("cannot intercept MSR writes %s: %s", sorted(map(hex, want)), exc)
+            return -ids.KVM_ENOMEM
+        except TimeoutError:
+            return -ids.KVM_EBUSY
+        self._installed = want
+        return 0
+
+    def _on_write(self, ex):
+        """Machine interception callback (vCPU thread): the value to store, or None."""
+        self.msr_writes += 1
+        intro = self.intro
+        vid, msr, new = ex.vcpu, ex.index, ex.data
+        if intro is None or not intro.msr_wanted(vid, msr):
+            return None
+        old = self._vcpus[vid].get_msrs((msr,)).get(msr)
+        if old is None or old == new:
+            return None
+        self.msr_events += 1
+        with self._blocked(vid):
+            action, value = intro.msr_event(vid, msr, old, new, lambda: self.state(vid))
+        if action == CRASH:
+            exc = IntrospectionCrash(vid, ids.VCPU_EVENT_MSR, msr)
+            self.crashes.append(exc)
+            raise exc
+        if action == RETRY:
+            return old
+        return value
+
+    # --- Backend: pause -------------------------------------------------------------------
+
+    def pause_vcpu(self, vcpu: int, wait: bool) -> int | None:
+        m = self.machine
+        if self.kick_hook:
+            ev = self._kicked[vcpu]
+            ev.clear()
+            if _compat_kick(m, vcpu):
+                if wait and not self._waiting[vcpu]:
+                    ev.wait(PAUSE_WAIT)
+                self._submit(("watch", vcpu, None))   # in case the vCPU stops before its hook
+                return 0
+        ready = threading.Event()
+        self._submit(("pause", vcpu, ready))
+        if wait:
+            ready.wait(PAUSE_WAIT)
+        return 0
+
+    def _on_kick(self, vid: int) -> None:
+        """Machine.kick_hook: on vCPU `vid`'s thread after each kick (KVM_RUN returned EINTR)."""
+        self._kicked[vid].set()
+        intro = self.intro
+        if intro is None or not intro.pending_pauses(vid):
+            return
+        self._pause_here(vid)
+
+    def _pause_here(self, vid: int) -> None:
+        with self._blocked(vid):
+            action = self.intro.handle_pauses(vid, lambda: self._pause_state(vid))
+        if action == CRASH:
+            exc = IntrospectionCrash(vid, ids.VCPU_EVENT_PAUSE)
+            self.crashes.append(exc)
+            raise exc
+
+    # --- worker thread (pauses without the hook, deferred syncs) --------------------------
+
+    def _submit(self, job: tuple) -> None:
+        with self._lock:
+            self._jobs.append(job)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="kvmi-worker",
+                                                daemon=True)
+                self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._worker = None
+                    return
+                job = self._jobs.popleft()
+            try:
+                if job[0] == "sync":
+                    with self._apply_lock:
+                        self._apply()
+                elif job[0] == "watch":
+                    self._watch_pause(job[1])
+                else:
+                    self._pause_parked(job[1], job[2])
+            except Exception:
+                log.exception("introspection worker job %r failed", job)
+
+    def _watch_pause(self, vid: int) -> None:
+        """Hook mode: re-kick until the vCPU's hook took its pauses; if its thread ends first
+        (halted, run over), send them from here."""
+        intro = self.intro
+        last = time.monotonic()
+        while intro is not None and intro.pending_pauses(vid):
+            alive, _ = _compat_vcpu_thread(self.machine, vid)
+            if not alive:
+                self._pause_parked(vid, None)
+                return
+            if time.monotonic() - last > 0.1 and not self._waiting[vid]:
+                _compat_kick(self.machine, vid)
+                last = time.monotonic()
+            time.sleep(0.002)
+
+    def _pause_parked(self, vid: int, ready: threading.Event | None) -> None:
+        """Send vCPU `vid`'s PAUSE events from this thread while every vCPU is held outside
+        KVM_RUN (a vCPU blocked on the tool counts as held)."""
+        intro = self.intro
+        action = CONTINUE
+        try:
+            if intro is None or not intro.pending_pauses(vid):
+                return
+            with self._apply_lock:
+                with self.machine.quiesced(QUIESCE_TIMEOUT):
+                    if ready is not None:
+                        ready.set()
+                    # If the vCPU waits for another event's reply, this waits for that event
+                    # to end first (one event at a time per vCPU, as in the kernel).
+                    action = intro.handle_pauses(vid, lambda: self._pause_state(vid))
+        finally:
+            if ready is not None:
+                ready.set()
+        if action == CRASH:
+            exc = IntrospectionCrash(vid, ids.VCPU_EVENT_PAUSE)
+            self.crashes.append(exc)
+            _compat_fail_run(self.machine, vid, exc)
+
+
+def attach(machine, **opts) -> Introspection:
+    """The machine's `Introspection` (created once, then returned again): sets
+    `machine.introspection`.  `opts`: Introspection's keywords (enabled, on_close,
+    event_timeout); given again later, they update the existing object."""
+    intro = machine.__dict__.get("introspection") or machine.__dict__.get("_kvmgate_introspection")
+    if intro is None:
+        backend = MachineBackend(machine)
+        intro = Introspection(backend, obj=machine.vm, **opts)
+        backend.intro = intro
+        machine.__dict__["_kvmgate_introspection"] = intro
+        try:
+            machine.introspection = intro
+        except AttributeError:      # a read-only property: it must call attach() itself
+            pass
+        return intro
+    for key, value in opts.items():
+        if key not in ("enabled", "on_close", "event_timeout"):
+            raise TypeError(f"attach() got an unexpected keyword argument {key!r}")
+        setattr(intro, key, value)
+    return intro
