@@ -95,3 +95,17 @@ def test_sighup_reloads_policy_while_guest_runs(tmp_path):
     assert p.returncode == 0, err
     assert "reload refused" in err and "reloaded" in err
     assert json.loads(out)["regs"]["0"]["rax"] == "0x2"
+
+
+@pytest.mark.kvm
+def test_ctrl_c_stops_every_vcpu_cleanly(tmp_path):
+    import signal
+    import time
+    guest = tmp_path / "spin.S"
+    guest.write_text("spin: jmp spin\n")
+    p = subprocess.Popen([sys.executable, "-m", "kvmgate", "run", str(guest), "--vcpus", "3",
+                          "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 130 and "Traceback" not in err
