@@ -224,9 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("msrs", nargs="*", metavar="MSR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_policy_diff)
-    p = sub.add_parser("bench", help="benchmarks (exits)", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks (exits, policy, vcpus)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+    from .cli_trace import register as register_trace
+    register_trace(sub)            # trace record|import|replay, learn
     return ap
 
 

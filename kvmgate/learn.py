@@ -28,10 +28,13 @@ Recorders:
            (INVAL/UNKNOWN) and are recorded as KVM failures.
   auto     tracefs when a recording can start, else exits.
 
-Host-initiated accesses are checked less strictly by KVM than the guest's own (e.g. it reads 0
-from MSRs it advertises but the vCPU lacks), so with verify=True (default) every (MSR, direction)
-carried out from user space is re-checked afterwards as a guest access in a scratch VM
-(MsrProber.classify, no filter): one that KVM would fail for the guest is not allowed.
+Host-initiated accesses are checked less strictly by KVM than the guest's own (e.g. KVM_GET_MSRS
+reads IA32_ARCH_CAPABILITIES or MCG_CTL where the guest's RDMSR gets #GP), so with verify=True
+(default) every (MSR, direction) carried out from user space is re-checked afterwards as a guest
+access in a scratch VM (MsrProber.classify, no filter): one KVM would fail for the guest is not
+allowed.  They also differ in side effects: a guest WRMSR IA32_TSC moves IA32_TSC_ADJUST, a
+host-initiated one does not, so under the exits recorder the guest may read other values than it
+would natively (the learned rules are the same; only the comments' values differ).
 """
 from __future__ import annotations
 
@@ -547,12 +550,14 @@ def render_policy(accesses: Iterable[LearnedAccess], *, name: str = "learned", m
         out += ["# (no MSR access to allow)", ""]
     refused = [a for a in accesses if not a.allowed]
     if refused:
-        out.append("# ---- not allowed: the default deny gives the guest the same #GP it got "
-                   "when learning (and logs it)")
+        out.append("# ---- not allowed: the guest gets the same #GP it got when learning, "
+                   "from the default deny (logged)")
         for a in refused:
-            vals = f" writing {_hexes(a.failed_values or a.values)}" if a.write else ""
+            vals = f" of {_hexes(a.failed_values or a.values)}" if a.write else ""
+            x2 = ("; x2APIC: never filtered, KVM's own #GP" if X2APIC_FIRST <= a.index <= X2APIC_LAST
+                  else "")
             out.append(f"#   {a.index:#x} {names.describe(a.index)} {a.direction}{vals}: "
-                       f"{_times(a.events, 'time')}: {a.why_not()}")
+                       f"{_times(a.events, 'time')}: {a.why_not()}{x2}")
         out.append("")
     dropped = sorted({(a.index, a.write) for a in accesses if a.allowed} - {(a.index, a.write) for a in ok})
     if dropped:

@@ -229,8 +229,12 @@ class IntrospectionListener:
             return self._refuse(peer, "a tool is already hooked")
         if intro.hooked:                 # the previous tool went away: start afresh
             intro.unhook()
-        intro.hook(conn, _uuid.uuid4(), commands=self.commands, events=self.events)
         self.hooked.append(peer)
+        try:
+            intro.hook(conn, _uuid.uuid4(), commands=self.commands, events=self.events)
+        except BaseException:
+            self.hooked.pop()
+            raise
         log.info("introspection: hooked tool pid %d uid %d", peer.pid, peer.uid)
 
 

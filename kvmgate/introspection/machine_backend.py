@@ -31,6 +31,7 @@ Machine internals (`_states`, `_park`, `_pause_req`, `_stop`) are only touched b
 from __future__ import annotations
 
 import contextlib
+import ctypes as C
 import errno
 import logging
 import signal
@@ -42,6 +43,7 @@ from typing import Sequence
 from .. import uapi as u
 from ..errors import FilterError, KvmError
 from ..exits import GuestError
+from ..kvm import ioctl
 from ..msr.model import WRITE, X2APIC_FIRST, X2APIC_LAST
 from . import ids
 from .backend import Backend
@@ -80,6 +82,31 @@ def vcpu_mode(sregs) -> int:
     if sregs.efer & EFER_LMA and sregs.cs.l:
         return 8
     return 4 if sregs.cs.db else 2
+
+
+_MSR_BUFS: dict[int, type] = {}
+
+
+def _msr_buffer_class(n: int) -> type:
+    cls = _MSR_BUFS.get(n)
+    if cls is None:
+        cls = type(f"kvm_msrs_{n}", (C.Structure,),
+                   {"_fields_": [("hdr", u.kvm_msrs), ("entries", u.kvm_msr_entry * n)]})
+        _MSR_BUFS[n] = cls
+    return cls
+
+
+def read_msrs(vcpu, indices: Sequence[int]) -> dict[int, int]:
+    """KVM_GET_MSRS like Vcpu.get_msrs (MSRs KVM cannot read are left out), with the buffer
+    type cached per size: this is on the event path."""
+    n = len(indices)
+    buf = _msr_buffer_class(max(1, n))()
+    buf.hdr.nmsrs = n
+    entries = buf.entries
+    for i, index in enumerate(indices):
+        entries[i].index = index
+    got = ioctl(vcpu.fd, u.KVM_GET_MSRS, buf, vcpu)
+    return {entries[i].index: entries[i].data for i in range(got)}
 
 
 # --- Machine compatibility: public API when present, else the equivalent on its internals ----
@@ -131,7 +158,8 @@ def _compat_blocked(m, index: int):
         yield
     finally:
         with park:
-            while m._pause_req and not m._stop:
+            gen = getattr(m, "_pause_gen", None)     # as Machine._parked: this pause only
+            while m._pause_req and getattr(m, "_pause_gen", None) == gen and not m._stop:
                 park.wait(0.5)
             st.parked = False
 
@@ -215,11 +243,13 @@ class MachineBackend(Backend):
         finally:
             self._waiting[vid] = False
 
-    def state(self, vid: int) -> bytes:
-        """The 536-byte state block of vCPU `vid` (on its thread, or while it is parked)."""
+    def state(self, vid: int, msrs: dict[int, int] | None = None) -> bytes:
+        """The 536-byte state block of vCPU `vid` (on its thread, or while it is parked);
+        `msrs`: the state MSRs if already read."""
         v = self._vcpus[vid]
         regs, sregs = v.get_regs(), v.get_sregs()
-        msrs = v.get_msrs(STATE_MSR_INDICES)
+        if msrs is None:
+            msrs = read_msrs(v, STATE_MSR_INDICES)
         return pack_state(vcpu_mode(sregs), bytes(regs), bytes(sregs),
                           [msrs.get(i, 0) for i in STATE_MSR_INDICES])
 
@@ -263,7 +293,7 @@ class MachineBackend(Backend):
         v = self._vcpus[vcpu]
 
         def grab():
-            return v.get_regs(), v.get_sregs(), (v.get_msrs(msrs) if msrs else {})
+            return v.get_regs(), v.get_sregs(), (read_msrs(v, msrs) if msrs else {})
 
         regs, sregs, values = self._vcpu_call(vcpu, grab)
         missing = [i for i in msrs if i not in values]
@@ -363,12 +393,16 @@ class MachineBackend(Backend):
         vid, msr, new = ex.vcpu, ex.index, ex.data
         if intro is None or not intro.msr_wanted(vid, msr):
             return None
-        old = self._vcpus[vid].get_msrs((msr,)).get(msr)
+        # One KVM_GET_MSRS for the old value and the event's state MSRs.
+        wanted = STATE_MSR_INDICES if msr in STATE_MSR_INDICES else STATE_MSR_INDICES + (msr,)
+        values = read_msrs(self._vcpus[vid], wanted)
+        old = values.get(msr)
         if old is None or old == new:
             return None
         self.msr_events += 1
         with self._blocked(vid):
-            action, value = intro.msr_event(vid, msr, old, new, lambda: self.state(vid))
+            action, value = intro.msr_event(vid, msr, old, new,
+                                            lambda: self.state(vid, values))
         if action == CRASH:
             exc = IntrospectionCrash(vid, ids.VCPU_EVENT_MSR, msr)
             self.crashes.append(exc)

@@ -1,0 +1,210 @@
+"""`kvmgate introspect unix:PATH watch-msr MSR...` (a tool on a VM's introspection socket) and
+the owner side of `kvmgate run GUEST --introspect unix:PATH` (`serve_introspection`).
+
+Wiring (cli.py): `register(sub)` adds `introspect`; `add_run_arguments(p)` adds --introspect,
+--allow-commands and --allow-events to `run`, whose handler calls
+`serve_introspection(m, a.introspect, a.allow_commands, a.allow_events)` and closes the
+handle when the run ends.  Standalone: `python -m kvmgate.cli_introspect ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+
+from .errors import KvmError, UserError
+
+WATCH_COMMANDS = ("VM_GET_INFO", "VCPU_CONTROL_EVENTS", "VCPU_CONTROL_MSR")
+
+
+class _Done(Exception):
+    """--count reached."""
+
+
+def serve_introspection(machine, spec: str, allow_commands=None, allow_events=None):
+    """Listen on `spec` ('unix:PATH', socket mode 0600, peers of another uid refused) and hook
+    the first tool that connects, with `allow_commands`/`allow_events` (names, numeric ids or
+    'all'; comma lists too) allowed.  Returns the started IntrospectionListener: close() it
+    when the run ends (unhooks, closes and unlinks the socket).  UserError for bad arguments.
+    """
+    from .introspection.listener import IntrospectionListener, parse_ids, parse_target
+    path = parse_target(spec)
+    commands = parse_ids(allow_commands, "command")
+    events = parse_ids(allow_events, "event")
+    return IntrospectionListener(machine, path, commands, events).start()
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The `run` options that serve_introspection takes."""
+    g = p.add_argument_group("introspection (KVMI over a unix socket)")
+    g.add_argument("--introspect", metavar="unix:PATH",
+                   help="serve introspection on this socket (mode 0600, same uid only); the "
+                        "first tool that connects is hooked")
+    g.add_argument("--allow-commands", action="append", default=[], metavar="CMD[,CMD...]",
+                   help="commands the tool may use: names (VCPU_CONTROL_MSR), ids (25) or "
+                        "'all'; GET_VERSION and the two CHECK commands are always allowed")
+    g.add_argument("--allow-events", action="append", default=[], metavar="EV[,EV...]",
+                   help="events the tool may use: MSR, PAUSE, UNHOOK, ids or 'all'")
+
+
+def _parse_msrs(words: list[str]) -> list[int]:
+    from .msr import names
+    out = []
+    for w in words:
+        i = names.msr_index(w)
+        if i is None:
+            hint = names.suggest(w)
+            raise UserError(f"unknown MSR {w!r}" + (f"; did you mean {', '.join(hint)}?"
+                                                     if hint else ""), "argument MSR")
+        out.append(i)
+    return out
+
+
+def _msr_label(index: int) -> str:
+    from .msr import names
+    return names.msr_name(index) or f"{index:#x}"
+
+
+def _connect(path: str, timeout: float):
+    from .introspection import Client
+    try:
+        return Client.connect(path, timeout=timeout)
+    except FileNotFoundError:
+        raise UserError(f"no introspection socket at {path}", "introspect") from None
+    except (ConnectionRefusedError, PermissionError) as e:
+        raise UserError(f"cannot connect to {path}: {e.strerror}", "introspect") from None
+    except socket.timeout:
+        raise UserError(f"connecting to {path} timed out", "introspect") from None
+
+
+def _vcpus(c, wanted: list[int] | None) -> list[int]:
+    """The vCPUs to watch: --vcpu, else all (VM_GET_INFO, else probing indexes)."""
+    from .introspection import IntrospectionError, ids
+    if wanted:
+        return wanted
+    try:
+        return list(range(c.get_info()))
+    except IntrospectionError as e:
+        if e.code != -ids.KVM_EPERM:
+            raise
+    out = []
+    while len(out) < 4096:     # VM_GET_INFO not allowed: a bad index gives -KVM_EINVAL
+        try:
+            c.vcpu_control_events(len(out), ids.VCPU_EVENT_MSR, True)
+        except IntrospectionError as e:
+            if e.code == -ids.KVM_EINVAL:
+                break
+            raise
+        out.append(len(out))
+    return out
+
+
+def cmd_watch_msr(a) -> int:
+    from .introspection import IntrospectionError, ids
+    from .introspection.listener import parse_target
+    path = parse_target(a.target)
+    msrs = _parse_msrs(a.msrs)
+    c = _connect(path, a.connect_timeout)
+    seen = 0
+    try:
+        try:
+            c.get_version()
+            try:
+                c.control_events(ids.VM_EVENT_UNHOOK, True)   # leave cleanly on unhook
+            except IntrospectionError:
+                pass
+            vcpus = _vcpus(c, a.vcpu)
+            for v in vcpus:
+                c.vcpu_control_events(v, ids.VCPU_EVENT_MSR, True)
+                for msr in msrs:
+                    c.control_msr(v, msr, True)
+        except IntrospectionError as e:
+            what = ids.command_name(e.command)
+            hint = " (the VM owner must allow it: --allow-commands/--allow-events)" \
+                if e.code == -ids.KVM_EPERM else ""
+            print(f"kvmgate: {what}: {e.name}{hint}", file=sys.stderr)
+            return 1
+        except (ConnectionError, OSError) as e:
+            print(f"kvmgate: introspection connection lost: {e}", file=sys.stderr)
+            return 1
+        if not a.json:
+            print(f"watching {', '.join(_msr_label(m) for m in msrs)} on vCPU "
+                  f"{', '.join(map(str, vcpus))}" + (" (reverting writes)" if a.deny else ""),
+                  file=sys.stderr, flush=True)
+        c.sock.settimeout(None)
+
+        def on_msr(ev):
+            nonlocal seen
+            value = ev.old if a.deny else ev.new
+            ev.reply_msr(value)
+            seen += 1
+            if a.json:
+                print(json.dumps({"vcpu": ev.vcpu, "msr": f"{ev.msr:#x}",
+                                  "name": _msr_label(ev.msr), "old": f"{ev.old:#x}",
+                                  "new": f"{ev.new:#x}",
+                                  "action": "revert" if a.deny else "allow"}), flush=True)
+            else:
+                print(f"vcpu {ev.vcpu} {_msr_label(ev.msr)} ({ev.msr:#x}): {ev.old:#x} -> "
+                      f"{ev.new:#x}" + (f"  reverted to {ev.old:#x}" if a.deny else ""),
+                      flush=True)
+            if a.count and seen >= a.count:
+                raise _Done
+
+        try:
+            end = c.serve(on_msr=on_msr)
+        except _Done:
+            end = "count"
+        except (ConnectionError, OSError) as e:
+            end = f"connection lost: {e}"
+        if not a.json:
+            print(f"{seen} MSR write events; {end}", file=sys.stderr)
+        return 0
+    finally:
+        c.close()
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `introspect` to kvmgate's subcommands."""
+    p = subparsers.add_parser("introspect", help="act as an introspection tool on a VM's socket")
+    p.add_argument("target", metavar="unix:PATH", help="the socket of `kvmgate run --introspect`")
+    isub = p.add_subparsers(dest="icmd", required=True, metavar="ACTION")
+    w = isub.add_parser("watch-msr", help="print guest writes to MSRs (needs VCPU_CONTROL_MSR, "
+                                          "VCPU_CONTROL_EVENTS and the MSR event allowed)")
+    w.add_argument("msrs", nargs="+", metavar="MSR", help="names (LSTAR) or indices (0xc0000082)")
+    w.add_argument("--deny", action="store_true", help="revert each write (keep the old value)")
+    w.add_argument("--json", action="store_true", help="one JSON object per event")
+    w.add_argument("--vcpu", type=int, action="append", help="watch only this vCPU (repeatable)")
+    w.add_argument("--count", type=int, default=0, help="exit after N events")
+    w.add_argument("--connect-timeout", type=float, default=5.0)
+    w.set_defaults(fn=cmd_watch_msr)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone: `python -m kvmgate.cli_introspect [introspect] unix:PATH watch-msr ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "introspect":
+        argv.insert(0, "introspect")
+    ap = argparse.ArgumentParser(prog="kvmgate")
+    ap.exit_on_error = False
+    register(ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
+    try:
+        a = ap.parse_args(argv)
+    except argparse.ArgumentError as e:
+        print(f"kvmgate: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return a.fn(a)
+    except UserError as e:
+        print(f"kvmgate: error: {e}", file=sys.stderr)
+        return 2
+    except KvmError as e:
+        print(f"kvmgate: KVM error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
