@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import KvmError, UserError
+from .cliutil import parse_msrs, run_main
+from .errors import UserError
 
 
 def cmd_demo(a) -> int:
@@ -44,19 +45,6 @@ def cmd_info(a) -> int:
     return 0
 
 
-def _parse_msrs(words: list[str]) -> list[int]:
-    from .msr import names
-    out = []
-    for w in words:
-        i = names.msr_index(w)
-        if i is None:
-            hint = names.suggest(w)
-            raise UserError(f"unknown MSR {w!r}" + (f"; did you mean {', '.join(hint)}?" if hint else ""),
-                            "argument MSR")
-        out.append(i)
-    return out
-
-
 def _compiled(path: str):
     from .hostinfo import ignore_msrs
     from .policy import compile_policy, load_policy
@@ -65,8 +53,8 @@ def _compiled(path: str):
 
 def cmd_policy_check(a) -> int:
     import warnings
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # printed below from cp.warnings, once
         cp = _compiled(a.file)
     from .policy.report import compile_report
     rep = compile_report(cp)
@@ -104,7 +92,7 @@ def cmd_policy_explain(a) -> int:
     from .policy.report import explain_rows, mentioned_msrs
     from .report import emit
     cp = _compiled(a.file)
-    msrs = _parse_msrs(a.msrs) if a.msrs else mentioned_msrs(cp)
+    msrs = parse_msrs(a.msrs) if a.msrs else mentioned_msrs(cp)
     emit(explain_rows(cp, msrs), a.json,
          ["msr", "name", "access", "filter", "outcome", "handled_by", "logged", "vmx", "svm"])
     return 0
@@ -114,7 +102,7 @@ def cmd_policy_diff(a) -> int:
     from .policy.report import diff_rows, mentioned_msrs
     from .report import emit
     pa, pb = _compiled(a.a), _compiled(a.b)
-    msrs = _parse_msrs(a.msrs) if a.msrs else sorted(set(mentioned_msrs(pa)) | set(mentioned_msrs(pb)))
+    msrs = parse_msrs(a.msrs) if a.msrs else sorted(set(mentioned_msrs(pa)) | set(mentioned_msrs(pb)))
     rows = diff_rows(pa, pb, msrs)
     if not rows and not a.json:
         print(f"no difference for {len(msrs)} MSRs")
@@ -149,6 +137,10 @@ def cmd_run(a) -> int:
     audit = AuditLog(a.audit, rate=policy.audit_rate if policy else 20.0,
                      burst=policy.audit_burst if policy else 20) if a.audit or policy else None
     with Machine(guest, vcpus=a.vcpus) as m:
+        intro = None
+        if a.introspect:
+            from .cli_introspect import serve_introspection
+            intro = serve_introspection(m, a.introspect, a.allow_commands, a.allow_events)
         if policy is not None:
             m.set_policy(policy, audit)
 
@@ -162,6 +154,8 @@ def cmd_run(a) -> int:
         try:
             r = m.run(timeout=a.timeout)
         finally:
+            if intro is not None:
+                intro.close()
             if audit is not None:
                 audit.close()
     summary = audit.summary() if audit else []
@@ -202,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--json", action="store_true")
+    from .cli_introspect import add_run_arguments, register as register_introspect
+    add_run_arguments(p)
     p.set_defaults(fn=cmd_run)
     pol = sub.add_parser("policy", help="check, compile, explain and diff policies")
     psub = pol.add_subparsers(dest="pcmd", required=True, metavar="ACTION")
@@ -229,30 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_bench)
     from .cli_trace import register as register_trace
     register_trace(sub)            # trace record|import|replay, learn
+    register_introspect(sub)       # introspect unix:PATH watch-msr ...
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    ap.exit_on_error = False
-    try:
-        a = ap.parse_args(argv)
-    except argparse.ArgumentError as e:
-        print(f"kvmgate: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return a.fn(a)
-    except UserError as e:
-        print(f"kvmgate: error: {e}", file=sys.stderr)
-        return 2
-    except TimeoutError as e:
-        print(f"kvmgate: {e}", file=sys.stderr)
-        return 1
-    except KvmError as e:
-        print(f"kvmgate: KVM error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":

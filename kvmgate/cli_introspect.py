@@ -13,7 +13,8 @@ import json
 import socket
 import sys
 
-from .errors import KvmError, UserError
+from .cliutil import parse_msrs, run_main
+from .errors import UserError
 
 WATCH_COMMANDS = ("VM_GET_INFO", "VCPU_CONTROL_EVENTS", "VCPU_CONTROL_MSR")
 
@@ -46,19 +47,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "'all'; GET_VERSION and the two CHECK commands are always allowed")
     g.add_argument("--allow-events", action="append", default=[], metavar="EV[,EV...]",
                    help="events the tool may use: MSR, PAUSE, UNHOOK, ids or 'all'")
-
-
-def _parse_msrs(words: list[str]) -> list[int]:
-    from .msr import names
-    out = []
-    for w in words:
-        i = names.msr_index(w)
-        if i is None:
-            hint = names.suggest(w)
-            raise UserError(f"unknown MSR {w!r}" + (f"; did you mean {', '.join(hint)}?"
-                                                     if hint else ""), "argument MSR")
-        out.append(i)
-    return out
 
 
 def _msr_label(index: int) -> str:
@@ -104,7 +92,7 @@ def cmd_watch_msr(a) -> int:
     from .introspection import IntrospectionError, ids
     from .introspection.listener import parse_target
     path = parse_target(a.target)
-    msrs = _parse_msrs(a.msrs)
+    msrs = parse_msrs(a.msrs)
     c = _connect(path, a.connect_timeout)
     seen = 0
     try:
@@ -187,23 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "introspect":
         argv.insert(0, "introspect")
     ap = argparse.ArgumentParser(prog="kvmgate")
-    ap.exit_on_error = False
     register(ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
-    try:
-        a = ap.parse_args(argv)
-    except argparse.ArgumentError as e:
-        print(f"kvmgate: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return a.fn(a)
-    except UserError as e:
-        print(f"kvmgate: error: {e}", file=sys.stderr)
-        return 2
-    except KvmError as e:
-        print(f"kvmgate: KVM error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_main(ap, argv)
 
 
 if __name__ == "__main__":

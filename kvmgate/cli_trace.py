@@ -14,7 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import KvmError, UserError
+from .cliutil import run_main
+from .errors import UserError
 
 
 # ---- helpers
@@ -377,25 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    ap.exit_on_error = False
-    try:
-        a = ap.parse_args(argv)
-    except argparse.ArgumentError as e:
-        print(f"kvmgate: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return a.fn(a)
-    except UserError as e:
-        print(f"kvmgate: error: {e}", file=sys.stderr)
-        return 2
-    except TimeoutError as e:
-        print(f"kvmgate: {e}", file=sys.stderr)
-        return 1
-    except KvmError as e:
-        print(f"kvmgate: KVM error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_main(ap, argv)
 
 
 if __name__ == "__main__":

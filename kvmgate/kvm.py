@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import fcntl
+import functools
 import mmap
 import os
 from typing import Iterable
@@ -268,10 +269,16 @@ class Vcpu(_Fd):
         return ioctl(self.fd, u.KVM_GET_TSC_KHZ, 0, self)
 
 
-def _msr_buffer(indices: list[int], values: list[int] | None = None):
+@functools.lru_cache(maxsize=64)
+def _msrs_struct(n: int):
+    """struct kvm_msrs followed by n struct kvm_msr_entry (built once per size)."""
     class _Msrs(C.Structure):
-        _fields_ = [("hdr", u.kvm_msrs), ("entries", u.kvm_msr_entry * max(1, len(indices)))]
-    buf = _Msrs()
+        _fields_ = [("hdr", u.kvm_msrs), ("entries", u.kvm_msr_entry * n)]
+    return _Msrs
+
+
+def _msr_buffer(indices: list[int], values: list[int] | None = None):
+    buf = _msrs_struct(max(1, len(indices)))()
     buf.hdr.nmsrs = len(indices)
     for i, index in enumerate(indices):
         buf.entries[i].index = index

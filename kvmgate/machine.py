@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes as C
 import errno
+import functools
 import mmap
 import signal
 import threading
@@ -133,10 +134,17 @@ class Machine:
         self._running = False
         self.policy = None
         self._registers = None
+        self.kick_hook: Callable[[int], None] | None = None   # fn(vcpu index) after a kick
 
     # ---- lifecycle
     def close(self) -> None:
-        """Stop every vCPU, close vCPU and VM fds, unmap guest memory."""
+        """Unhook any introspection tool, stop every vCPU, close vCPU and VM fds, unmap memory."""
+        intro = self.__dict__.get("introspection")
+        if intro is not None:
+            try:
+                intro.unhook()
+            except Exception:
+                pass
         if self._states and getattr(self, "_running", False):
             self.stop()
         for st in self._states:
@@ -372,6 +380,45 @@ class Machine:
                 self._pause_req = False
                 self._park.notify_all()
 
+    def kick(self, index: int) -> bool:
+        """Make vCPU `index` leave KVM_RUN soon (immediate_exit, then a signal to its thread);
+        its thread then calls kick_hook(index).  False if that vCPU's thread is not running."""
+        st = self._states[index]
+        st.vcpu.run_bytes[1] = 1
+        with self._lock:
+            if not st.alive or st.ident is None:
+                return False
+            if st.ident != threading.get_ident():
+                try:
+                    signal.pthread_kill(st.ident, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+            return True
+
+    @contextlib.contextmanager
+    def blocked(self, index: int):
+        """Around a handler's wait on another party, on vCPU `index`'s thread: quiesced()
+        counts the vCPU as parked meanwhile; leaving waits for a pause in progress to end."""
+        st = self._states[index]
+        with self._park:
+            st.parked = True
+            self._park.notify_all()
+        try:
+            yield
+        finally:
+            with self._park:
+                gen = self._pause_gen
+                while self._pause_req and self._pause_gen == gen and not self._stop:
+                    self._park.wait(0.5)
+                st.parked = False
+
+    @functools.cached_property
+    def introspection(self):
+        """The VM's introspection owner API (kvmgate.introspection.Introspection), made on
+        first use: hook(sock, uuid), allow_command(id, allow), allow_event(id, allow), unhook()."""
+        from .introspection import attach
+        return attach(self)
+
     def _parked(self, st: _VcpuState) -> None:
         with self._park:
             st.parked = True
@@ -428,6 +475,9 @@ class Machine:
                     runb[1] = 0
                     if self._pause_req:
                         self._parked(st)
+                    hook = self.kick_hook
+                    if hook is not None:
+                        hook(vid)
                     continue
                 n += 1
                 reason = run32[2]

@@ -469,6 +469,46 @@ def test_control_msr_from_inside_an_event_does_not_deadlock():
             tool.result()
 
 
+def test_two_vcpus_waiting_while_the_tool_swaps_the_filter():
+    """Both vCPUs wait for replies while the tool enables another MSR on each."""
+    guest = f"""
+    mov ecx, {LSTAR:#x}
+    xor edx, edx
+    mov eax, edi
+    shl eax, 16
+    add eax, 0x10000
+    wrmsr
+    mov ecx, {SYSENTER_EIP:#x}
+    wrmsr
+    hlt"""
+    with Machine(guest, vcpus=2) as m:
+        intro, c = hook(m, commands=MSR_TOOL_COMMANDS, events=[ids.VCPU_EVENT_MSR])
+        with c:
+            for v in (0, 1):
+                watch(c, vcpu=v)
+
+            def tool():
+                first = [c.next_event(), c.next_event()]         # both vCPUs now wait
+                assert intro.server.waiting(0) and intro.server.waiting(1)
+                t0 = time.monotonic()
+                for v in (0, 1):
+                    c.control_msr(v, SYSENTER_EIP)
+                took = time.monotonic() - t0
+                for ev in first:
+                    ev.reply_msr()
+                rest = [c.next_event(), c.next_event()]
+                for ev in rest:
+                    ev.reply_msr()
+                return took, sorted((ev.vcpu, ev.msr) for ev in first + rest)
+
+            t = Spawn(tool)
+            m.run(timeout=T)
+            took, seen = t.result()
+            assert took < 1.0
+            assert seen == [(0, SYSENTER_EIP), (0, LSTAR), (1, SYSENTER_EIP), (1, LSTAR)]
+            intro.unhook()
+
+
 def test_owner_filter_is_not_weakened():
     """The owner denies SYSENTER_EIP writes (its handler injects #GP); the tool's LSTAR
     interception changes nothing about that."""
@@ -720,13 +760,23 @@ def test_pause_crash_stops_the_vm(mode):
 
 
 def test_pause_of_a_vm_that_is_not_running(machine):
-    intro, c = hook(machine, commands=[-1], events=[ids.VCPU_EVENT_PAUSE])
+    intro, c = hook(machine, commands=[-1], events=[-1])
     with c:
         c.pause_vcpu(0, wait=True)
         ev = c.next_event()
         assert ev.event == ids.VCPU_EVENT_PAUSE
-        ev.reply(CONTINUE)
-        wait_until(lambda: intro.backend.pause_events == 1 and not intro.pending_pauses(0))
+        t0 = time.monotonic()
+        watch(c)                            # commands are answered while the event waits
+        assert time.monotonic() - t0 < 1.0
+        ev.reply(CRASH)                     # nothing runs: recorded only
+        wait_until(lambda: intro.backend.crashes and not intro.pending_pauses(0))
+        assert intro.backend.pause_events == 1
+        seen = []
+        tool = Spawn(c.serve, on_msr=lambda ev: seen.append(ev.new))
+        r = machine.run(timeout=T)          # the VM runs normally afterwards
+        assert seen == [FIRST, SECOND] and r.regs.rbx == SECOND
+        intro.unhook()
+        tool.result()
 
 
 # --- the unix socket ------------------------------------------------------------------------

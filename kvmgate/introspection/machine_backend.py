@@ -496,17 +496,25 @@ class MachineBackend(Backend):
         try:
             if intro is None or not intro.pending_pauses(vid):
                 return
-            with self._apply_lock:
-                with self.machine.quiesced(QUIESCE_TIMEOUT):
-                    if ready is not None:
-                        ready.set()
-                    # If the vCPU waits for another event's reply, this waits for that event
-                    # to end first (one event at a time per vCPU, as in the kernel).
-                    action = intro.handle_pauses(vid, lambda: self._pause_state(vid))
+            if not any(_compat_vcpu_thread(self.machine, i)[0] for i in range(self._n)):
+                # Nothing runs: nothing to hold (and VCPU_CONTROL_MSR need not wait for us).
+                if ready is not None:
+                    ready.set()
+                action = intro.handle_pauses(vid, lambda: self._pause_state(vid))
+            else:
+                # While we hold every vCPU, a filter swap (VCPU_CONTROL_MSR) waits for the
+                # lock: -KVM_EBUSY after APPLY_LOCK_TIMEOUT if the tool sends one first.
+                with self._apply_lock:
+                    with self.machine.quiesced(QUIESCE_TIMEOUT):
+                        if ready is not None:
+                            ready.set()
+                        # If the vCPU waits for another event's reply, this waits for that
+                        # event to end first (one event at a time per vCPU, as in the kernel).
+                        action = intro.handle_pauses(vid, lambda: self._pause_state(vid))
         finally:
             if ready is not None:
                 ready.set()
-        if action == CRASH:
+        if action == CRASH:           # recorded; stops the run if the vCPU runs
             exc = IntrospectionCrash(vid, ids.VCPU_EVENT_PAUSE)
             self.crashes.append(exc)
             _compat_fail_run(self.machine, vid, exc)
