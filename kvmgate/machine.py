@@ -380,6 +380,23 @@ class Machine:
                 self._pause_req = False
                 self._park.notify_all()
 
+    def vcpu_thread(self, index: int) -> int | None:
+        """The ident of vCPU `index`'s thread while it runs, else None."""
+        st = self._states[index]
+        with self._lock:
+            return st.ident if st.alive else None
+
+    def fail_run(self, index: int, exc: BaseException) -> bool:
+        """Stop the run so that run() raises `exc` (for vCPU `index`); False if not running."""
+        st = self._states[index]
+        with self._lock:
+            if not st.alive:
+                return False
+            if st.error is None:
+                st.error = exc
+        self.stop()
+        return True
+
     def kick(self, index: int) -> bool:
         """Make vCPU `index` leave KVM_RUN soon (immediate_exit, then a signal to its thread);
         its thread then calls kick_hook(index).  False if that vCPU's thread is not running."""

@@ -648,7 +648,7 @@ def test_event_timeout_releases_the_vcpu():
 
 def _spinning(m):
     run = Spawn(m.run, timeout=T)
-    wait_until(lambda: m._states[0].alive, what="vCPU start")
+    wait_until(lambda: m.vcpu_thread(0) is not None, what="vCPU start")
     time.sleep(0.05)
     return run
 
@@ -689,41 +689,13 @@ def test_unhook_while_the_guest_runs_undoes_interception():
         assert r.regs.rbx == 0x66660000 and r.msr_exits == []
 
 
-def emulate_kick_hook(m):
-    """What the proposed Machine change does (kick_hook called on the vCPU's thread when
-    KVM_RUN returns EINTR), emulated by wrapping each vCPU's kvm_run; nothing to do once
-    Machine has it."""
-    if hasattr(m, "kick_hook"):
-        return
-    m.kick_hook = None
-    for i, v in enumerate(m.vcpus):
-        def wrapped(orig=v.kvm_run, i=i):
-            r = orig()
-            if r and not m._stop and m._states[i].alive and m.kick_hook is not None:
-                m.kick_hook(i)
-            return r
-        v.kvm_run = wrapped
-
-
-def force_fallback(m, intro, mode):
-    """mode "quiesce": the path used while Machine has no kick_hook, also once it has one."""
-    if mode == "quiesce" and intro.backend.kick_hook:
-        m.kick_hook = None
-        intro.backend.kick_hook = False
-
-
-@pytest.mark.parametrize("mode", ["quiesce", "kick_hook"])
-def test_pause_vcpu(mode):
+def test_pause_vcpu():
     with Machine(SPIN_THEN_LSTAR) as m:
-        if mode == "kick_hook":
-            emulate_kick_hook(m)
         intro, c = hook(m, commands=[-1], events=[ids.VCPU_EVENT_PAUSE])
-        force_fallback(m, intro, mode)
         threads = []
         real_state = intro.backend.state
         intro.backend.state = lambda vid, msrs=None: threads.append(
             threading.current_thread().name) or real_state(vid, msrs)
-        assert intro.backend.kick_hook == (mode == "kick_hook")
         with c:
             run = _spinning(m)
             c.pause_vcpu(0, wait=True)
@@ -737,17 +709,13 @@ def test_pause_vcpu(mode):
             ev.reply(CONTINUE)
             r = run.result()
         assert r.regs.rbx == 0x77770000 and intro.backend.pause_events == 1
-        # without the hook a worker sends it; with it, vCPU 0's own thread (the run's caller)
-        assert threads == (["kvmi-worker"] if mode == "quiesce" else ["test-spawn"])
+        # the paused vCPU's own thread sends it (vCPU 0: the run's caller)
+        assert threads == ["test-spawn"]
 
 
-@pytest.mark.parametrize("mode", ["quiesce", "kick_hook"])
-def test_pause_crash_stops_the_vm(mode):
+def test_pause_crash_stops_the_vm():
     with Machine(SPIN_THEN_LSTAR) as m:
-        if mode == "kick_hook":
-            emulate_kick_hook(m)
         intro, c = hook(m, commands=[-1], events=[ids.VCPU_EVENT_PAUSE])
-        force_fallback(m, intro, mode)
         with c:
             run = _spinning(m)
             c.pause_vcpu(0)

@@ -4,7 +4,7 @@ Threads: every method except `set_registers` is called from the server's reader 
 whether or not the guest runs at that moment, so each must be safe against running vCPUs.
 `set_registers` is called by the thread that sent the event, inside `send_event`, after the
 tool replied (the kernel's "delayed registers"): the vCPU's own thread, or (MachineBackend's
-PAUSE without Machine.kick_hook) a worker while every vCPU is held outside KVM_RUN, so plain
+PAUSE of a vCPU whose thread is not running) a worker while every vCPU is held outside KVM_RUN, so plain
 KVM_SET_REGS is fine there.  `control_msr(..., False)`
 is also called from whichever thread closes the connection (reader, vCPU or owner thread).
 A method that raises makes the command fail with -KVM_E<errno> when the exception is an OSError

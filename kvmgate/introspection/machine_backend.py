@@ -21,20 +21,18 @@ How each part maps onto the Machine:
 * Commands that need a vCPU ioctl (registers, MSRs, TSC) run on the reader thread; a vCPU in
   KVM_RUN holds its mutex, so the vCPU is kicked (immediate_exit + signal) until the ioctl
   gets through.
-* VM_PAUSE_VCPU: with the machine's per-vCPU kick hook (`Machine.kick_hook`, see the report),
-  the vCPU is kicked and sends its PAUSE event from its own thread; without it, a worker
-  thread holds every vCPU outside KVM_RUN (`quiesced()`) and sends the event itself.
+* VM_PAUSE_VCPU: the vCPU is kicked and sends its PAUSE event from its own thread (through
+  `Machine.kick_hook`); if its thread is not running, a worker thread sends the event while
+  every vCPU is held outside KVM_RUN (`quiesced()`).
 
-Machine internals (`_states`, `_park`, `_pause_req`, `_stop`) are only touched by the
-`_compat_*` helpers, used until Machine has the public `kick()`/`blocked()` they stand for.
+Only Machine's public API is used: kick(), blocked(), quiesced(), vcpu_thread(), fail_run(),
+kick_hook and intercept_msr_writes().
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes as C
 import errno
 import logging
-import signal
 import threading
 import time
 from collections import deque
@@ -43,7 +41,6 @@ from typing import Sequence
 from .. import uapi as u
 from ..errors import FilterError, KvmError
 from ..exits import GuestError
-from ..kvm import ioctl
 from ..msr.model import WRITE, X2APIC_FIRST, X2APIC_LAST
 from . import ids
 from .backend import Backend
@@ -84,97 +81,6 @@ def vcpu_mode(sregs) -> int:
     return 4 if sregs.cs.db else 2
 
 
-_MSR_BUFS: dict[int, type] = {}
-
-
-def _msr_buffer_class(n: int) -> type:
-    cls = _MSR_BUFS.get(n)
-    if cls is None:
-        cls = type(f"kvm_msrs_{n}", (C.Structure,),
-                   {"_fields_": [("hdr", u.kvm_msrs), ("entries", u.kvm_msr_entry * n)]})
-        _MSR_BUFS[n] = cls
-    return cls
-
-
-def read_msrs(vcpu, indices: Sequence[int]) -> dict[int, int]:
-    """KVM_GET_MSRS like Vcpu.get_msrs (MSRs KVM cannot read are left out), with the buffer
-    type cached per size: this is on the event path."""
-    n = len(indices)
-    buf = _msr_buffer_class(max(1, n))()
-    buf.hdr.nmsrs = n
-    entries = buf.entries
-    for i, index in enumerate(indices):
-        entries[i].index = index
-    got = ioctl(vcpu.fd, u.KVM_GET_MSRS, buf, vcpu)
-    return {entries[i].index: entries[i].data for i in range(got)}
-
-
-# --- Machine compatibility: public API when present, else the equivalent on its internals ----
-
-def _compat_states(m):
-    return m._states
-
-
-def _compat_vcpu_thread(m, index: int) -> tuple[bool, int | None]:
-    """(alive, thread ident) of vCPU `index`'s thread in the current run."""
-    st = _compat_states(m)[index]
-    return st.alive, st.ident
-
-
-def _compat_kick(m, index: int) -> bool:
-    """Make vCPU `index` leave KVM_RUN soon; False if its thread is not running."""
-    kick = getattr(m, "kick", None)
-    if kick is not None:
-        return bool(kick(index))
-    from ..machine import KICK_SIGNAL
-    st = _compat_states(m)[index]
-    st.vcpu.run_bytes[1] = 1          # kvm_run.immediate_exit
-    with m._lock:
-        if not st.alive or st.ident is None:
-            return False
-        if st.ident != threading.get_ident():
-            try:
-                signal.pthread_kill(st.ident, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
-        return True
-
-
-@contextlib.contextmanager
-def _compat_blocked(m, index: int):
-    """Around a wait on the tool, on vCPU `index`'s thread: Machine.quiesced() counts the vCPU
-    as parked meanwhile; on the way out, wait for a quiesce in progress to end."""
-    blocked = getattr(m, "blocked", None)
-    if blocked is not None:
-        with blocked(index):
-            yield
-        return
-    st = _compat_states(m)[index]
-    park = m._park
-    with park:
-        st.parked = True
-        park.notify_all()
-    try:
-        yield
-    finally:
-        with park:
-            gen = getattr(m, "_pause_gen", None)     # as Machine._parked: this pause only
-            while m._pause_req and getattr(m, "_pause_gen", None) == gen and not m._stop:
-                park.wait(0.5)
-            st.parked = False
-
-
-def _compat_fail_run(m, index: int, exc: BaseException) -> bool:
-    """Stop the run so that m.run() raises `exc` (from a thread other than the vCPU's)."""
-    st = _compat_states(m)[index]
-    if not st.alive:
-        return False
-    if st.error is None:
-        st.error = exc
-    m.stop()
-    return True
-
-
 # --- the backend -----------------------------------------------------------------------------
 
 class MachineBackend(Backend):
@@ -199,31 +105,28 @@ class MachineBackend(Backend):
         self.msr_events = 0          # of which sent to the tool
         self.pause_events = 0
         self.crashes: list[IntrospectionCrash] = []
-        self.kick_hook = hasattr(machine, "kick_hook")
-        if self.kick_hook:
-            machine.kick_hook = self._on_kick
+        machine.kick_hook = self._on_kick
 
     # --- helpers --------------------------------------------------------------------------
 
     def _current_vcpu(self) -> int | None:
         me = threading.get_ident()
         for i in range(self._n):
-            alive, ident = _compat_vcpu_thread(self.machine, i)
-            if alive and ident == me:
+            if self.machine.vcpu_thread(i) == me:
                 return i
         return None
 
     def _vcpu_call(self, index: int, fn, *args):
         """fn(*args) doing ioctls on vCPU `index`, from any thread: while the vCPU may sit in
         KVM_RUN (holding its mutex), kick it every few ms until fn returns."""
-        alive, ident = _compat_vcpu_thread(self.machine, index)
-        if not alive or ident == threading.get_ident():
+        ident = self.machine.vcpu_thread(index)
+        if ident is None or ident == threading.get_ident():
             return fn(*args)
         done = threading.Event()
 
         def kicker():
             while not done.is_set():
-                if not _compat_kick(self.machine, index):
+                if not self.machine.kick(index):
                     return
                 done.wait(KICK_INTERVAL)
 
@@ -238,7 +141,7 @@ class MachineBackend(Backend):
     def _blocked(self, vid: int):
         self._waiting[vid] = True
         try:
-            with _compat_blocked(self.machine, vid):
+            with self.machine.blocked(vid):
                 yield
         finally:
             self._waiting[vid] = False
@@ -249,7 +152,7 @@ class MachineBackend(Backend):
         v = self._vcpus[vid]
         regs, sregs = v.get_regs(), v.get_sregs()
         if msrs is None:
-            msrs = read_msrs(v, STATE_MSR_INDICES)
+            msrs = v.get_msrs(STATE_MSR_INDICES)
         return pack_state(vcpu_mode(sregs), bytes(regs), bytes(sregs),
                           [msrs.get(i, 0) for i in STATE_MSR_INDICES])
 
@@ -293,7 +196,7 @@ class MachineBackend(Backend):
         v = self._vcpus[vcpu]
 
         def grab():
-            return v.get_regs(), v.get_sregs(), (read_msrs(v, msrs) if msrs else {})
+            return v.get_regs(), v.get_sregs(), (v.get_msrs(msrs) if msrs else {})
 
         regs, sregs, values = self._vcpu_call(vcpu, grab)
         missing = [i for i in msrs if i not in values]
@@ -395,7 +298,7 @@ class MachineBackend(Backend):
             return None
         # One KVM_GET_MSRS for the old value and the event's state MSRs.
         wanted = STATE_MSR_INDICES if msr in STATE_MSR_INDICES else STATE_MSR_INDICES + (msr,)
-        values = read_msrs(self._vcpus[vid], wanted)
+        values = self._vcpus[vid].get_msrs(wanted)
         old = values.get(msr)
         if old is None or old == new:
             return None
@@ -414,15 +317,13 @@ class MachineBackend(Backend):
     # --- Backend: pause -------------------------------------------------------------------
 
     def pause_vcpu(self, vcpu: int, wait: bool) -> int | None:
-        m = self.machine
-        if self.kick_hook:
-            ev = self._kicked[vcpu]
-            ev.clear()
-            if _compat_kick(m, vcpu):
-                if wait and not self._waiting[vcpu]:
-                    ev.wait(PAUSE_WAIT)
-                self._submit(("watch", vcpu, None))   # in case the vCPU stops before its hook
-                return 0
+        ev = self._kicked[vcpu]
+        ev.clear()
+        if self.machine.kick(vcpu):
+            if wait and not self._waiting[vcpu]:
+                ev.wait(PAUSE_WAIT)
+            self._submit(("watch", vcpu, None))   # in case the vCPU stops before its hook
+            return 0
         ready = threading.Event()
         self._submit(("pause", vcpu, ready))
         if wait:
@@ -445,7 +346,7 @@ class MachineBackend(Backend):
             self.crashes.append(exc)
             raise exc
 
-    # --- worker thread (pauses without the hook, deferred syncs) --------------------------
+    # --- worker thread (pauses of stopped vCPUs, deferred syncs) -------------------------
 
     def _submit(self, job: tuple) -> None:
         with self._lock:
@@ -479,12 +380,11 @@ class MachineBackend(Backend):
         intro = self.intro
         last = time.monotonic()
         while intro is not None and intro.pending_pauses(vid):
-            alive, _ = _compat_vcpu_thread(self.machine, vid)
-            if not alive:
+            if self.machine.vcpu_thread(vid) is None:
                 self._pause_parked(vid, None)
                 return
             if time.monotonic() - last > 0.1 and not self._waiting[vid]:
-                _compat_kick(self.machine, vid)
+                self.machine.kick(vid)
                 last = time.monotonic()
             time.sleep(0.002)
 
@@ -496,7 +396,7 @@ class MachineBackend(Backend):
         try:
             if intro is None or not intro.pending_pauses(vid):
                 return
-            if not any(_compat_vcpu_thread(self.machine, i)[0] for i in range(self._n)):
+            if all(self.machine.vcpu_thread(i) is None for i in range(self._n)):
                 # Nothing runs: nothing to hold (and VCPU_CONTROL_MSR need not wait for us).
                 if ready is not None:
                     ready.set()
@@ -517,7 +417,7 @@ class MachineBackend(Backend):
         if action == CRASH:           # recorded; stops the run if the vCPU runs
             exc = IntrospectionCrash(vid, ids.VCPU_EVENT_PAUSE)
             self.crashes.append(exc)
-            _compat_fail_run(self.machine, vid, exc)
+            self.machine.fail_run(vid, exc)
 
 
 def attach(machine, **opts) -> Introspection:
