@@ -10,3 +10,5 @@ __all__ = ["Machine", "MsrFilter", "MsrRange", "InjectGP", "KvmError", "FilterEr
            "READ", "WRITE", "DEFAULT_ALLOW", "DEFAULT_DENY",
            "EXIT_REASON_INVAL", "EXIT_REASON_UNKNOWN", "EXIT_REASON_FILTER"]
 __version__ = "0.1.0"
+
+from . import introspection  # noqa: E402,F401  (provides Machine.introspection)

@@ -133,7 +133,7 @@ class Machine:
         self._pause_gen = 0
         self._running = False
         self.policy = None
-        self._registers = None
+        self.state: dict = {}     # per-VM state of higher layers (e.g. emulated MSR registers)
         self.kick_hook: Callable[[int], None] | None = None   # fn(vcpu index) after a kick
 
     # ---- lifecycle
@@ -285,27 +285,22 @@ class Machine:
     def set_policy(self, policy, audit=None) -> None:
         """Swap filter, exit mask and handler table atomically, also while the guest runs.
 
-        `policy` is a Policy or CompiledPolicy.  It is compiled and validated first; every other
-        vCPU is then parked outside KVM_RUN, so no access sees one policy's filter with the other's
-        handlers.  A failure changes nothing.  Emulated registers carry over."""
-        from .hostinfo import ignore_msrs
-        from .policy import CompiledPolicy, compile_policy
-        from .policy.handlers import Registers, make_handler
-        cp = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy, ignore_msrs())
-        if self._registers is None:
-            self._registers = Registers()
-        handler = make_handler(cp, self, audit, self._registers)
+        `policy` is anything with bind(machine, audit) -> (MsrFilter, exit mask, handler, what
+        to keep as `machine.policy`), e.g. a kvmgate.policy Policy or CompiledPolicy, which
+        compile and validate first.  Every other vCPU is then parked outside KVM_RUN, so no
+        access sees one policy's filter with the other's handlers.  A failure changes nothing."""
+        flt, mask, handler, bound = policy.bind(self, audit)
         with self.quiesced():
             old = self.msr_filter
-            self.set_msr_filter(cp.filter)
+            self.set_msr_filter(flt)
             try:
-                self.enable_user_space_msr(cp.exit_mask)
+                self.enable_user_space_msr(mask)
             except KvmError:
                 self.set_msr_filter(old)
                 raise
             self._owner_handler = handler
             self._msr_handler = self._routing_handler()
-            self.policy = cp
+            self.policy = bound
 
     def intercept_msr_writes(self, msrs, callback: Callable | None) -> None:
         """Send guest WRMSRs of `msrs` to callback(exit) -> value to store (None: the guest's),
@@ -429,12 +424,15 @@ class Machine:
                     self._park.wait(0.5)
                 st.parked = False
 
+    introspection_factory: Callable | None = None   # set by kvmgate.introspection on import
+
     @functools.cached_property
     def introspection(self):
         """The VM's introspection owner API (kvmgate.introspection.Introspection), made on
         first use: hook(sock, uuid), allow_command(id, allow), allow_event(id, allow), unhook()."""
-        from .introspection import attach
-        return attach(self)
+        if Machine.introspection_factory is None:
+            raise RuntimeError("import kvmgate.introspection first")
+        return Machine.introspection_factory(self)
 
     def _parked(self, st: _VcpuState) -> None:
         with self._park:

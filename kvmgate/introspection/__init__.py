@@ -26,3 +26,7 @@ __all__ = ["Action", "Backend", "CONTINUE", "CRASH", "Client", "Crash", "Event",
            "Introspection", "IntrospectionCrash", "IntrospectionError", "IntrospectionListener",
            "IntrospectionServer", "MachineBackend", "Permissions", "ProtocolError", "RETRY",
            "attach"]
+
+from ..machine import Machine as _Machine
+
+_Machine.introspection_factory = attach      # Machine.introspection, without Machine importing us

@@ -43,6 +43,13 @@ class CompiledPolicy:
     invalid: Action | None              # INVAL exits
     warnings: list[str] = field(default_factory=list)
 
+    def bind(self, machine, audit=None):
+        """What Machine.set_policy installs: (filter, exit mask, handler, self).  Emulated
+        registers live in machine.state, so they carry over policy swaps."""
+        from .handlers import Registers, make_handler
+        regs = machine.state.setdefault("policy.registers", Registers())
+        return self.filter, self.exit_mask, make_handler(self, machine, audit, regs), self
+
     def action_for(self, index: int, write: bool, reason: int) -> Action | None:
         """The user-space action for an exit; None means #GP without a record."""
         if reason == EXIT_REASON_FILTER:

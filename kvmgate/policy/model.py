@@ -52,3 +52,9 @@ class Policy:
     audit_rate: float = 20.0        # audit records per second per MSR and direction
     audit_burst: int = 20
     source: str = "<policy>"
+
+    def bind(self, machine, audit=None):
+        """Compile (against this host's kvm.ignore_msrs) and bind: see CompiledPolicy.bind."""
+        from ..hostinfo import ignore_msrs
+        from .compile import compile_policy
+        return compile_policy(self, ignore_msrs()).bind(machine, audit)
