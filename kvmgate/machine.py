@@ -19,12 +19,13 @@ from . import guest, uapi as u
 from .asm import assemble
 from .errors import FilterError, InjectGP, KvmError
 from .exits import GpFault, GuestError, Stopped, MsrExit, Regs, RunResult, VcpuResult, exception_name, exit_name
-from .kvm import Kvm
+from .kvm import Kvm, ioctl
 from .msr.model import (EXIT_REASON_FILTER, EXIT_REASON_VALID_MASK, MAX_NMSRS, U32, WRITE,
                         MsrFilter, deny_writes_first)
 
 KICK_SIGNAL = signal.SIGRTMIN + 6
 M64 = (1 << 64) - 1
+_KVM_RUN = u.KVM_RUN
 _RDMSR, _WRMSR, _IO, _HLT = u.KVM_EXIT_X86_RDMSR, u.KVM_EXIT_X86_WRMSR, u.KVM_EXIT_IO, u.KVM_EXIT_HLT
 
 
@@ -478,13 +479,17 @@ class Machine:
         """The exit loop.  Hot path: MSR exits, read and answered through word views of kvm_run."""
         vcpu = st.vcpu
         run32, run64, runb = vcpu.run32, vcpu.run64, vcpu.run_bytes
-        kvm_run = vcpu.kvm_run
+        fd = vcpu.fd
         append = st.msr_exits.append
         vid = st.index
         n = 0
         try:
             while True:
-                if kvm_run():
+                try:
+                    ioctl(fd, _KVM_RUN, 0, vcpu)
+                except KvmError as e:
+                    if e.errno != errno.EINTR:
+                        raise
                     if self._stop:
                         return
                     runb[1] = 0
