@@ -25,8 +25,27 @@ def _kvm_tier(request):
         pytest.skip("/dev/kvm is not available")
 
 
+def _tier(report) -> str:
+    kw = report.keywords
+    return "differential" if "differential" in kw else "kvm" if "kvm" in kw else "pure"
+
+
 def pytest_terminal_summary(terminalreporter):
     import sys
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if getattr(rep, "when", "call") in ("call", "setup") and hasattr(rep, "keywords"):
+                if outcome == "passed" and rep.when != "call":
+                    continue
+                counts.setdefault(_tier(rep), {}).setdefault(outcome, 0)
+                counts[_tier(rep)][outcome] += 1
+    if counts:
+        parts = [f"{tier}: " + ", ".join(f"{n} {o}" for o, n in sorted(c.items()))
+                 for tier, c in sorted(counts.items())]
+        where = "/dev/kvm present" if HAVE_KVM else "no /dev/kvm"
+        terminalreporter.write_line(f"tiers ({where}, KVMGATE_REQUIRE_KVM={int(REQUIRE_KVM)}): "
+                                    + "; ".join(parts))
     for name, mod in sorted(sys.modules.items()):
         if name.startswith("tests.test_"):
             for line in getattr(mod, "SUMMARY_LINES", []):

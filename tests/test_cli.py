@@ -109,3 +109,21 @@ def test_ctrl_c_stops_every_vcpu_cleanly(tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=20)
     assert p.returncode == 130 and "Traceback" not in err
+
+
+@pytest.mark.kvm
+def test_run_flat_binary_guest(tmp_path):
+    from kvmgate.asm import assemble
+    code = assemble("mov ecx, 0x35\nrdmsr\nhlt", 0x10000)
+    (tmp_path / "g.bin").write_bytes(code)
+    (tmp_path / "p.toml").write_text(
+        "[policy]\ndefault='allow'\n[[rule]]\nmsr=0x35\naccess='read'\naction='constant'\nvalue=0x42\n")
+    r = kvmgate("run", "--policy", str(tmp_path / "p.toml"), str(tmp_path / "g.bin"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["regs"]["0"]["rax"] == "0x42"
+
+
+def test_run_bad_guest_source_exit_2(tmp_path):
+    (tmp_path / "g.S").write_text("mov ecx, 0x35\nfrobnicate rax\nhlt\n")
+    r = kvmgate("run", str(tmp_path / "g.S"))
+    assert r.returncode == 2 and "line 2" in r.stderr and "Traceback" not in r.stderr
