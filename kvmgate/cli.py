@@ -111,28 +111,14 @@ def cmd_policy_diff(a) -> int:
     return 0
 
 
-def _load_guest(path: str):
-    from pathlib import Path
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read guest: {e.strerror}", path) from None
-    if p.suffix.lower() in (".bin", ".img", ".raw"):
-        return data
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return data
-
-
 def cmd_run(a) -> int:
     import signal
     from .audit import AuditLog
     from .machine import Machine
     from .policy import load_policy
     from .report import emit, table
-    guest = _load_guest(a.guest)
+    from .guest import load_guest
+    guest = load_guest(a.guest)
     policy = load_policy(a.policy) if a.policy else None
     audit = AuditLog(a.audit, rate=policy.audit_rate if policy else 20.0,
                      burst=policy.audit_burst if policy else 20) if a.audit or policy else None

@@ -5,9 +5,11 @@ Guest-physical addresses (identity-mapped, so also the guest's virtual addresses
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 from . import uapi as u
 from .asm import assemble
+from .errors import UserError
 
 GDT = 0x1000
 IDT = 0x2000
@@ -122,3 +124,22 @@ def entry_regs(regs: u.kvm_regs, vcpu_index: int, mem_size: int) -> None:
     regs.rsp = mem_size - vcpu_index * STACK_SIZE
     regs.rdi = vcpu_index
     regs.rflags = 0x2
+
+
+BINARY_SUFFIXES = {".bin", ".img", ".raw"}
+
+
+def load_guest(path) -> str | bytes:
+    """A guest program file: assembly text (.S or anything that decodes) or a flat binary
+    (.bin/.img/.raw, or anything that is not UTF-8).  UserError if it cannot be read."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read guest: {e.strerror}", str(path)) from None
+    if p.suffix.lower() in BINARY_SUFFIXES:
+        return data
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from kvmgate.errors import UserError
-from kvmgate.learn import (GUARDED_MSRS, LearnedAccess, LearnResult, _aggregate, _guard_filter,
-                           load_guest, render_policy, write_policy)
+from kvmgate.learn import (GUARDED_MSRS, LearnedAccess, LearnResult, load_guest, render_policy,
+                           write_policy)
+from kvmgate.learn.record import _aggregate, _guard_filter
 from kvmgate.msr import bitmaps, names
 from kvmgate.msr.model import READ, WRITE, X2APIC_FIRST, X2APIC_LAST
 from kvmgate.policy import compile_policy, parse_policy

@@ -160,6 +160,17 @@ def windows(points: list[int], width: int = MAX_NMSRS) -> list[tuple[int, int]]:
     return out
 
 
+def consecutive_runs(points: list[int], width: int | None = None) -> list[tuple[int, int]]:
+    """Maximal [first, last] runs of consecutive sorted points (at most `width` long)."""
+    runs: list[list[int]] = []
+    for p in points:
+        if runs and p == runs[-1][1] + 1 and (width is None or p - runs[-1][0] < width):
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    return [(a, b) for a, b in runs]
+
+
 def deny_writes_first(flt: MsrFilter | None, msrs) -> MsrFilter:
     """`flt` with guest writes to `msrs` denied, everything else decided exactly as by `flt`.
 
@@ -170,13 +181,8 @@ def deny_writes_first(flt: MsrFilter | None, msrs) -> MsrFilter:
     points = sorted({m for m in msrs if not X2APIC_FIRST <= m <= X2APIC_LAST})
     if not points:
         return base
-    runs: list[list[int]] = []
-    for p in points:
-        if runs and p == runs[-1][1] + 1 and p - runs[-1][0] < MAX_NMSRS:
-            runs[-1][1] = p
-        else:
-            runs.append([p, p])
-    front = [MsrRange(WRITE, lo, hi - lo + 1, bytes((hi - lo + 8) // 8)) for lo, hi in runs]
+    front = [MsrRange(WRITE, lo, hi - lo + 1, bytes((hi - lo + 8) // 8))
+             for lo, hi in consecutive_runs(points, MAX_NMSRS)]
     out = MsrFilter(front + [r for r in base.ranges if r.nmsrs], base.flags)
     if len(out.ranges) > MAX_RANGES:
         raise FilterError(f"intercepting writes needs {len(front)} more ranges; the filter already "

@@ -1,0 +1,210 @@
+"""The two recorders of every MSR access a guest makes (the kernel's kvm:kvm_msr tracepoint,
+or user-space exits carried out with host-initiated KVM_GET/SET_MSRS) and their aggregation."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InjectGP, KvmError
+from ..msr import bitmaps
+from ..msr.model import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
+                         EXIT_REASON_UNKNOWN, READ, WRITE, KernelMsr, MsrFilter, MsrRange, windows)
+from .result import MAX_VALUES, LearnedAccess
+
+# MSRs KVM may let a VMX/SVM guest access without an exit (so without a kvm_msr event):
+# msr.bitmaps' default lists and SPEC_CTRL, plus what it leaves to configuration: XFD/XFD_ERR,
+# CET, APERF/MPERF and C-state residency (KVM_X86_DISABLE_EXITS_*), mediated-PMU counters.
+GUARDED_MSRS: tuple[int, ...] = tuple(sorted(
+    {m for m, _ in (*bitmaps.DEFAULT_VMX_PASSTHROUGH, *bitmaps.DEFAULT_SVM_PASSTHROUGH,
+                    *bitmaps.SPEC_CTRL_PASSTHROUGH)}
+    | {0x1C4, 0x1C5}                                            # IA32_XFD, IA32_XFD_ERR
+    | set(range(0x6A0, 0x6A9))                                  # CET: U_CET .. INT_SSP_TAB
+    | {0xE7, 0xE8} | {0x3F8, 0x3F9, 0x3FA, 0x3FC, 0x3FD, 0x3FE}  # MPERF, APERF, C-states
+    | set(range(0xC1, 0xC9)) | set(range(0x186, 0x18E)) | set(range(0x4C1, 0x4C9))
+    | {0x309, 0x30A, 0x30B, 0x38D, 0x38E, 0x38F, 0x390}         # Intel PMU
+    | set(range(0xC0010000, 0xC0010008)) | set(range(0xC0010200, 0xC001020C))
+    | {0xC0000300, 0xC0000301, 0xC0000302}))                    # AMD PMU
+
+
+def _guard_filter() -> MsrFilter:
+    points = list(GUARDED_MSRS)
+    guarded = set(points)
+    ranges = [MsrRange.from_bits(READ | WRITE, lo, [i not in guarded for i in range(lo, hi + 1)])
+              for lo, hi in windows(points)]
+    flt = MsrFilter(ranges, DEFAULT_ALLOW)
+    flt.validate()
+    return flt
+
+
+DENY_ALL = MsrFilter([MsrRange(READ | WRITE, 0, 1, b"\x00")], DEFAULT_DENY)
+
+
+def hardware_passthrough() -> bool:
+    """Could KVM let the guest touch MSRs without exiting?  Not on kvm_pvm hosts (every access
+    traps); yes with kvm_intel / kvm_amd, and assumed yes when unsure."""
+    mods = Path("/sys/module")
+    if (mods / "kvm_pvm").exists():
+        return (mods / "kvm_intel").exists() or (mods / "kvm_amd").exists()
+    return True
+
+
+class _Forwarder:
+    """MSR exit handler: a FILTER exit is carried out with host-initiated KVM_GET/SET_MSRS; an
+    INVAL/UNKNOWN exit (an unfilterable x2APIC MSR KVM failed) gets #GP.  Records every one."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.events: list[tuple] = []   # (time_ns, tid, index, write, value, exception)
+        self.keys: set[tuple[int, bool]] = set()
+
+    def __call__(self, ex):
+        t, tid = time.monotonic_ns(), threading.get_native_id()
+        if ex.reason != EXIT_REASON_FILTER:
+            self.events.append((t, tid, ex.index, bool(ex.is_write), ex.data, True))
+            return InjectGP
+        vcpu = self.machine.vcpus[ex.vcpu]
+        self.keys.add((ex.index, bool(ex.is_write)))
+        try:
+            if ex.is_write:
+                value, ok = ex.data, vcpu.set_msrs({ex.index: ex.data}) == 1
+            else:
+                got = vcpu.get_msrs([ex.index])
+                value, ok = got.get(ex.index, 0), ex.index in got
+        except KvmError:
+            value, ok = (ex.data if ex.is_write else 0), False
+        self.events.append((t, tid, ex.index, bool(ex.is_write), value, not ok))
+        if not ok:
+            return InjectGP
+        return None if ex.is_write else value
+
+    def columns(self) -> dict:
+        ev = self.events
+        return {"time_ns": np.array([e[0] for e in ev], np.uint64),
+                "pid": np.array([e[1] for e in ev], np.int32),
+                "index": np.array([e[2] for e in ev], np.uint32),
+                "write": np.array([e[3] for e in ev], bool),
+                "value": np.array([e[4] for e in ev], np.uint64),
+                "exception": np.array([e[5] for e in ev], bool)}
+
+
+def _run(machine, timeout: float | None):
+    """(RunResult or None, halted)."""
+    try:
+        return machine.run(timeout=timeout), True
+    except TimeoutError:
+        return None, False
+
+
+class _TracefsUnavailable(Exception):
+    """The tracefs recording could not start; nothing has run."""
+
+
+def _record_tracefs(machine, timeout, guard: bool):
+    from ..trace import Recording, TracefsError
+    rec = Recording(pid=os.getpid())
+    try:
+        rec.__enter__()
+    except (TracefsError, OSError) as e:
+        raise _TracefsUnavailable(e) from e
+    fwd = None
+    try:
+        if guard:
+            machine.set_msr_filter(_guard_filter())
+            machine.enable_user_space_msr(EXIT_REASON_FILTER)
+            fwd = _Forwarder(machine)
+            machine.on_msr(fwd)
+        result, halted = _run(machine, timeout)
+    except BaseException as e:
+        rec.__exit__(type(e), e, e.__traceback__)
+        raise
+    rec.__exit__(None, None, None)
+    return rec.trace, fwd, result, halted
+
+
+def _record_exits(machine, timeout):
+    machine.set_msr_filter(DENY_ALL)
+    machine.enable_user_space_msr(EXIT_REASON_FILTER | EXIT_REASON_INVAL | EXIT_REASON_UNKNOWN)
+    fwd = _Forwarder(machine)
+    machine.on_msr(fwd)
+    result, halted = _run(machine, timeout)
+    return fwd, result, halted
+
+
+def _merge(trace, fwd):
+    """The tracefs trace plus the forwarded events, in time order (one Trace)."""
+    from ..trace import Trace
+    cols = {k: getattr(trace, k) for k in ("index", "write", "value", "exception", "pid", "time_ns")} \
+        if trace is not None else None
+    if fwd is not None and fwd.events:
+        extra = fwd.columns()
+        cols = extra if cols is None else {k: np.concatenate([cols[k], extra[k]]) for k in cols}
+    meta = dict(trace.meta) if trace is not None else {"source": "exits"}
+    if cols is None or not len(cols["index"]):
+        return Trace(meta=meta)
+    order = np.argsort(cols["time_ns"], kind="stable")
+    return Trace.from_arrays(**{k: v[order] for k, v in cols.items()}, meta=meta)
+
+
+# ---- aggregation
+
+def _aggregate(trace) -> dict[tuple[int, bool], LearnedAccess]:
+    """Per (index, write): events, #GPs, first time, a few distinct values (from the chunks'
+    dictionaries; the per-event columns are touched once, vectorised)."""
+    out: dict[tuple[int, bool], LearnedAccess] = {}
+    vals: dict[tuple[int, bool, bool], set[int]] = {}
+    for chunk in trace.iter_chunks():
+        k = chunk.nkeys
+        order = np.lexsort((chunk.value, chunk.codes))
+        c, v = chunk.codes[order], chunk.value[order]
+        first = np.ones(c.shape[0], bool)
+        first[1:] = (c[1:] != c[:-1]) | (v[1:] != v[:-1])
+        c, v = c[first], v[first]
+        lo = np.searchsorted(c, np.arange(k), "left")
+        hi = np.searchsorted(c, np.arange(k), "right")
+        for j, (index, write, exc, n, t0) in enumerate(zip(
+                chunk.key_index.tolist(), chunk.key_write.tolist(), chunk.key_exception.tolist(),
+                chunk.key_count.tolist(), chunk.key_first_ns.tolist())):
+            key = (index, bool(write))
+            a = out.get(key)
+            if a is None:
+                a = out[key] = LearnedAccess(index, bool(write), first_ns=t0)
+            a.events += n
+            a.failed += n if exc else 0
+            a.first_ns = min(a.first_ns, t0)
+            s = vals.setdefault((index, bool(write), bool(exc)), set())
+            if len(s) < MAX_VALUES:
+                s.update(v[lo[j]:min(hi[j], lo[j] + MAX_VALUES)].tolist())
+    for (index, write, exc), s in vals.items():
+        kept = tuple(sorted(s)[:MAX_VALUES])
+        if exc:
+            out[(index, write)].failed_values = kept
+        else:
+            out[(index, write)].values = kept
+    return out
+
+
+def _verify(accesses: dict[tuple[int, bool], LearnedAccess], keys: set) -> None:
+    """Re-check forwarded (MSR, direction) pairs as guest accesses in a scratch VM."""
+    from ..probe import Access, MsrProber
+    todo = sorted((accesses[k] for k in keys if k in accesses), key=lambda a: a.first_ns)
+    if not todo:
+        return
+    table, owner = [], []
+    for a in todo:
+        a.forwarded = True
+        values = (a.values + a.failed_values) if a.write else (0,)
+        for value in dict.fromkeys(values or (0,)):
+            table.append(Access(a.index, WRITE if a.write else READ, value))
+            owner.append(a)
+    with MsrProber() as prober:
+        kinds = prober.classify(table)
+    seen: dict[int, list[KernelMsr]] = {}
+    for a, k in zip(owner, kinds):
+        seen.setdefault(id(a), []).append(k)
+    for a in todo:
+        ks = seen[id(a)]
+        a.check = KernelMsr.HANDLED.value if KernelMsr.HANDLED in ks else ks[0].value
