@@ -30,8 +30,9 @@ _RDMSR, _WRMSR, _IO, _HLT = u.KVM_EXIT_X86_RDMSR, u.KVM_EXIT_X86_WRMSR, u.KVM_EX
 
 
 def install_kick_handler() -> bool:
-    """Give KICK_SIGNAL a (no-op) Python handler so it interrupts KVM_RUN; main thread only."""
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+    """Give KICK_SIGNAL a (no-op) Python handler so it interrupts KVM_RUN (main thread only);
+    True when a handler is in place."""
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None):
         return True
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -235,6 +236,9 @@ class Machine:
     # ---- running
     def run(self, timeout: float | None = None) -> RunResult:
         """Run every vCPU from the program's start until all halt.  TimeoutError if not in time."""
+        if (timeout is not None or len(self._states) > 1) and not install_kick_handler():
+            raise RuntimeError(f"signal {KICK_SIGNAL} has no handler, so vCPUs could not be "
+                               "stopped: import kvmgate from the main thread first")
         with self._lock:
             if self._running:
                 raise RuntimeError("this Machine is already running")
@@ -275,13 +279,7 @@ class Machine:
         """Ask every vCPU to stop (immediate_exit, then a signal to its thread); returns at once."""
         self._stop = True
         for st in self._states:
-            st.vcpu.run_bytes[1] = 1
-            with self._lock:
-                if st.alive and st.ident is not None and st.ident != threading.get_ident():
-                    try:
-                        signal.pthread_kill(st.ident, KICK_SIGNAL)
-                    except (ProcessLookupError, OSError):
-                        pass
+            self._kick_state(st)
 
     def set_policy(self, policy, audit=None) -> None:
         """Swap filter, exit mask and handler table atomically, also while the guest runs.
@@ -359,10 +357,7 @@ class Machine:
             self._pause_gen += 1
         try:
             for st in others:
-                st.vcpu.run_bytes[1] = 1
-                with self._lock:
-                    if st.alive:
-                        signal.pthread_kill(st.ident, KICK_SIGNAL)
+                self._kick_state(st)
             deadline = time.monotonic() + timeout
             with self._park:
                 while not all(st.parked or not st.alive for st in others):
@@ -396,12 +391,20 @@ class Machine:
     def kick(self, index: int) -> bool:
         """Make vCPU `index` leave KVM_RUN soon (immediate_exit, then a signal to its thread);
         its thread then calls kick_hook(index).  False if that vCPU's thread is not running."""
-        st = self._states[index]
+        return self._kick_state(self._states[index])
+
+    def _kick_state(self, st: _VcpuState) -> bool:
+        """immediate_exit, then KICK_SIGNAL to the vCPU's thread (not to the caller's own, and
+        only while the thread runs: a dead thread's ident may be reused)."""
         st.vcpu.run_bytes[1] = 1
         with self._lock:
             if not st.alive or st.ident is None:
                 return False
             if st.ident != threading.get_ident():
+                if not install_kick_handler():
+                    raise RuntimeError(f"signal {KICK_SIGNAL} has no handler: import kvmgate from "
+                                       "the main thread first (its default action would kill "
+                                       "the process)")
                 try:
                     signal.pthread_kill(st.ident, KICK_SIGNAL)
                 except (ProcessLookupError, OSError):

@@ -235,3 +235,19 @@ def test_close_releases_fds():
     for _ in range(20):
         Machine().close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_kick_signal_without_handler_fails_fast_instead_of_killing(monkeypatch):
+    import signal as sig
+    from kvmgate import machine as mach
+    with Machine("spin: jmp spin") as m:
+        old = sig.signal(mach.KICK_SIGNAL, sig.SIG_DFL)
+        monkeypatch.setattr(mach.threading, "current_thread", lambda: object())  # "not main"
+        try:
+            with pytest.raises(RuntimeError, match="no handler"):
+                m.run(timeout=0.1)
+        finally:
+            monkeypatch.undo()
+            sig.signal(mach.KICK_SIGNAL, old)
+        with pytest.raises(TimeoutError):
+            m.run(timeout=0.1)          # handler back: works again
