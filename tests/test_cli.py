@@ -127,3 +127,11 @@ def test_run_bad_guest_source_exit_2(tmp_path):
     (tmp_path / "g.S").write_text("mov ecx, 0x35\nfrobnicate rax\nhlt\n")
     r = kvmgate("run", str(tmp_path / "g.S"))
     assert r.returncode == 2 and "line 2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.kvm
+def test_info_reports_capabilities_and_ignore_msrs():
+    out = json.loads(kvmgate("info", "--json").stdout)
+    assert out["api_version"] == 12
+    assert out["KVM_CAP_X86_USER_SPACE_MSR"] == 1 and out["KVM_CAP_X86_MSR_FILTER"] == 1
+    assert out["ignore_msrs"] in (True, False, None)

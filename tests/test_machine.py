@@ -251,3 +251,11 @@ def test_kick_signal_without_handler_fails_fast_instead_of_killing(monkeypatch):
             sig.signal(mach.KICK_SIGNAL, old)
         with pytest.raises(TimeoutError):
             m.run(timeout=0.1)          # handler back: works again
+
+
+def test_missing_capability_is_named(monkeypatch):
+    from kvmgate import kvm as K
+    monkeypatch.setitem(K.REQUIRED_CAPS, "KVM_CAP_FROM_THE_FUTURE", 0x7FFFFFF0)
+    with pytest.raises(KvmError, match="missing capabilities: KVM_CAP_FROM_THE_FUTURE") as ei:
+        K.Kvm()
+    assert ei.value.ioctl == "KVM_CHECK_EXTENSION"
