@@ -80,7 +80,9 @@ class _Fd:
 class Kvm(_Fd):
     """/dev/kvm: API version and capability checks, VM creation (system ioctls)."""
 
-    def __init__(self, path: str = "/dev/kvm", require: Iterable[str] = tuple(REQUIRED_CAPS)):
+    def __init__(self, path: str = "/dev/kvm", require: Iterable[str] | None = None):
+        """Open `path`, check the API version and the `require`d capabilities (default: all
+        of REQUIRED_CAPS), naming any that are missing."""
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -91,7 +93,8 @@ class Kvm(_Fd):
             if version != u.KVM_API_VERSION:
                 raise KvmError(errno.ENOTSUP, "KVM_GET_API_VERSION", self,
                                f"API version {version}, kvmgate needs {u.KVM_API_VERSION}")
-            missing = [n for n in require if not self.check_extension(REQUIRED_CAPS[n])]
+            missing = [n for n in (REQUIRED_CAPS if require is None else require)
+                       if not self.check_extension(REQUIRED_CAPS[n])]
             if missing:
                 raise KvmError(errno.ENOTSUP, "KVM_CHECK_EXTENSION", self,
                                "missing capabilities: " + ", ".join(
