@@ -283,12 +283,20 @@ class IntrospectionServer:
     def _get_info(self, p: bytes):
         return 0, GET_INFO_RPL.pack(self._backend.vcpu_count())
 
-    def _vm_control_events(self, p: bytes):
+    def _control_request(self, p: bytes, supported) -> tuple[int, int, int]:
+        """(error, event id, enable) of a {VM,VCPU}_CONTROL_EVENTS request: -KVM_EINVAL for
+        padding, enable > 1 or an event outside `supported`; -KVM_EPERM when disallowed."""
         eid, enable, p1, p2 = fixed(CONTROL_EVENTS_REQ, p)
-        if p1 or p2 or enable > 1 or eid not in SUPPORTED_VM_EVENTS:
-            return EINVAL, b""
+        if p1 or p2 or enable > 1 or eid not in supported:
+            return EINVAL, eid, enable
         if not self._perms.event_allowed(eid):
-            return EPERM, b""
+            return EPERM, eid, enable
+        return 0, eid, enable
+
+    def _vm_control_events(self, p: bytes):
+        err, eid, enable = self._control_request(p, SUPPORTED_VM_EVENTS)
+        if err:
+            return err, b""
         with self._lock:
             if enable:
                 self._vm_events.add(eid)
@@ -342,11 +350,9 @@ class IntrospectionServer:
         return 0, VCPU_INFO_RPL.pack(((self._backend.tsc_khz() or 0) * 1000) & U64)
 
     def _vcpu_control_events(self, vcpu: int, p: bytes):
-        eid, enable, p1, p2 = fixed(CONTROL_EVENTS_REQ, p)
-        if p1 or p2 or enable > 1 or eid not in SUPPORTED_VCPU_EVENTS:
-            return EINVAL, b""
-        if not self._perms.event_allowed(eid):
-            return EPERM, b""
+        err, eid, enable = self._control_request(p, SUPPORTED_VCPU_EVENTS)
+        if err:
+            return err, b""
         with self._lock:
             if self._closed:
                 return OK
