@@ -49,23 +49,34 @@ def build_c_loop(source: Path = C_SOURCE):
 
 
 def _time_python(m: Machine) -> float:
+    """Wall seconds per MSR exit of one run of every vCPU through the Python handler path."""
     t = time.perf_counter()
-    r = m.run(timeout=120)
+    r = m.run(timeout=300)
     dt = time.perf_counter() - t
     return dt / len(r.msr_exits)
 
 
 def _time_c(m: Machine, lib, n: int) -> float:
-    st = m._states[0]
-    m._reset_vcpu(st)
-    vcpu = st.vcpu
-    addr = vcpu.run_addr
+    """Wall seconds per MSR exit of the C loop on every vCPU of `m` (one thread each), each
+    vCPU reset to the program's start and expected to make `n` exits."""
+    import threading
+    for st in m._states:
+        m._reset_vcpu(st)
+    got: dict[int, int] = {}
+
+    def loop(st):
+        got[st.index] = lib.kvmgate_bench_loop(st.vcpu.fd, st.vcpu.run_addr)
+
+    threads = [threading.Thread(target=loop, args=(st,)) for st in m._states]
     t = time.perf_counter()
-    got = lib.kvmgate_bench_loop(vcpu.fd, addr)
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     dt = time.perf_counter() - t
-    if got != n:
-        raise RuntimeError(f"C loop returned {got}, expected {n} exits")
-    return dt / n
+    if any(v != n for v in got.values()) or len(got) != len(threads):
+        raise RuntimeError(f"C loops returned {got}, expected {n} exits each")
+    return dt / (n * len(threads))
 
 
 def bench_exits(n: int = 20000, rounds: int = 9, progress=None) -> dict:
@@ -103,7 +114,6 @@ def bench_exits(n: int = 20000, rounds: int = 9, progress=None) -> dict:
 def bench_vcpus(counts=(1, 2, 4), n: int = 20000, rounds: int = 3) -> list[dict]:
     """Total MSR-exit throughput with 1, 2, 4 vCPUs (one thread each): the Python handler path,
     and bare C loops on the same vCPUs in as many threads (what the host allows)."""
-    import threading
     lib = build_c_loop()
     rows = []
     for k in counts:
@@ -111,25 +121,10 @@ def bench_vcpus(counts=(1, 2, 4), n: int = 20000, rounds: int = 3) -> list[dict]
             m.enable_user_space_msr(7)
             m.on_msr(lambda e: 0)
             m.run(timeout=120)
-            py = []
-            for _ in range(rounds):
-                t = time.perf_counter()
-                m.run(timeout=300)
-                py.append(k * n / (time.perf_counter() - t))
+            py = [1 / _time_python(m) for _ in range(rounds)]
             row = {"vcpus": k, "python_exits_per_s": statistics.median(py)}
             if lib is not None:
-                cl = []
-                for _ in range(rounds):
-                    for st in m._states:
-                        m._reset_vcpu(st)
-                    threads = [threading.Thread(target=lib.kvmgate_bench_loop,
-                                                args=(st.vcpu.fd, st.vcpu.run_addr)) for st in m._states]
-                    t = time.perf_counter()
-                    for th in threads:
-                        th.start()
-                    for th in threads:
-                        th.join()
-                    cl.append(k * n / (time.perf_counter() - t))
+                cl = [1 / _time_c(m, lib, n) for _ in range(rounds)]
                 row["c_exits_per_s"] = statistics.median(cl)
                 row["python_vs_c"] = row["python_exits_per_s"] / row["c_exits_per_s"]
             rows.append(row)

@@ -13,7 +13,7 @@ import os
 from typing import Iterable
 
 from . import uapi as u
-from .errors import KvmError, FilterError  # noqa: F401  (re-exported)
+from .errors import KvmError  # noqa: F401  (re-exported: kvm.KvmError)
 
 _IOCTL_NAMES = {getattr(u, n): n for n in (
     "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION",
@@ -41,10 +41,6 @@ def ioctl(fd: int, request: int, arg=0, obj: object = None) -> int:
         return _ioctl(fd, request, arg, True)
     except OSError as e:
         raise KvmError(e.errno, _IOCTL_NAMES.get(request, f"ioctl {request:#x}"), obj) from None
-
-
-def ioctl_name(request: int) -> str:
-    return _IOCTL_NAMES.get(request, f"ioctl {request:#x}")
 
 
 class _Fd:
@@ -158,7 +154,6 @@ class Vm(_Fd):
     def __init__(self, kvm: Kvm, fd: int):
         self.kvm = kvm
         self.fd = fd
-        self._filter_buf = None
 
     def __repr__(self) -> str:
         return f"<Vm fd={self.fd}>"
@@ -179,10 +174,10 @@ class Vm(_Fd):
             ec.args[i] = a
         ioctl(self.fd, u.KVM_ENABLE_CAP, ec, self)
 
-    def set_msr_filter(self, raw: "u.kvm_msr_filter", keepalive: object = None) -> None:
-        """KVM_X86_SET_MSR_FILTER with a marshalled filter; `keepalive` owns its bitmaps."""
+    def set_msr_filter(self, raw: "u.kvm_msr_filter") -> None:
+        """KVM_X86_SET_MSR_FILTER with a marshalled filter (the kernel copies the bitmaps it
+        points to during the call)."""
         ioctl(self.fd, u.KVM_X86_SET_MSR_FILTER, raw, self)
-        self._filter_buf = keepalive   # the kernel copied the bitmaps; keep ours for inspection
 
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
         self._check_open("KVM_CREATE_VCPU")
@@ -267,6 +262,14 @@ class Vcpu(_Fd):
         """KVM_SET_MSRS (host-initiated); returns how many were set (stops at the first failure)."""
         buf, entries = _msr_buffer(list(values), list(values.values()))
         return ioctl(self.fd, u.KVM_SET_MSRS, buf, self)
+
+    def host_msr_access(self, index: int, write: bool, value: int = 0) -> int | None:
+        """Carry out one guest MSR access host-initiated (KVM_SET_MSRS / KVM_GET_MSRS): the
+        value written or read, or None when KVM refused it.  KVM checks host-initiated
+        accesses less strictly than the guest's own."""
+        if write:
+            return value if self.set_msrs({index: value}) == 1 else None
+        return self.get_msrs([index]).get(index)
 
     def tsc_khz(self) -> int:
         return ioctl(self.fd, u.KVM_GET_TSC_KHZ, 0, self)

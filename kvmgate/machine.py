@@ -213,9 +213,9 @@ class Machine:
         new.validate()
         if self._intercept:
             new = deny_writes_first(new, self._intercept[0])
-        raw, keep = marshal_filter(new)
+        raw, _bitmaps = marshal_filter(new)       # _bitmaps: alive until the ioctl returns
         try:
-            self.vm.set_msr_filter(raw, keep)
+            self.vm.set_msr_filter(raw)
         except KvmError as e:
             raise FilterError(f"kernel rejected the filter: {e.strerror}", e.errno) from None
         self.msr_filter = flt
@@ -337,8 +337,8 @@ class Machine:
                     if value is InjectGP:
                         return InjectGP
                     value = ex.data if value is None else value & M64
-                    ok = self._states[ex.vcpu].vcpu.set_msrs({ex.index: value}) == 1
-                    return None if ok else InjectGP
+                    stored = self._states[ex.vcpu].vcpu.host_msr_access(ex.index, True, value)
+                    return InjectGP if stored is None else None
                 if not owner_mask & EXIT_REASON_FILTER:
                     return InjectGP            # what KVM would have done for the owner
             return InjectGP if owner is None else owner(ex)
@@ -423,9 +423,7 @@ class Machine:
             yield
         finally:
             with self._park:
-                gen = self._pause_gen
-                while self._pause_req and self._pause_gen == gen and not self._stop:
-                    self._park.wait(0.5)
+                self._await_pause_end()
                 st.parked = False
 
     introspection_factory: Callable | None = None   # set by kvmgate.introspection on import
@@ -442,10 +440,15 @@ class Machine:
         with self._park:
             st.parked = True
             self._park.notify_all()
-            gen = self._pause_gen       # leave when this pause ends, even if another begins
-            while self._pause_req and self._pause_gen == gen and not self._stop:
-                self._park.wait(0.5)
+            self._await_pause_end()
             st.parked = False
+
+    def _await_pause_end(self) -> None:
+        """With _park held: wait until the pause in progress now ends (not a later one, so
+        back-to-back swaps cannot starve a vCPU), or the run stops."""
+        gen = self._pause_gen
+        while self._pause_req and self._pause_gen == gen and not self._stop:
+            self._park.wait(0.5)
 
     def _timeout(self) -> None:
         self._timed_out = True
@@ -551,10 +554,11 @@ class Machine:
         off, size = st.vcpu.run64[5], runb[33]      # kvm_run.io.data_offset, .size
         if runb[32] == u.KVM_EXIT_IO_OUT:          # kvm_run.io.direction
             if handler is not None:
-                handler(self, int.from_bytes(st.vcpu.run_bytes[off:off + size], "little"))
+                handler(self, int.from_bytes(runb[off:off + size], "little"))
         else:
-            value = handler(self, None) if handler is not None else (1 << (8 * size)) - 1
-            st.vcpu.run_bytes[off:off + size] = (int(value or 0) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            ones = (1 << (8 * size)) - 1
+            value = handler(self, None) if handler is not None else ones
+            runb[off:off + size] = (int(value or 0) & ones).to_bytes(size, "little")
 
     def _unexpected_exit(self, st: _VcpuState, reason: int) -> GuestError:
         run = st.vcpu.run_struct()

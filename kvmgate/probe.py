@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from . import guest
 from .machine import Machine
 from .msr.model import (EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN, EXIT_REASON_VALID_MASK,
-                        KernelMsr, MsrFilter, READ, WRITE)
+                        KernelMsr, READ, WRITE)
 
 MARK_PORT = 0xE0E0
 TABLE = guest.DATA + 16

@@ -66,18 +66,14 @@ class _Forwarder:
         if ex.reason != EXIT_REASON_FILTER:
             self.events.append((t, tid, ex.index, bool(ex.is_write), ex.data, True))
             return InjectGP
-        vcpu = self.machine.vcpus[ex.vcpu]
         self.keys.add((ex.index, bool(ex.is_write)))
         try:
-            if ex.is_write:
-                value, ok = ex.data, vcpu.set_msrs({ex.index: ex.data}) == 1
-            else:
-                got = vcpu.get_msrs([ex.index])
-                value, ok = got.get(ex.index, 0), ex.index in got
+            done = self.machine.vcpus[ex.vcpu].host_msr_access(ex.index, ex.is_write, ex.data)
         except KvmError:
-            value, ok = (ex.data if ex.is_write else 0), False
-        self.events.append((t, tid, ex.index, bool(ex.is_write), value, not ok))
-        if not ok:
+            done = None
+        value = done if done is not None else (ex.data if ex.is_write else 0)
+        self.events.append((t, tid, ex.index, bool(ex.is_write), value, done is None))
+        if done is None:
             return InjectGP
         return None if ex.is_write else value
 

@@ -31,10 +31,6 @@ REASON_NAMES = {EXIT_REASON_INVAL: "INVAL", EXIT_REASON_UNKNOWN: "UNKNOWN",
                 EXIT_REASON_FILTER: "FILTER"}
 
 
-def access_name(access: int) -> str:
-    return {READ: "read", WRITE: "write"}.get(access, f"access({access})")
-
-
 def reason_name(reason: int) -> str:
     """Name of an MSR exit reason; never raises on an unknown value."""
     return REASON_NAMES.get(reason, f"reason({reason:#x})" if isinstance(reason, int) else repr(reason))
