@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from .expected import PROBE_AUDIT, audit_decisions
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "kvmgate" / "examples"
 
 
@@ -55,14 +57,7 @@ def test_run_with_policy_and_audit(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["gp_faults"] == 3
-    recs = [json.loads(l) for l in audit.read_text().splitlines()]
-    assert [(x["msr"], x["access"], x["action"], x["result"]) for x in recs] == [
-        ("0x35", "read", "constant", "read 0x10001"),
-        ("0xc0000082", "write", "emulate", "written"),
-        ("0xc0000082", "write", "emulate", "#GP"),
-        ("0x1a0", "read", "deny", "#GP"),
-        ("0x12345678", "read", "deny", "#GP"),
-    ]
+    assert audit_decisions(audit.read_text()) == PROBE_AUDIT
 
 
 @pytest.mark.kvm

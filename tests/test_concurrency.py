@@ -1,13 +1,12 @@
 """Several vCPUs and several VMs: atomic policy swaps under load, clean stops, no leaks."""
 import gc
 import os
-import resource
 import threading
 import time
 
 import pytest
 
-from kvmgate import GuestError, InjectGP, Machine, MsrFilter, MsrRange, READ
+from kvmgate import GuestError, Machine, MsrFilter, MsrRange, READ
 from kvmgate.audit import AuditLog
 from kvmgate.policy import compile_policy, parse_policy
 

@@ -38,7 +38,7 @@ def prober():
 def kernel_errno(m: Machine, flt: MsrFilter) -> int:
     raw, keep = marshal_filter(flt)
     try:
-        m.vm.set_msr_filter(raw, keep)
+        m.vm.set_msr_filter(raw)
     except KvmError as e:
         return e.errno
     return 0
@@ -120,7 +120,7 @@ def test_bitmaps_are_copied_at_call_time(prober):
     bitmap = bytearray(b"\x00")
     flt = MsrFilter([MsrRange(READ, 0x10, 1, bitmap)])   # MsrRange keeps the caller's buffer
     raw, keep = marshal_filter(flt)
-    prober.machine.vm.set_msr_filter(raw, keep)
+    prober.machine.vm.set_msr_filter(raw)
     bitmap[0] = 1
     for buf in keep:
         buf[0] = 1                                        # even our own buffer: the kernel copied

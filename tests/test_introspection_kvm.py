@@ -469,15 +469,19 @@ def test_control_msr_from_inside_an_event_does_not_deadlock():
             tool.result()
 
 
-def test_two_vcpus_waiting_while_the_tool_swaps_the_filter():
-    """Both vCPUs wait for replies while the tool enables another MSR on each."""
-    guest = f"""
+# vCPU i (in RDI) writes LSTAR = 0x10000 + (i << 16), leaving that value in EDX:EAX
+EACH_VCPU_WRITES_LSTAR = f"""
     mov ecx, {LSTAR:#x}
     xor edx, edx
     mov eax, edi
     shl eax, 16
     add eax, 0x10000
-    wrmsr
+    wrmsr"""
+
+
+def test_two_vcpus_waiting_while_the_tool_swaps_the_filter():
+    """Both vCPUs wait for replies while the tool enables another MSR on each."""
+    guest = f"""{EACH_VCPU_WRITES_LSTAR}
     mov ecx, {SYSENTER_EIP:#x}
     wrmsr
     hlt"""
@@ -549,13 +553,7 @@ def test_owner_filter_is_not_weakened():
 
 
 def test_two_vcpus_events_only_where_enabled():
-    guest = f"""
-    mov ecx, {LSTAR:#x}
-    xor edx, edx
-    mov eax, edi
-    shl eax, 16
-    add eax, 0x10000
-    wrmsr
+    guest = f"""{EACH_VCPU_WRITES_LSTAR}
     hlt"""
     with Machine(guest, vcpus=2) as m:
         intro, c = hook(m, commands=MSR_TOOL_COMMANDS + (ids.VM_GET_INFO,),

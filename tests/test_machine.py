@@ -7,7 +7,7 @@ import pytest
 
 from kvmgate.asm import assemble
 
-from kvmgate import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
+from kvmgate import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER,
                      EXIT_REASON_UNKNOWN, READ, WRITE, FilterError, GuestError, InjectGP,
                      KvmError, Machine, MsrFilter, MsrRange)
 
@@ -130,7 +130,7 @@ def test_handler_exception_stops_run_and_propagates():
 
 
 def test_filter_swap_mid_run_at_sync_port():
-    with Machine(f"""
+    with Machine("""
         mov ecx, 0x10
         rdmsr
         out 0x80, al
