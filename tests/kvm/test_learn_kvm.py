@@ -21,7 +21,7 @@ from kvmgate.trace import TracefsError, policy_decider, replay
 
 pytestmark = pytest.mark.kvm
 
-PROBE = Path(__file__).resolve().parent.parent / "kvmgate" / "examples" / "probe.S"
+PROBE = Path(__file__).resolve().parents[2] / "kvmgate" / "examples" / "probe.S"
 RECORDERS = ["tracefs", "exits"]
 
 

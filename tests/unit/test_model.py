@@ -8,7 +8,7 @@ from kvmgate import DEFAULT_ALLOW, DEFAULT_DENY, READ, WRITE, FilterError, KvmEr
 from kvmgate.msr.model import (EXIT_REASON_FILTER, EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN,
                                MAX_NMSRS, U32, Fate, KernelMsr, outcome)
 
-from .strategies import edge_indices, filters, u32_near
+from ..strategies import edge_indices, filters, u32_near
 
 
 def err(flt):

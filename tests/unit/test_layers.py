@@ -2,14 +2,14 @@
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parent.parent / "kvmgate"
+PKG = Path(__file__).resolve().parents[2] / "kvmgate"
 LAYERS = [
     {"uapi", "errors", "report"},                              # ABI facts, errors, table output
     {"kvm", "asm", "hostinfo"},                                # fds and ioctls; the assembler
     {"msr"},                                                   # the pure MSR model
     {"guest", "exits", "machine"},                             # guests and the exit loop
     {"policy", "audit", "probe", "trace", "introspection", "learn", "demo"},
-    {"cli", "cli_trace", "cli_introspect", "cliutil", "bench", "__main__", "__init__"},
+    {"cli", "bench", "__main__", "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -16,8 +16,8 @@ from kvmgate.msr.model import (DEFAULT_ALLOW, EXIT_REASON_VALID_MASK, Fate, Filt
                                MsrFilter, MsrRange, READ, WRITE, outcome)
 from kvmgate.probe import KEEP, PROGRAM, Access, MsrProber
 
-from .conftest import SLOW
-from .strategies import INTERESTING, edge_indices, filters, u32_near
+from ..conftest import SLOW
+from ..strategies import INTERESTING, edge_indices, filters, u32_near
 
 pytestmark = pytest.mark.differential
 STATS = {"filters": 0, "accepted": 0, "rejected": 0, "accesses": 0, "mismatches": 0}

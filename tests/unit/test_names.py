@@ -193,4 +193,4 @@ def test_table_is_loaded_lazily():
             "assert n._table.cache_info().currsize == 0\n"
             "n.msr_index('EFER')\n"
             "assert n._table.cache_info().currsize == 1\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

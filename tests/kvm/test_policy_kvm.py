@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from .expected import PROBE_AUDIT, audit_decisions
+from ..expected import PROBE_AUDIT, audit_decisions
 
 from kvmgate import Machine
 from kvmgate.audit import AuditLog
@@ -14,7 +14,7 @@ from kvmgate.policy import compile_policy, load_policy, parse_policy
 from kvmgate.probe import Access, MsrProber
 
 pytestmark = pytest.mark.kvm
-EXAMPLE = Path(__file__).resolve().parent.parent / "kvmgate" / "examples" / "deny-by-default.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "kvmgate" / "examples" / "deny-by-default.toml"
 SPREAD = [0x10, 0x1B, 0x35, 0x3A, 0x48, 0x8B, 0x174, 0x175, 0x176, 0x186, 0x187, 0x189, 0x18A,
           0x1A0, 0x277, 0x6E0, 0xDA0, 0x4B564D00, 0x4B564D01, 0x12345678, 0xC0000080, 0xC0000081,
           0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103,

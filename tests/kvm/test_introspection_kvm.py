@@ -28,13 +28,13 @@ from kvmgate.introspection.client import Client, IntrospectionError
 from kvmgate.introspection.ids import CONTINUE, CRASH
 from kvmgate.introspection.machine_backend import IntrospectionCrash, MachineBackend, attach
 from kvmgate.msr.model import EXIT_REASON_FILTER
-from kvmgate.cli_introspect import serve_introspection
+from kvmgate.cli.introspect import serve_introspection
 
 pytestmark = pytest.mark.kvm
 
 UUID = b"0123456789abcdef"
 T = 5.0
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LSTAR, SYSENTER_EIP, EFER = 0xC0000082, 0x176, 0xC0000080
 FIRST, SECOND = 0x11110000, 0x22220000
 FLAG = DATA                      # spinning guests wait for a non-zero qword here
@@ -898,7 +898,7 @@ def test_parse_ids():
 
 def _cli(*args, timeout=T * 2):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "kvmgate.cli_introspect", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "kvmgate", "introspect", *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -969,7 +969,7 @@ def test_cli_user_errors(sockdir):
 
 def test_register_adds_the_subcommand():
     import argparse
-    from kvmgate.cli_introspect import add_run_arguments, register
+    from kvmgate.cli.introspect import add_run_arguments, register
     ap = argparse.ArgumentParser()
     register(ap.add_subparsers(dest="cmd"))
     a = ap.parse_args(["introspect", "unix:/x", "watch-msr", "LSTAR", "SYSENTER_EIP", "--deny"])

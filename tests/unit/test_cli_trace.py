@@ -1,8 +1,7 @@
 """`kvmgate trace ...` and `kvmgate learn` without a kernel: argument and file mistakes exit 2
 with no traceback; import and replay of a trace-cmd text report; the policy verdicts.
 
-The commands run as `python -m kvmgate ...` once kvmgate.cli registers them, else through
-kvmgate.cli_trace's own entry point (same parser, same error handling)."""
+The commands run as `python -m kvmgate ...`."""
 import argparse
 import json
 import subprocess
@@ -12,23 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvmgate.cli_trace import build_parser, main, register
+from kvmgate.cli import build_parser, main
+from kvmgate.cli import learn as cli_learn, trace as cli_trace
 from kvmgate.msr.model import KernelMsr
 from kvmgate.policy import compile_policy, load_policy, parse_policy
 from kvmgate.trace import Trace, naive_counts, policy_decider, replay, report_counts
 from kvmgate.trace.policy import verdict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "kvmgate" / "examples"
 
-
-def _wired() -> bool:
-    from kvmgate.cli import build_parser as cli_parser
-    sub = next(a for a in cli_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {"trace", "learn"} <= set(sub.choices)
-
-
-ENTRY = ["-m", "kvmgate"] if _wired() else ["-m", "kvmgate.cli_trace"]
+ENTRY = ["-m", "kvmgate"]
 
 
 def kvmgate(*args, **kw):
@@ -148,7 +141,8 @@ def test_main_in_process(capsys, tmp_path):
 def test_register_into_a_parser():
     ap = argparse.ArgumentParser(prog="kvmgate")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    register(sub)
+    cli_trace.register(sub)
+    cli_learn.register(sub)
     a = ap.parse_args(["trace", "replay", "--policy", "p.toml", "t.kvmtrace", "--json"])
     assert a.fn.__name__ == "cmd_trace_replay" and a.json and a.policy == "p.toml"
     a = ap.parse_args(["learn", "g.S", "--out", "p.toml", "--recorder", "exits"])

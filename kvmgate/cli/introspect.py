@@ -1,10 +1,10 @@
 """`kvmgate introspect unix:PATH watch-msr MSR...` (a tool on a VM's introspection socket) and
 the owner side of `kvmgate run GUEST --introspect unix:PATH` (`serve_introspection`).
 
-Wiring (cli.py): `register(sub)` adds `introspect`; `add_run_arguments(p)` adds --introspect,
+Wiring (cli/run.py): `register(sub)` adds `introspect`; `add_run_arguments(p)` adds --introspect,
 --allow-commands and --allow-events to `run`, whose handler calls
 `serve_introspection(m, a.introspect, a.allow_commands, a.allow_events)` and closes the
-handle when the run ends.  Standalone: `python -m kvmgate.cli_introspect ...`.
+handle when the run ends.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import json
 import socket
 import sys
 
-from .cliutil import parse_msrs, run_main
-from .errors import UserError
+from .common import parse_msrs
+from ..errors import UserError
 
 WATCH_COMMANDS = ("VM_GET_INFO", "VCPU_CONTROL_EVENTS", "VCPU_CONTROL_MSR")
 
@@ -29,7 +29,7 @@ def serve_introspection(machine, spec: str, allow_commands=None, allow_events=No
     'all'; comma lists too) allowed.  Returns the started IntrospectionListener: close() it
     when the run ends (unhooks, closes and unlinks the socket).  UserError for bad arguments.
     """
-    from .introspection.listener import IntrospectionListener, parse_ids, parse_target
+    from ..introspection.listener import IntrospectionListener, parse_ids, parse_target
     path = parse_target(spec)
     commands = parse_ids(allow_commands, "command")
     events = parse_ids(allow_events, "event")
@@ -50,12 +50,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _msr_label(index: int) -> str:
-    from .msr import names
+    from ..msr import names
     return names.msr_name(index) or f"{index:#x}"
 
 
 def _connect(path: str, timeout: float):
-    from .introspection import Client
+    from ..introspection import Client
     try:
         return Client.connect(path, timeout=timeout)
     except FileNotFoundError:
@@ -68,7 +68,7 @@ def _connect(path: str, timeout: float):
 
 def _vcpus(c, wanted: list[int] | None) -> list[int]:
     """The vCPUs to watch: --vcpu, else all (VM_GET_INFO, else probing indexes)."""
-    from .introspection import IntrospectionError, ids
+    from ..introspection import IntrospectionError, ids
     if wanted:
         return wanted
     try:
@@ -89,8 +89,8 @@ def _vcpus(c, wanted: list[int] | None) -> list[int]:
 
 
 def cmd_watch_msr(a) -> int:
-    from .introspection import IntrospectionError, ids
-    from .introspection.listener import parse_target
+    from ..introspection import IntrospectionError, ids
+    from ..introspection.listener import parse_target
     path = parse_target(a.target)
     msrs = parse_msrs(a.msrs)
     c = _connect(path, a.connect_timeout)
@@ -167,17 +167,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     w.add_argument("--connect-timeout", type=float, default=5.0)
     w.set_defaults(fn=cmd_watch_msr)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone: `python -m kvmgate.cli_introspect [introspect] unix:PATH watch-msr ...`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "introspect":
-        argv.insert(0, "introspect")
-    ap = argparse.ArgumentParser(prog="kvmgate")
-    register(ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
-    return run_main(ap, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

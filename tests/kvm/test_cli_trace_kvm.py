@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kvmgate.audit import AuditLog
-from kvmgate.cli_trace import replay_policy
+from kvmgate.cli.trace import replay_policy
 from kvmgate.hostinfo import ignore_msrs
 from kvmgate.learn import learn
 from kvmgate.machine import Machine
@@ -19,7 +19,7 @@ from kvmgate.msr.model import EXIT_REASON_FILTER
 from kvmgate.policy import compile_policy, parse_policy
 from kvmgate.trace import Recording, Trace
 
-from .test_cli_trace import ENTRY, EXAMPLES, ROOT, kvmgate
+from ..unit.test_cli_trace import ENTRY, EXAMPLES, ROOT, kvmgate
 
 pytestmark = pytest.mark.kvm
 

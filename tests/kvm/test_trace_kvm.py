@@ -22,7 +22,7 @@ from kvmgate.trace.tracefs import INSTANCE_PREFIX, tracefs_root
 
 pytestmark = pytest.mark.kvm
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUEST = """
     mov ecx, 0x10
     rdmsr

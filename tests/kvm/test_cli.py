@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from .expected import PROBE_AUDIT, audit_decisions
+from ..expected import PROBE_AUDIT, audit_decisions
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "kvmgate" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "kvmgate" / "examples"
 
 
 def kvmgate(*args, cwd=None):
