@@ -81,8 +81,8 @@ def assemble_program(source: str, origin: str = "<program>") -> bytes:
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise UserError(f"{name} not found: building an image needs GNU binutils "
-                        "(apt-get install binutils)", name)
+        raise UserError(f"`{name}` not found on PATH: building an image needs GNU binutils "
+                        "(apt-get install binutils)")
     return path
 
 

@@ -42,7 +42,7 @@ def qemu_binary() -> str:
     path = shutil.which(QEMU)
     if path is None:
         raise QemuMissing(f"{QEMU} not found on PATH: install QEMU (apt-get install "
-                          "qemu-system-x86)", QEMU)
+                          "qemu-system-x86)")
     return path
 
 
