@@ -5,6 +5,7 @@ import argparse
 import shlex
 
 from ..image import build_image, qemu_command, run_qemu
+from ..image.qemu import qemu_binary
 from ..image.layout import MAX_VCPUS
 from ..report import emit, table
 from .common import in_path, nonneg_seconds, out_path, positive_int
@@ -13,6 +14,8 @@ from .common import in_path, nonneg_seconds, out_path, positive_int
 def cmd_image(a) -> int:
     src = in_path(a.guest, "guest")
     out = out_path(a.out, "image")
+    if a.run:
+        qemu_binary()                          # no QEMU: say so before building anything
     path = build_image(src, out, vcpus=a.vcpus)
     cmd = qemu_command(path, a.vcpus)
     if a.command:

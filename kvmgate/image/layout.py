@@ -13,7 +13,7 @@ from ..machine import Machine
 LOAD = 0xA000              # multiboot load address of the image file: runtime, then the program
 MAX_PROGRAM = 0x80000      # program bytes: the program and QEMU's multiboot command line after
                            # it stay below 640 KiB (the EBDA, then no RAM up to 1 MiB)
-MAX_VCPUS = 16             # per-vCPU result slots that fit between LOAD and guest.CODE
+MAX_VCPUS = 8              # per-vCPU result slots (1 KiB each) that fit between LOAD and guest.CODE
 DEFAULT_MEM_SIZE = inspect.signature(Machine).parameters["mem_size"].default   # Machine's: 4 MiB
 
 # isa-debug-exit: QEMU exits with status (value << 1) | 1
