@@ -5,8 +5,8 @@ import argparse
 import shlex
 
 from ..image import build_image, qemu_command, run_qemu
-from ..image.qemu import qemu_binary
 from ..image.layout import MAX_VCPUS
+from ..image.qemu import qemu_binary
 from ..report import emit, table
 from .common import in_path, nonneg_seconds, out_path, positive_int
 

@@ -18,6 +18,7 @@ from .qemu import (ImageVcpu, QemuMissing, QemuResult, QemuRunError, parse_seria
 # and audit logs under `kvmgate wrap` see them): EFER.LME, to enter long mode.
 RUNTIME_MSR_WRITES = (0xC0000080,)
 
-__all__ = ["build_image", "make_image", "finish_marked", "run_qemu", "qemu_command",
-           "parse_serial", "qemu_binary", "QemuResult", "ImageVcpu", "ImageError", "QemuMissing",
-           "QemuRunError", "DEFAULT_MEM_SIZE", "MAX_PROGRAM", "MAX_VCPUS", "RUNTIME_MSR_WRITES"]
+__all__ = ["DEFAULT_MEM_SIZE", "MAX_PROGRAM", "MAX_VCPUS", "RUNTIME_MSR_WRITES", "ImageError",
+           "ImageVcpu", "QemuMissing", "QemuResult", "QemuRunError", "build_image",
+           "finish_marked", "make_image", "parse_serial", "qemu_binary", "qemu_command",
+           "run_qemu"]

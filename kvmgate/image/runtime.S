@@ -23,8 +23,8 @@
  *   #GP on RDMSR (0f 32) / WRMSR (0f 30): recorded in the vCPU's slot (RIP, MSR index = ECX),
  *     skipped; a faulting RDMSR leaves RAX = RDX = 0 (as kvmgate.guest's #GP handler);
  *   #UD at a byte FINISH (0xd6): the program finished.  The builder assembles every `hlt` of the
- *     program as that byte (both one byte, so every address stays the same; not int3, which
- *     KVM's emulator cannot deliver in long mode on some hosts, e.g. kvm_pvm): the handler
+ *     program as that byte (both one byte, so every address stays the same; not int3: on
+ *     kvm_pvm a guest INT3 ends QEMU with "KVM internal error ... emulation failure"): the handler
  *     stores the registers as they were there (RIP after it, as after a HLT exit) and parks the
  *     vCPU (cli; hlt).  The last vCPU to finish prints one line per vCPU on COM1 and exits QEMU
  *     with EXIT_DONE;
@@ -95,6 +95,12 @@ entry32:
         add     $0x200000, %eax
         add     $8, %edi
         loop    1b
+
+        /* no interrupts, even after an STI in the program (Machine injects none): mask
+           both 8259 PICs */
+        mov     $0xff, %al
+        out     %al, $0x21
+        out     %al, $0xa1
 
         /* as many vCPUs as the image was built for? */
         mov     $FW_CFG_PORT_SEL, %dx

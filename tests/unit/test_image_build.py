@@ -8,9 +8,19 @@ from kvmgate.asm import assemble
 from kvmgate.cli import main
 from kvmgate.errors import UserError
 from kvmgate.exits import GuestError
-from kvmgate.image import (ImageError, QemuMissing, QemuRunError, finish_marked, make_image,
-                           parse_serial, run_qemu)
-from kvmgate.image import build, layout, qemu
+from kvmgate.image import (
+    ImageError,
+    QemuMissing,
+    QemuRunError,
+    RUNTIME_MSR_WRITES,
+    build,
+    finish_marked,
+    layout,
+    make_image,
+    parse_serial,
+    qemu,
+    run_qemu,
+)
 
 PROGRAM = """start:  mov ecx, 0x10     ; hlt in a comment stays
         rdmsr
@@ -145,3 +155,14 @@ def test_report_failures(text, status, exc, match):
 def test_runtime_for_the_most_vcpus_fits_below_the_program():
     img = make_image("hlt\n", layout.MAX_VCPUS)
     assert len(img) == guest.CODE - layout.LOAD + 1
+
+
+def test_the_runtime_touches_only_the_msrs_it_declares():
+    """runtime.S's only MSR instruction is the WRMSR of IA32_EFER (RUNTIME_MSR_WRITES)."""
+    ops = []
+    for line in build.runtime_source().splitlines():
+        words = line.split("/*")[0].replace(":", ": ").split()
+        ops += [w for w in words if w in ("rdmsr", "wrmsr")]
+    assert ops == ["wrmsr"]
+    assert "mov     $MSR_EFER, %ecx\n        mov     $0x100, %eax" in build.runtime_source()
+    assert RUNTIME_MSR_WRITES == (0xC0000080,)
