@@ -9,10 +9,10 @@ from kvmgate.cli import main
 from kvmgate.errors import UserError
 from kvmgate.exits import GuestError
 from kvmgate.image import (
+    RUNTIME_MSR_WRITES,
     ImageError,
     QemuMissing,
     QemuRunError,
-    RUNTIME_MSR_WRITES,
     build,
     finish_marked,
     layout,
