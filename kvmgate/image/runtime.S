@@ -80,7 +80,7 @@ entry32:
         cld
         mov     $(boot_stacks + BOOT_STACK), %esp  /* vCPU 0's scratch stack */
         /* Only the page tables here: with paging off some hosts emulate every instruction
-           (kvm_pvm), so the rest is done in long mode (bsp_tables) */
+           (kvm_pvm), so the rest is done in long mode (long64) */
         xor     %eax, %eax
         mov     $PML4, %edi
         mov     $(PD - PML4) / 4, %ecx     /* PML4 and PDPT; every PD entry is written */
