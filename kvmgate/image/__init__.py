@@ -11,8 +11,17 @@ See build.py for the image and the finish convention (hlt -> a #UD byte), runtim
 """
 from .build import ImageError, build_image, finish_marked, make_image
 from .layout import DEFAULT_MEM_SIZE, MAX_PROGRAM, MAX_VCPUS
-from .qemu import (ImageVcpu, QemuMissing, QemuResult, QemuRunError, parse_serial, qemu_binary,
-                   qemu_command, run_qemu)
+from .qemu import (
+                   ImageVcpu,
+                   QemuMissing,
+                   QemuResult,
+                   QemuRunError,
+                   parse_serial,
+                   qemu_binary,
+                   qemu_command,
+                   run_qemu,
+                   vcpu_outcome,
+)
 
 # The MSR accesses the runtime itself makes on every vCPU before the program starts (policies
 # and audit logs under `kvmgate wrap` see them): EFER.LME, to enter long mode.
@@ -21,4 +30,4 @@ RUNTIME_MSR_WRITES = (0xC0000080,)
 __all__ = ["DEFAULT_MEM_SIZE", "MAX_PROGRAM", "MAX_VCPUS", "RUNTIME_MSR_WRITES", "ImageError",
            "ImageVcpu", "QemuMissing", "QemuResult", "QemuRunError", "build_image",
            "finish_marked", "make_image", "parse_serial", "qemu_binary", "qemu_command",
-           "run_qemu"]
+           "run_qemu", "vcpu_outcome"]

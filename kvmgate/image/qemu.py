@@ -82,6 +82,18 @@ class QemuResult:
         return [f for v in self.vcpus for f in v.gp_faults]
 
 
+def vcpu_outcome(v) -> tuple:
+    """What a program leaves behind on one vCPU, comparable across Machine and QEMU: (the 16
+    general registers as a dict, RIP after the final hlt, RFLAGS, [(#GP RIP, MSR index), ...]).
+    `v` is an ImageVcpu (run_qemu) or a kvmgate.exits.VcpuResult (Machine.run)."""
+    if isinstance(v, ImageVcpu):
+        regs, rip, rflags = dict(v.regs), v.rip, v.rflags
+    else:
+        regs = {r: getattr(v.regs, r) for r in REGS}
+        rip, rflags = v.regs.rip, v.regs.rflags
+    return regs, rip, rflags, [(f.rip, f.index) for f in v.gp_faults]
+
+
 def parse_serial(text: str, status: int, stderr: str = "") -> QemuResult:
     """The runtime's report.  QemuRunError/GuestError when QEMU did not end with it."""
     result = QemuResult(status, text, stderr)

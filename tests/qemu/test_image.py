@@ -9,14 +9,19 @@ import pytest
 
 from kvmgate.cli import main
 from kvmgate.exits import GuestError
-from kvmgate.image import QemuRunError, build_image, make_image, qemu_command, run_qemu
+from kvmgate.image import (
+    QemuRunError,
+    build_image,
+    make_image,
+    qemu_command,
+    run_qemu,
+    vcpu_outcome,
+)
 from kvmgate.machine import Machine
 
 HERE = Path(__file__).parent
 PROBE = HERE.parents[1] / "kvmgate" / "examples" / "probe.S"
 TWO = HERE / "guests" / "msr_two_vcpus.S"
-REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 MSR_CORE_THREAD_COUNT = 0x35
 TIMEOUT = 30
 
@@ -31,23 +36,14 @@ def under_qemu(tmp_path, source_path: Path, vcpus: int = 1):
     return run_qemu(image, vcpus, timeout=TIMEOUT)
 
 
-def outcome_machine(v):
-    return ({r: getattr(v.regs, r) for r in REGS}, v.regs.rip, v.regs.rflags,
-            [(f.rip, f.index) for f in v.gp_faults])
-
-
-def outcome_qemu(v):
-    return v.regs, v.rip, v.rflags, [(f.rip, f.index) for f in v.gp_faults]
-
-
 def test_probe_same_outcome_but_qemus_own_msr(tmp_path):
     """probe.S: identical registers; the #GP list is Machine's without MSR 0x35, which QEMU
     answers itself (its own MSR filter denies reads of it to KVM and handles the exit)."""
     m = under_machine(PROBE.read_text())
     q = under_qemu(tmp_path, PROBE)
     assert len(q.vcpus) == 1
-    regs_m, rip_m, rflags_m, faults_m = outcome_machine(m.vcpus[0])
-    regs_q, rip_q, rflags_q, faults_q = outcome_qemu(q.vcpus[0])
+    regs_m, rip_m, rflags_m, faults_m = vcpu_outcome(m.vcpus[0])
+    regs_q, rip_q, rflags_q, faults_q = vcpu_outcome(q.vcpus[0])
     assert (regs_q, rip_q, rflags_q) == (regs_m, rip_m, rflags_m)
     assert faults_q == [f for f in faults_m if f[1] != MSR_CORE_THREAD_COUNT]
     assert (0x10051, 0x12345678) in faults_q          # the probe's last RDMSR, by RIP
@@ -60,7 +56,7 @@ def test_two_vcpus_same_outcome(tmp_path):
     q = under_qemu(tmp_path, TWO, vcpus=2)
     assert [v.vcpu for v in q.vcpus] == [0, 1]
     for vm, vq in zip(m.vcpus, q.vcpus):
-        assert outcome_qemu(vq) == outcome_machine(vm), f"vCPU {vq.vcpu}"
+        assert vcpu_outcome(vq) == vcpu_outcome(vm), f"vCPU {vq.vcpu}"
     for i, v in enumerate(q.vcpus):                    # the program really ran, on each vCPU
         assert v.regs["rdi"] == i
         assert v.regs["r8"] == 0xffff800000001000 + i

@@ -4,10 +4,11 @@ import struct
 import pytest
 
 from kvmgate import guest
+from kvmgate import uapi as u
 from kvmgate.asm import assemble
 from kvmgate.cli import main
 from kvmgate.errors import UserError
-from kvmgate.exits import GuestError
+from kvmgate.exits import GpFault, GuestError, Regs, VcpuResult
 from kvmgate.image import (
     RUNTIME_MSR_WRITES,
     ImageError,
@@ -20,6 +21,7 @@ from kvmgate.image import (
     parse_serial,
     qemu,
     run_qemu,
+    vcpu_outcome,
 )
 
 PROGRAM = """start:  mov ecx, 0x10     ; hlt in a comment stays
@@ -166,3 +168,13 @@ def test_the_runtime_touches_only_the_msrs_it_declares():
     assert ops == ["wrmsr"]
     assert "mov     $MSR_EFER, %ecx\n        mov     $0x100, %eax" in build.runtime_source()
     assert RUNTIME_MSR_WRITES == (0xC0000080,)
+
+
+def test_outcome_compares_qemu_and_machine_results():
+    q = parse_serial(REPORT, 1).vcpus[0]
+    k = u.kvm_regs(rax=1, rcx=0x12345678, rsp=0x400000, r8=0xffffffff81a00000,
+                   rip=guest.CODE + 0x54, rflags=0x46)
+    m = VcpuResult(0, Regs(k), [GpFault(0x10013, 0x35), GpFault(0x10051, 0x12345678)], [], 1)
+    assert vcpu_outcome(q) == vcpu_outcome(m)
+    k.r9 = 1
+    assert vcpu_outcome(q) != vcpu_outcome(VcpuResult(0, Regs(k), m.gp_faults, [], 1))
