@@ -113,3 +113,13 @@ def test_cli_run_json_and_command(tmp_path, capsys):
     assert d["status"] == 1
     assert [v["regs"]["rdi"] for v in d["vcpus"]] == ["0x0", "0x1"]
     assert [[f["msr"] for f in v["gp_faults"]][-1] for v in d["vcpus"]] == ["0x12345678"] * 2
+
+
+def test_triple_fault_is_a_guest_error_under_both(tmp_path):
+    """No usable IDT, then #UD: shutdown under Machine, QEMU stops (-no-reboot) without a report."""
+    src = tmp_path / "tf.S"
+    src.write_text("mov qword ptr [0x100000], 0\nlidt [0x100000]\nud2\nhlt\n")
+    with pytest.raises(GuestError, match="KVM_EXIT_SHUTDOWN"):
+        under_machine(src.read_text())
+    with pytest.raises(QemuRunError, match="triple fault"):
+        under_qemu(tmp_path, src)
