@@ -42,6 +42,16 @@ def _split_comment(line: str) -> tuple[str, str]:
     return line[:cut], line[cut:]
 
 
+_LINE_NO = re.compile(r"(?:^line |:)(\d+)\b")
+
+
+def _where(origin: str, where: str | None) -> str:
+    """FILE:LINE for an assembler error whose `where` has the line (`line N: ...` or
+    `NAME:N`)."""
+    m = _LINE_NO.search(where or "")
+    return f"{origin}:{m.group(1)}" if m else origin
+
+
 def finish_marked(source: str) -> tuple[str, int]:
     """The program with every `hlt` statement assembled as the FINISH byte, and how many."""
     out, count = [], 0
@@ -63,7 +73,7 @@ def assemble_program(source: str, origin: str = "<program>") -> bytes:
         plain = assemble(source, guest.CODE)
         code = assemble(converted, guest.CODE)
     except AsmError as e:
-        raise ImageError(e.what, f"{origin}: {e.where}" if e.where else origin) from None
+        raise ImageError(e.what, _where(origin, e.where)) from None
     diff = [i for i, (a, b) in enumerate(zip(plain, code)) if a != b]
     if len(plain) != len(code) or len(diff) != count or any(
             plain[i] != HLT or code[i] != FINISH for i in diff):

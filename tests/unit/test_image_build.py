@@ -68,7 +68,7 @@ def test_image_file_is_a_multiboot_kernel_with_the_program_at_code():
 
 @pytest.mark.parametrize("source, message", [
     ("mov eax, 1\n", "no hlt"),
-    ("mov eax, 1\nfoo bar\nhlt\n", "line 2"),
+    ("mov eax, 1\nfoo bar\nhlt\n", "g.S:2"),
 ])
 def test_programs_that_cannot_be_an_image(source, message):
     with pytest.raises(ImageError, match=message):
@@ -88,7 +88,7 @@ def test_cli_build_error_exits_2_naming_file_and_line(tmp_path, capsys):
     out = tmp_path / "g.img"
     assert main(["image", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{src}: line 2" in err and "Traceback" not in err
+    assert f"{src}:2: " in err and "Traceback" not in err
     assert not out.exists()
 
 
