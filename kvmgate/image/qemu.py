@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,17 @@ def _vcpu(kv: dict) -> ImageVcpu:
                      int(kv["rflags"], 16), faults, int(kv.get("dropped", "0")))
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """While its leader is not reaped (so the group id is still ours): SIGKILL the process
+    group run_qemu started (QEMU, and a prefix's process), then reap the leader."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def run_qemu(image, vcpus: int = 1, extra_args=(), timeout: float = 30.0, *,
              mem_size: int = layout.DEFAULT_MEM_SIZE, prefix=()) -> QemuResult:
     """Boot `image` under QEMU (qemu_command, then extra_args) until its runtime reports; the
@@ -151,17 +163,16 @@ def run_qemu(image, vcpus: int = 1, extra_args=(), timeout: float = 30.0, *,
     if not Path(image).is_file():
         raise UserError("no such image", os.fspath(image))
     cmd = [*prefix, *qemu_command(image, vcpus, mem_size=mem_size), *extra_args]
+    # its own process group: a timeout kills QEMU also under a prefix (kvmgate wrap)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill_group(proc)
         out, err = proc.communicate()
         raise TimeoutError(f"QEMU gave no report within {timeout} s (a vCPU never reached hlt?); "
                            f"serial so far: {out.decode(errors='replace')[-500:]!r}") from None
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill_group(proc)
     return parse_serial(out.decode(errors="replace"), proc.returncode, err.decode(errors="replace"))

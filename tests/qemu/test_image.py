@@ -3,6 +3,7 @@ the same guest-visible outcome (registers at the final hlt, RDMSR/WRMSR #GP list
 where QEMU itself configures the vCPU differently (documented in README, "QEMU images")."""
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,24 @@ def test_triple_fault_is_a_guest_error_under_both(tmp_path):
         under_machine(src.read_text())
     with pytest.raises(QemuRunError, match="triple fault"):
         under_qemu(tmp_path, src)
+
+
+def qemu_processes_with(path) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(path).encode() in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_timeout_kills_qemu_also_under_a_prefix(tmp_path):
+    """A parent between run_qemu and QEMU (as kvmgate wrap is): QEMU is killed all the same."""
+    image = tmp_path / "loop.img"
+    image.write_bytes(make_image("spin: jmp spin\nhlt\n"))
+    parent = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
+    with pytest.raises(TimeoutError):
+        run_qemu(image, timeout=1.0, prefix=parent)
+    assert qemu_processes_with(image) == []
