@@ -51,11 +51,12 @@ def test_probe_same_outcome_but_qemus_own_msr(tmp_path):
     assert q.status == 1                               # isa-debug-exit (0 << 1) | 1
 
 
-def test_two_vcpus_same_outcome(tmp_path):
+@pytest.mark.parametrize("vcpus", [2, 4])
+def test_several_vcpus_same_outcome(tmp_path, vcpus):
     """Per vCPU: registers (all 16, RIP after the hlt, RFLAGS) and #GP lists are identical."""
-    m = under_machine(TWO.read_text(), vcpus=2)
-    q = under_qemu(tmp_path, TWO, vcpus=2)
-    assert [v.vcpu for v in q.vcpus] == [0, 1]
+    m = under_machine(TWO.read_text(), vcpus=vcpus)
+    q = under_qemu(tmp_path, TWO, vcpus=vcpus)
+    assert [v.vcpu for v in q.vcpus] == list(range(vcpus))
     for vm, vq in zip(m.vcpus, q.vcpus):
         assert vcpu_outcome(vq) == vcpu_outcome(vm), f"vCPU {vq.vcpu}"
     for i, v in enumerate(q.vcpus):                    # the program really ran, on each vCPU
@@ -70,6 +71,31 @@ def test_two_vcpus_same_outcome(tmp_path):
         # the reserved PAT type 2 write: #GP by the SDM, accepted by some hosts (kvm_pvm);
         # Machine and QEMU agree either way (compared above)
         assert [f.index for f in v.gp_faults if f.index != 0x277] == [0xc0000082, 0x12345678]
+
+
+def test_vcpus_that_finish_at_different_hlts(tmp_path):
+    """vCPU 0 stops at once, vCPU 1 works on and stops at another hlt; the report waits."""
+    src = tmp_path / "apart.S"
+    src.write_text("""    test edi, edi
+    jnz work
+    mov r8, 0x1111
+    hlt
+work:
+    mov rcx, 500
+again:
+    add r9, rcx
+    dec rcx
+    jnz again
+    mov ecx, 0x87654321
+    rdmsr
+    hlt
+""")
+    m = under_machine(src.read_text(), vcpus=2)
+    q = under_qemu(tmp_path, src, vcpus=2)
+    assert [vcpu_outcome(v) for v in q.vcpus] == [vcpu_outcome(v) for v in m.vcpus]
+    assert q.vcpus[0].regs["r8"] == 0x1111 and q.vcpus[1].regs["r9"] == 500 * 501 // 2
+    assert q.vcpus[0].rip != q.vcpus[1].rip
+    assert [f.index for f in q.gp_faults] == [0x87654321]
 
 
 def test_qemu_answers_core_thread_count_itself(tmp_path):
