@@ -10,8 +10,8 @@ HLT with interrupts off never returns, so every `hlt` statement of the source is
 the byte 0xd6 instead (SALC, undefined in 64-bit mode: #UD), and the runtime's #UD handler
 takes the registers there.  Both are one byte, so every address, and so every #GP RIP, stays
 the same.  (Not int3: on kvm_pvm hosts a guest INT3 ends QEMU with "KVM internal error ...
-emulation failure".)  A program that executes 0xd6 itself would take #UD
-under Machine; under QEMU it ends that vCPU.
+emulation failure".)  A program that executes 0xd6 itself would take #UD under Machine; under
+QEMU it ends that vCPU.
 """
 from __future__ import annotations
 
