@@ -79,8 +79,8 @@ entry32:
         cli
         cld
         mov     $(boot_stacks + BOOT_STACK), %esp  /* vCPU 0's scratch stack */
-        /* Only the page tables here: with paging off some hosts emulate every instruction
-           (kvm_pvm), so the rest is done in long mode (long64) */
+        /* Only the page tables here: guest code is slow on some hosts (kvm_pvm), slower
+           still with paging off, so the rest is done in long mode (long64) */
         xor     %eax, %eax
         mov     $PML4, %edi
         mov     $(PD - PML4) / 4, %ecx     /* PML4 and PDPT; every PD entry is written */
@@ -252,7 +252,7 @@ common32:
 long64:
         test    %ebp, %ebp
         jnz     2f
-        /* the BSP.  Every guest instruction may be costly (kvm_pvm emulates them all), so
+        /* the BSP.  Every guest instruction may be costly (kvm_pvm: microseconds), so
            memory is not zeroed wholesale: QEMU's RAM starts zeroed and microvm's firmware
            (qboot) leaves [PROG_END, 640 KiB) and [1 MiB, MEM_SIZE) so, but for QEMU's
            multiboot command line right after the image, zeroed here. */
