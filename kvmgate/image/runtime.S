@@ -79,8 +79,7 @@ entry32:
         cli
         cld
         mov     $(boot_stacks + BOOT_STACK), %esp  /* vCPU 0's scratch stack */
-        /* Only the page tables here: guest code is slow on some hosts (kvm_pvm), slower
-           still with paging off, so the rest is done in long mode (long64) */
+        /* Only the page tables here, which long mode needs; the rest in long64 */
         xor     %eax, %eax
         mov     $PML4, %edi
         mov     $(PD - PML4) / 4, %ecx     /* PML4 and PDPT; every PD entry is written */
