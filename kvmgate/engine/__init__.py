@@ -1,0 +1,17 @@
+"""The C policy engine (csrc/engine.c) for Python: the compiled table, decisions, verdicts for
+explain/replay, and the audit-ring consumer.
+
+    Engine(cp)              a CompiledPolicy's table loaded into the C engine; .decide(...)
+    verdict(cp, i, w, r)    what the policy does with one exit (explain, trace replay)
+    available()             whether the C extension was built (`pip install .` with a C compiler)
+    Ring                    a per-vCPU audit ring in shared memory; records -> AuditLog
+"""
+from .binding import (Decision, Engine, EngineUnavailable, State, available, result_text,
+                      unavailable_reason)
+from .ring import Ring, RingRecord, decode, deliver
+from .table import EngineTable, EngineTableError, build_table, read_table
+from .verdict import Verdict, verdict
+
+__all__ = ["Decision", "Engine", "EngineUnavailable", "State", "available", "result_text",
+           "unavailable_reason", "Ring", "RingRecord", "decode", "deliver", "EngineTable",
+           "EngineTableError", "build_table", "read_table", "Verdict", "verdict"]
