@@ -16,4 +16,17 @@ ENGINE = Extension(
     optional=True,
 )
 
-setup(ext_modules=[ENGINE])
+# The LD_PRELOAD shim of `kvmgate wrap` (csrc/shim.c + the engine): a plain shared library
+# inside the VMM, never imported by Python; built like an extension so `pip install .` ships it
+# in the package (kvmgate/wrap/library.py finds it).
+SHIM = Extension(
+    "kvmgate.wrap._kvmgate_shim",
+    sources=["csrc/shim.c", "csrc/engine.c"],
+    depends=["csrc/engine.h", "csrc/shim_abi.h"],
+    include_dirs=["csrc"],
+    extra_compile_args=CFLAGS,
+    libraries=["dl", "pthread"],
+    optional=True,
+)
+
+setup(ext_modules=[ENGINE, SHIM])
