@@ -7,7 +7,8 @@ Line format:  "R VCPU MSR OP VALUE FAULT"  (hex; OP 0 = read, 1 = write; VALUE =
 the access), then "DONE".  vCPU 1 is started with INIT/SIPI through the local APIC, runs the
 same table and vCPU 0 prints both once vCPU 1 is done.
 
-`loops` > 0 instead repeats the first access that many times between two RDTSCs and prints
+`wait` != 0 makes vCPU 0 first read the first MSR until its low 32 bits equal `wait` (the
+reload test), after printing "W".  `loops` > 0 instead repeats the first access that many times between two RDTSCs and prints
 "T CYCLES" (the bench).  Built with GNU as + ld.
 """
 from __future__ import annotations
@@ -62,7 +63,18 @@ bsp64:
     shr $16, %rax
     mov %eax, idt + 13*16 + 8
     lidt idtr
-    xor %edi, %edi
+    mov wait_for, %ebx          # reload tests: spin until the first MSR reads this value
+    test %ebx, %ebx
+    jz 1f
+    mov $'W', %al               # "W": spinning now
+    call putc
+    mov $'\n', %al
+    call putc
+    mov table, %ecx
+0:  rdmsr
+    cmp %eax, %ebx
+    jne 0b
+1:  xor %edi, %edi
     call tests
     cmpl $1, ncpus
     je print
@@ -266,6 +278,7 @@ fault: .long 0, 0
 ap_done: .long 0
 ncpus: .long NCPUS
 loops: .long LOOPS
+wait_for: .long WAIT
 cycles: .quad 0
 msg_done: .asciz "DONE\n"
 .align 16
@@ -321,13 +334,14 @@ def table_lines(accesses) -> str:
     return "\n".join(out)
 
 
-def build(accesses, out_dir: Path, vcpus: int = 1, loops: int = 0, name: str = "guest") -> Path:
+def build(accesses, out_dir: Path, vcpus: int = 1, loops: int = 0, wait: int = 0,
+          name: str = "guest") -> Path:
     """Assemble and link the guest; returns the ELF path."""
     if vcpus not in (1, 2):
         raise ValueError("the test guest runs on 1 or 2 vCPUs")
     out_dir = Path(out_dir)
     src = ASM.replace("TABLE", table_lines(accesses)).replace("NCPUS", str(vcpus)) \
-             .replace("LOOPS", str(loops)).replace("RESULT_BYTES", str(16 * (len(accesses) + 1)))
+             .replace("LOOPS", str(loops)).replace("WAIT", str(wait)).replace("RESULT_BYTES", str(16 * (len(accesses) + 1)))
     s, o, elf, ld = (out_dir / f"{name}.{ext}" for ext in ("S", "o", "elf", "ld"))
     s.write_text(src)
     ld.write_text(LDS)

@@ -1,0 +1,222 @@
+"""`kvmgate wrap -- qemu-system-x86_64 ...`: policies, audit, transparency, fail-closed and
+reload on a real, unmodified QEMU (microvm + the PVH test guest of pvhguest.py)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pvhguest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+EFER = 0xC0000080
+TIMEOUT = 60
+
+# the guest's own long-mode entry writes EFER: every policy here lets the kernel handle it
+ALLOW_EFER = """
+[[rule]]
+msr = "IA32_EFER"
+access = "both"
+action = "allow"
+log = false
+"""
+
+
+def wrap_argv(*opts) -> list[str]:
+    return [sys.executable, "-m", "kvmgate", "wrap", *opts, "--"]
+
+
+def run(argv, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
+
+
+def policy(tmp_path, text, name="p.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def audit_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def basic_guest(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guest")
+    acc = [(0x35, 0, 0), (0x174, 1, 0x10), (0x174, 0, 0), (0x12345678, 0, 0),
+           (0x12345678, 1, 5), (0xCE, 0, 0)]
+    return acc, pvhguest.build(acc, d, vcpus=2)
+
+
+@pytest.fixture(scope="module")
+def unwrapped(basic_guest):
+    _, elf = basic_guest
+    r = run(pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    out = pvhguest.parse(r.stdout)
+    assert out["done"]
+    return out
+
+
+def test_policy_answers_on_two_vcpus_with_audit(tmp_path, basic_guest, unwrapped):
+    _, elf = basic_guest
+    pol = policy(tmp_path, """
+[policy]
+default = "allow"
+[[rule]]
+msr = 0xce
+access = "read"
+action = "constant"
+value = 0x1234
+[[rule]]
+msr = 0x12345678
+access = "both"
+action = "ignore"
+log = true
+[[rule]]
+msr = 0x174
+access = "write"
+action = "deny"
+log = true
+""")
+    audit = tmp_path / "a.jsonl"
+    r = run(wrap_argv("--policy", str(pol), "--audit", str(audit)) + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    out = pvhguest.parse(r.stdout)
+    assert out["done"]
+    for v in (0, 1):
+        assert out[(v, 0xCE, 0)] == (0x1234, 0)                  # constant
+        assert out[(v, 0x12345678, 0)] == (0, 0)                 # ignore: read 0, no #GP
+        assert out[(v, 0x12345678, 1)][1] == 0                   # ignore: write dropped
+        assert out[(v, 0x174, 1)][1] == 1                        # deny: #GP
+        assert out[(v, 0x35, 0)] == unwrapped[(v, 0x35, 0)]      # QEMU's own answer
+    recs = audit_records(audit)
+    seen = {(rec["vcpu"], rec["msr"], rec["access"], rec["action"], rec["result"]) for rec in recs}
+    for v in (0, 1):
+        assert (v, "0xce", "read", "constant", "read 0x1234") in seen
+        assert (v, "0x12345678", "read", "ignore", "read 0x0") in seen
+        assert (v, "0x12345678", "write", "ignore", "dropped") in seen
+        assert (v, "0x174", "write", "deny", "#GP") in seen
+    assert all(rec["rip"] and int(rec["rip"], 16) > 0x100000 for rec in recs)
+    assert all(rec["rule"].startswith(str(pol)) for rec in recs)
+    assert "answered by the policy" in r.stderr
+
+
+@pytest.mark.parametrize("default", ["allow", "deny"])
+def test_qemu_answers_0x35_itself_under_any_policy_not_naming_it(tmp_path, basic_guest, unwrapped,
+                                                                 default):
+    _, elf = basic_guest
+    pol = policy(tmp_path, f'[policy]\ndefault = "{default}"\nlog = false\n' + ALLOW_EFER)
+    r = run(wrap_argv("--policy", str(pol), "--json") + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    out = pvhguest.parse(r.stdout)
+    for v in (0, 1):
+        assert out[(v, 0x35, 0)] == unwrapped[(v, 0x35, 0)]
+    summary = json.loads(r.stderr.strip().splitlines()[-1])
+    assert summary["exits"]["vmm"] == 2                          # one 0x35 read per vCPU
+    if default == "deny":
+        assert out[(0, 0x174, 1)][1] == 1                        # denied: #GP
+    else:
+        assert out == unwrapped
+
+
+def test_allow_all_wrap_is_transparent(basic_guest, unwrapped):
+    _, elf = basic_guest
+    r = run(wrap_argv() + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    assert pvhguest.parse(r.stdout) == unwrapped
+
+
+def test_merge_that_does_not_fit_stops_the_vm(tmp_path, basic_guest):
+    """16 ranges of its own + QEMU's 0x35 range = 17: QEMU's filter is refused, the guest never
+    runs, and the message names the policy and why."""
+    _, elf = basic_guest
+    rules = "".join(f'[[rule]]\nmsr = {i * 0x10000:#x}\naccess = "both"\naction = "deny"\n'
+                    for i in range(1, 17))
+    pol = policy(tmp_path, '[policy]\ndefault = "allow"\n' + rules)
+    r = run(wrap_argv("--policy", str(pol)) + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode not in (0, pvhguest.EXIT_OK)
+    assert not pvhguest.parse(r.stdout)["done"]
+    assert str(pol) in r.stderr and "16" in r.stderr
+
+
+def test_shim_without_kvmgate_refuses_the_vm(basic_guest):
+    from kvmgate.wrap.library import shim_path
+    _, elf = basic_guest
+    env = {k: v for k, v in os.environ.items() if k != "KVMGATE_SHIM"}
+    env["LD_PRELOAD"] = str(shim_path())
+    r = run(pvhguest.qemu_argv(elf, 1), env=env)
+    assert r.returncode not in (0, pvhguest.EXIT_OK)
+    assert not pvhguest.parse(r.stdout)["done"]
+    assert "no policy" in r.stderr and "KVM_CREATE_VM" in r.stderr
+
+
+def test_shim_is_inert_without_dev_kvm(tmp_path):
+    """A preloaded process that never opens /dev/kvm (qemu-img, the VMM's helpers) is untouched."""
+    from kvmgate.wrap.library import shim_path
+    env = dict(os.environ, LD_PRELOAD=str(shim_path()))
+    r = subprocess.run(["qemu-img", "create", "-f", "qcow2", str(tmp_path / "x.qcow2"), "1M"],
+                       capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "kvmgate" not in r.stderr
+
+
+def _until(stream, word: str, lines: list[str]) -> str:
+    for line in stream:
+        lines.append(line)
+        if word in line:
+            return line
+    raise AssertionError(f"{word!r} never came: {''.join(lines)}")
+
+
+def test_sighup_reloads_into_the_running_vm_and_a_bad_file_keeps_the_old(tmp_path):
+    """The guest reads MSR 0x40001234 until it sees 2: policy A answers 1, so it spins until
+    SIGHUP installs policy B.  A bad file in between is refused and the guest keeps spinning."""
+    elf = pvhguest.build([(0x40001234, 0, 0)], tmp_path, vcpus=2, wait=2)
+    rule = '[policy]\ndefault = "allow"\n[[rule]]\nmsr = 0x40001234\naccess = "read"\n' \
+           'action = "constant"\nlog = false\nvalue = {}\n'
+    pol = policy(tmp_path, rule.format(1))
+    proc = subprocess.Popen(wrap_argv("--policy", str(pol)) + pvhguest.qemu_argv(elf, 2), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        _until(proc.stderr, "active in VMM", lines)
+        pol.write_text("[policy]\ndefault = \"sometimes\"\n")
+        proc.send_signal(signal.SIGHUP)
+        refused = _until(proc.stderr, "reload refused", lines)
+        assert str(pol) in refused and "default" in refused
+        assert proc.poll() is None                                # still spinning on 1
+        pol.write_text(rule.format(2))
+        proc.send_signal(signal.SIGHUP)
+        _until(proc.stderr, "kvmgate: reloaded", lines)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == pvhguest.EXIT_OK, "".join(lines) + err
+    res = pvhguest.parse(out)
+    assert res[(0, 0x40001234, 0)] == (2, 0) and res[(1, 0x40001234, 0)] == (2, 0)
+
+
+def test_sigterm_goes_to_the_vmm(tmp_path):
+    elf = pvhguest.build([(0x40001234, 0, 0)], tmp_path, vcpus=1, wait=7)   # spins for ever
+    proc = subprocess.Popen(wrap_argv() + pvhguest.qemu_argv(elf, 1), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        _until(proc.stdout, "W", lines)                           # the guest runs
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert "terminating on signal 15" in err                     # QEMU got it
+    assert proc.returncode == 0                                  # and QEMU's code is ours
