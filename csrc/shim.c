@@ -72,6 +72,7 @@ struct vcpu {
     struct kvm_run *run;
     struct kg_ring *ring;                /* NULL if more vCPUs than rings */
     struct shim_stats *stats;
+    struct shim_count *counts;           /* NULL if more vCPUs than rings */
     struct config *volatile using;       /* the configuration this vCPU is reading, or NULL */
 };
 
@@ -166,7 +167,10 @@ static int map_shared(void)
         h->mailbox_off + sizeof(struct shim_mailbox) > h->total_size ||
         h->stats_off + (uint64_t)h->max_vcpus * sizeof(struct shim_stats) > h->total_size ||
         h->rings_off + (uint64_t)h->max_vcpus * h->ring_stride > h->total_size ||
-        h->ring_stride < kg_ring_size(h->ring_capacity) || (h->mailbox_off & 7)) {
+        h->ring_stride < kg_ring_size(h->ring_capacity) || (h->mailbox_off & 7) ||
+        !h->counts_slots || (h->counts_slots & (h->counts_slots - 1)) || (h->counts_off & 7) ||
+        h->counts_off + (uint64_t)h->max_vcpus * h->counts_slots * sizeof(struct shim_count) >
+            h->total_size) {
         munmap(p, st.st_size);
         setup_error = "the shared memory from kvmgate has another layout (version mismatch?)";
         return -1;
@@ -571,12 +575,15 @@ static void adopt_vcpu(int fd)
     void *run = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     v->run = run == MAP_FAILED ? NULL : run;
     v->ring = NULL;
+    v->counts = NULL;
     v->stats = &spare_stats[i];
     if (i < shm->max_vcpus) {
         void *ring = (char *)shm + shm->rings_off + (uint64_t)i * shm->ring_stride;
         if (kg_ring_init(ring, shm->ring_stride, shm->ring_capacity) == 0)
             v->ring = ring;
         v->stats = (struct shim_stats *)((char *)shm + shm->stats_off) + i;
+        v->counts = (struct shim_count *)((char *)shm + shm->counts_off) +
+                    (uint64_t)i * shm->counts_slots;
     }
     __atomic_store_n(&vcpu_of_fd[fd], v, __ATOMIC_RELEASE);
     __atomic_store_n(&fdkind[fd], FD_VCPU, __ATOMIC_RELEASE);
@@ -604,6 +611,34 @@ static int policy_names(const struct kg_table_header *t, uint32_t index, int is_
             lo = mid + 1;
         else
             return 1;
+    }
+    return 0;
+}
+
+/* Count a decision that is not logged in the vCPU's table: 1 counted, 0 full (use the ring).
+ * Single writer (this vCPU's thread); the parent reads the table after the VMM is gone. */
+static int count_decision(struct vcpu *v, uint32_t index, int wr, const struct kg_decision *d)
+{
+    if (v->counts == NULL)
+        return 0;
+    uint64_t key = (uint64_t)index << 32 | (uint64_t)!!(d->flags & KG_DF_WOULD_DENY) << 25 |
+                   (uint64_t)!!wr << 24 | (uint64_t)d->action << 16 | (uint64_t)d->result << 8 | 1;
+    uint64_t value = d->result == KG_RES_VALUE ? d->value : 0;
+    uint32_t mask = shm->counts_slots - 1;
+    uint32_t h = (uint32_t)((key ^ value ^ (value >> 29)) * 0x9E3779B97F4A7C15ull >> 40) & mask;
+    for (uint32_t probe = 0; probe < 16; probe++) {
+        struct shim_count *c = &v->counts[(h + probe) & mask];
+        uint64_t k = c->key;
+        if (k == 0) {
+            c->value = value;
+            c->count = 1;
+            __atomic_store_n(&c->key, key, __ATOMIC_RELEASE);
+            return 1;
+        }
+        if (k == key && c->value == value) {
+            __atomic_store_n(&c->count, c->count + 1, __ATOMIC_RELAXED);
+            return 1;
+        }
     }
     return 0;
 }
@@ -697,9 +732,11 @@ static int answer(struct vcpu *v, struct kvm_run *run, int wr)
             if (!wr)
                 run->msr.data = d.result == KG_RES_VALUE ? d.value : 0;
         }
+        int log = d.flags & KG_DF_LOG;
+        if (!log && (d.flags & KG_DF_COUNT) && count_decision(v, index, wr, &d))
+            break;
         if ((d.flags & (KG_DF_LOG | KG_DF_COUNT)) && v->ring != NULL) {
             struct kg_record rec;
-            int log = d.flags & KG_DF_LOG;
             uint64_t rip = log ? guest_rip(v->fd) : 0;
             kg_record_fill(&rec, &d, v->index, rip, log, index, wr, reason, data);
             kg_ring_push(v->ring, &rec);

@@ -4,6 +4,7 @@
  * One memfd, inherited by the VMM, mapped MAP_SHARED by both:
  *   offset 0                     struct shim_header
  *   header.stats_off             struct shim_stats[max_vcpus]: per-vCPU exit counters
+ *   header.counts_off            struct shim_count[max_vcpus][counts_slots]: counted decisions
  *   header.mailbox_off           struct shim_mailbox: the policy the parent wants installed
  *   header.rings_off + i*stride  struct kg_ring (engine.h) for vCPU i, initialised by the shim
  * and two pipes: ctl (parent -> shim: one byte 'R' = install the mailbox) and status (shim ->
@@ -60,7 +61,21 @@ struct shim_header {
     uint64_t stats_off;                    /* struct shim_stats[max_vcpus] */
     uint32_t vcpus;                        /* shim: vCPUs created so far */
     uint32_t shim_pid;                     /* shim: the VMM's pid once a VM exists */
-    uint64_t reserved[4];
+    uint64_t counts_off;                   /* struct shim_count[max_vcpus][counts_slots] */
+    uint32_t counts_slots;                 /* per vCPU, power of two */
+    uint32_t reserved32;
+    uint64_t reserved[2];
+};
+
+/* Decisions that are only counted (not logged) are summed here by their vCPU instead of
+ * taking a ring record each: open addressing on (MSR, direction, action, result, value);
+ * a full table falls back to the ring.  key 0 = free slot. */
+struct shim_count {
+    uint64_t key;                          /* index << 32 | would_deny << 25 | write << 24 |
+                                              action << 16 | result << 8 | 1 */
+    uint64_t value;                        /* KG_RES_VALUE: the value read, else 0 */
+    uint64_t count;
+    uint64_t reserved;
 };
 
 struct shim_stats {                        /* per vCPU, written by its thread only */

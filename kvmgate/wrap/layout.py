@@ -37,7 +37,19 @@ class ShimHeader(C.Structure):
                 ("ring_capacity", C.c_uint32), ("mailbox_off", C.c_uint64),
                 ("rings_off", C.c_uint64), ("ring_stride", C.c_uint64),
                 ("total_size", C.c_uint64), ("stats_off", C.c_uint64), ("vcpus", C.c_uint32),
-                ("shim_pid", C.c_uint32), ("reserved", C.c_uint64 * 4)]
+                ("shim_pid", C.c_uint32), ("counts_off", C.c_uint64), ("counts_slots", C.c_uint32),
+                ("reserved32", C.c_uint32), ("reserved", C.c_uint64 * 2)]
+
+
+class ShimCount(C.Structure):
+    """A decision counted by its vCPU instead of a ring record (csrc/shim_abi.h)."""
+    _fields_ = [("key", C.c_uint64), ("value", C.c_uint64), ("count", C.c_uint64),
+                ("reserved", C.c_uint64)]
+
+    def decode(self) -> tuple[int, bool, int, int, bool]:
+        """(MSR, write, action, result, would_deny) of a used slot."""
+        k = self.key
+        return k >> 32, bool(k >> 24 & 1), k >> 16 & 0xFF, k >> 8 & 0xFF, bool(k >> 25 & 1)
 
 
 class ShimStats(C.Structure):
@@ -49,13 +61,15 @@ def _up(n: int, to: int = PAGE) -> int:
     return (n + to - 1) // to * to
 
 
-def plan(max_vcpus: int = 64, ring_capacity: int = 2048) -> dict:
+def plan(max_vcpus: int = 64, ring_capacity: int = 2048, counts_slots: int = 512) -> dict:
     """Offsets and total size of the shared memory for `max_vcpus` rings of `ring_capacity`."""
     stats_off = _up(C.sizeof(ShimHeader))
-    mailbox_off = _up(stats_off + max_vcpus * C.sizeof(ShimStats))
+    counts_off = _up(stats_off + max_vcpus * C.sizeof(ShimStats))
+    mailbox_off = _up(counts_off + max_vcpus * counts_slots * C.sizeof(ShimCount))
     rings_off = _up(mailbox_off + C.sizeof(ShimMailbox))
     stride = _up(RING_HEADER + ring_capacity * RECORD_SIZE)
     return {"max_vcpus": max_vcpus, "ring_capacity": ring_capacity, "stats_off": stats_off,
+            "counts_off": counts_off, "counts_slots": counts_slots,
             "mailbox_off": mailbox_off, "rings_off": rings_off, "ring_stride": stride,
             "total_size": rings_off + max_vcpus * stride}
 

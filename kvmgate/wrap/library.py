@@ -62,9 +62,10 @@ def build_from_source(csrc: Path) -> Path:
 def shim_path() -> Path:
     """The shim library to preload: the packaged one, else one built from the checkout."""
     p = packaged()
-    if p is not None:
-        return p
     src = source_dir()
+    if p is not None and (src is None or p.stat().st_mtime >= max(
+            (src / f).stat().st_mtime for f in SOURCES + HEADERS)):
+        return p                            # installed, or built in place and up to date
     if src is None:
         raise UserError("the kvmgate shim library is missing: reinstall kvmgate with a C "
                         "compiler (pip install .)", str(HERE))

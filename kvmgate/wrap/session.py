@@ -22,7 +22,8 @@ import threading
 from dataclasses import dataclass, field
 
 from ..audit import AuditLog
-from ..engine import Ring, build_table, decode
+from ..engine import Ring, build_table, decode, result_text
+from ..engine.table import KIND_NAMES
 from ..errors import UserError
 from ..hostinfo import ignore_msrs
 from ..policy import Policy, compile_policy, load_policy
@@ -76,13 +77,14 @@ class Wrap:
 
     def __init__(self, argv: list[str], policy: str | None = None, audit: str | None = None,
                  mode: str | None = None, stderr=None, max_vcpus: int = 64,
-                 ring_capacity: int = 2048):
+                 ring_capacity: int = 2048, vmm_stdout=None, vmm_stderr=None):
         if not argv:
             raise UserError("no VMM command given: kvmgate wrap [options] -- VMM [ARGS...]",
                             "argument VMM")
         self.argv = list(argv)
         self.policy_path, self.mode = policy, mode
         self.err = stderr or sys.stderr
+        self.vmm_out, self.vmm_err = vmm_stdout, vmm_stderr   # None: inherited
         self.compiled = prepare(policy, mode)
         self.audit = AuditLog(audit, rate=self.compiled.rate, burst=self.compiled.burst) \
             if audit or policy else AuditLog(None)
@@ -114,6 +116,7 @@ class Wrap:
         h.max_vcpus, h.ring_capacity = p["max_vcpus"], p["ring_capacity"]
         h.mailbox_off, h.rings_off, h.ring_stride = p["mailbox_off"], p["rings_off"], p["ring_stride"]
         h.total_size, h.stats_off = p["total_size"], p["stats_off"]
+        h.counts_off, h.counts_slots = p["counts_off"], p["counts_slots"]
         self.header = h
         self.mailbox = layout.ShimMailbox.from_buffer(self.mem, p["mailbox_off"])
         self._write_mailbox(self.compiled)
@@ -167,6 +170,24 @@ class Wrap:
                     else:
                         self.audit.count(f["index"], f["write"], f["action"], f["result"])
                     n += 1
+        return n
+
+    def collect_counts(self) -> int:
+        """Add the decisions the vCPUs counted in shared memory (not logged) to the audit
+        counters; once, after the VMM is gone."""
+        n = 0
+        size = C.sizeof(layout.ShimCount)
+        slots = self.plan["counts_slots"]
+        for i in range(min(self.header.vcpus, self.plan["max_vcpus"])):
+            base = self.plan["counts_off"] + i * slots * size
+            for j in range(slots):
+                c = layout.ShimCount.from_buffer(self.mem, base + j * size)
+                if not c.key:
+                    continue
+                index, write, action, result, would = c.decode()
+                self.audit.count(index, write, KIND_NAMES.get(action, f"action({action})"),
+                                 result_text(result, c.value, would), n=c.count)
+                n += c.count
         return n
 
     def ring_drops(self) -> int:
@@ -250,7 +271,8 @@ class Wrap:
         env["LD_PRELOAD"] = f"{self.shim}{' ' + pre if pre else ''}"
         env[layout.ENV] = f"{self.memfd}:{ctl_r}:{status_w}"
         try:
-            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(self.memfd, ctl_r, status_w))
+            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(self.memfd, ctl_r, status_w),
+                                         stdout=self.vmm_out, stderr=self.vmm_err)
         except OSError as e:
             raise UserError(f"cannot start the VMM: {e.strerror}", self.argv[0]) from None
         finally:
@@ -278,6 +300,7 @@ class Wrap:
         self._reload_wanted.set()
         self._threads[0].join(timeout=5)      # the status pipe closes with the VMM
         self.drain()
+        self.collect_counts()
         self.audit.close()
         os.close(self.ctl_w)
         if rc < 0:

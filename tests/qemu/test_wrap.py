@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import pvhguest  # noqa: E402
+from kvmgate.wrap import pvhguest
+
 
 ROOT = Path(__file__).resolve().parents[2]
 EFER = 0xC0000080
@@ -220,3 +220,35 @@ def test_sigterm_goes_to_the_vmm(tmp_path):
         proc.wait()
     assert "terminating on signal 15" in err                     # QEMU got it
     assert proc.returncode == 0                                  # and QEMU's code is ours
+
+
+def test_audit_mode_logs_what_would_be_denied_and_lets_it_happen(tmp_path, basic_guest, unwrapped):
+    _, elf = basic_guest
+    pol = policy(tmp_path, '[policy]\ndefault = "allow"\n[[rule]]\nmsr = 0x174\naccess = "write"\n'
+                           'action = "deny"\nlog = true\n')
+    audit = tmp_path / "a.jsonl"
+    r = run(wrap_argv("--policy", str(pol), "--audit", str(audit), "--mode", "audit")
+            + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    out = pvhguest.parse(r.stdout)
+    for v in (0, 1):
+        assert out[(v, 0x174, 1)][1] == 0                        # the write happened ...
+        assert out[(v, 0x174, 0)] == (0x10, 0)                   # ... as KVM would do it
+    recs = [x for x in audit_records(audit) if x["msr"] == "0x174"]
+    assert sorted(x["vcpu"] for x in recs) == [0, 1]
+    assert all(x["action"] == "deny" and "would #GP" in x["result"] for x in recs)
+
+
+def test_unlogged_decisions_are_counted_per_msr(tmp_path, basic_guest):
+    """Decisions that are not logged are summed by the vCPUs in shared memory and still show
+    in the run-end counters (as `kvmgate run` prints them)."""
+    _, elf = basic_guest
+    pol = policy(tmp_path, '[policy]\ndefault = "allow"\nlog = false\n[[rule]]\nmsr = 0xce\n'
+                           'access = "read"\naction = "constant"\nvalue = 0x77\n')
+    r = run(wrap_argv("--policy", str(pol), "--json") + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    summary = json.loads(r.stderr.strip().splitlines()[-1])
+    rows = [d for d in summary["decisions"] if d["msr"] == "0xce"]
+    assert rows == [{"msr": "0xce", "name": rows[0]["name"], "access": "read", "action": "constant",
+                     "result": "read 0x77", "count": 2, "unlogged": 0}]
+    assert summary["exits"]["policy"] == 2 and summary["audit"]["written"] == 0

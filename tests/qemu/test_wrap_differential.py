@@ -9,12 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import pvhguest  # noqa: E402
 
-from kvmgate.audit import AuditLog  # noqa: E402
-from kvmgate.machine import Machine  # noqa: E402
-from kvmgate.policy import load_policy  # noqa: E402
+from kvmgate.audit import AuditLog
+from kvmgate.machine import Machine
+from kvmgate.policy import load_policy
+from kvmgate.wrap import pvhguest
 
 ROOT = Path(__file__).resolve().parents[2]
 LSTAR_OK = 0xFFFFFFFF81A00000

@@ -1,4 +1,4 @@
-"""A tiny QEMU guest for the wrap tests: a PVH ELF (booted by `-M microvm -kernel`, ~0.2 s)
+"""A tiny QEMU guest for `kvmgate bench wrap` and the wrap tests: a PVH ELF (booted by `-M microvm -kernel`, ~0.2 s)
 that enters long mode (its own EFER write: policies must allow writes of IA32_EFER) and performs a table of RDMSR/WRMSR accesses on every vCPU, catches
 #GP (its own IDT), prints one line per access on the serial port and leaves through
 isa-debug-exit (QEMU exit code 33).
