@@ -251,3 +251,64 @@ def test_unlogged_decisions_are_counted_per_msr(tmp_path, basic_guest):
     assert rows == [{"msr": "0xce", "name": rows[0]["name"], "access": "read", "action": "constant",
                      "result": "read 0x77", "count": 2, "unlogged": 0}]
     assert summary["exits"]["policy"] == 2 and summary["audit"]["written"] == 0
+
+
+class Qmp:
+    """A minimal QMP client: one command at a time, events skipped."""
+
+    def __init__(self, path: Path):
+        import socket
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(str(path))
+        self.f = self.sock.makefile("rw")
+        json.loads(self.f.readline())                 # greeting
+        self("qmp_capabilities")
+
+    def __call__(self, cmd: str):
+        self.f.write(json.dumps({"execute": cmd}) + "\n")
+        self.f.flush()
+        while True:
+            msg = json.loads(self.f.readline())
+            if "return" in msg or "error" in msg:
+                assert "error" not in msg, msg
+                return msg["return"]
+
+    def close(self):
+        self.f.close()
+        self.sock.close()
+
+
+def test_monitor_stop_cont_reset_quit_while_the_policy_answers(tmp_path):
+    """The guest spins on an MSR the shim answers (never returning to QEMU): QEMU's kicks
+    still get its vCPUs out for stop, cont, system_reset (the guest starts again) and quit."""
+    elf = pvhguest.build([(0x40001234, 0, 0)], tmp_path, vcpus=2, wait=2)
+    pol = policy(tmp_path, '[policy]\ndefault = "allow"\n[[rule]]\nmsr = 0x40001234\n'
+                           'access = "read"\naction = "constant"\nlog = false\nvalue = 1\n')
+    sock = tmp_path / "qmp.sock"
+    argv = [a for a in pvhguest.qemu_argv(elf, 2) if a != "-no-reboot"]   # reset = reboot
+    argv += ["-qmp", f"unix:{sock},server=on,wait=off"]
+    proc = subprocess.Popen(wrap_argv("--policy", str(pol), "--json") + argv, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    qmp = None
+    try:
+        _until(proc.stdout, "W", lines)
+        qmp = Qmp(sock)
+        qmp("stop")
+        assert qmp("query-status")["status"] == "paused"
+        qmp("cont")
+        assert qmp("query-status")["status"] == "running"
+        qmp("system_reset")
+        _until(proc.stdout, "W", lines)              # the guest booted again and spins again
+        qmp("quit")
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if qmp is not None:
+            qmp.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert summary["exits"]["policy"] > 0
