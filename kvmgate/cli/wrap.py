@@ -5,11 +5,10 @@ import json
 import sys
 
 from ..errors import UserError
-from ..report import table
 
 
 def cmd_wrap(a) -> int:
-    from ..wrap import Wrap
+    from ..wrap import Wrap, as_json, report
     argv = list(a.vmm)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -19,20 +18,10 @@ def cmd_wrap(a) -> int:
     w.start()
     w.install_signal_handlers()
     r = w.wait()
-    err = sys.stderr
     if a.json:
-        print(json.dumps({"returncode": r.returncode, "policy_active": r.active,
-                          "failures": r.failures, "exits": r.exits, "audit": r.audit,
-                          "reloads": r.reloads, "decisions": r.summary}), file=err)
-        return r.returncode
-    e = r.exits
-    print(f"kvmgate: VMM exited with code {r.returncode}: MSR exits {e['policy']} answered by "
-          f"the policy, {e['vmm']} by the VMM, {e['gp']} #GP (nobody asked), {e['host']} "
-          f"carried out as KVM would; audit records {r.audit['written']} written, "
-          f"{r.audit['suppressed']} suppressed, {r.audit['ring_dropped']} dropped (ring full)",
-          file=err)
-    if r.summary:
-        table(r.summary, out=err)
+        print(json.dumps(as_json(r)), file=sys.stderr)
+    else:
+        report(r, sys.stderr)
     return r.returncode
 
 
@@ -48,3 +37,16 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="run-end counters as one JSON line on stderr")
     p.add_argument("vmm", nargs="...", metavar="-- VMM [ARGS...]")
     p.set_defaults(fn=cmd_wrap)
+    r = sub.add_parser("reload", help="reload the policy of a libvirt domain started through kvmgate-qemu")
+    r.add_argument("domain")
+    r.set_defaults(fn=cmd_reload)
+
+
+def cmd_reload(a) -> int:
+    import os
+    from ..wrap.domain import reload_domain
+    pid = reload_domain(a.domain, os.environ.get("KVMGATE_DOMAINS", "/etc/kvmgate/domains"),
+                        os.environ.get("KVMGATE_RUN_DIR", "/run/kvmgate"))
+    print(f"kvmgate: asked process {pid} to reload the policy of domain {a.domain}; the outcome "
+          "is in the domain's log (kvmgate: reloaded ... / reload refused ...)")
+    return 0

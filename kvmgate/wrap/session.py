@@ -27,6 +27,7 @@ from ..engine.table import KIND_NAMES
 from ..errors import UserError
 from ..hostinfo import ignore_msrs
 from ..policy import Policy, compile_policy, load_policy
+from ..report import table
 from . import layout
 from .library import shim_path
 
@@ -104,6 +105,7 @@ class Wrap:
         self._rings: dict[int, Ring] = {}
         self._done = threading.Event()
         self._reload_wanted = threading.Event()
+        self._vmm_gone = False
 
     # ------------------------------------------------------------ shared memory
     def _setup_memory(self) -> None:
@@ -214,6 +216,7 @@ class Wrap:
                 elif word == "failed":
                     self.failures.append(rest)
         with self._cv:
+            self._vmm_gone = True
             self._cv.notify_all()
 
     # ------------------------------------------------------------ reload
@@ -245,8 +248,7 @@ class Wrap:
         seq = self._write_mailbox(c)
         os.write(self.ctl_w, b"R")
         with self._cv:
-            ok = self._cv.wait_for(lambda: seq in self._replies or self.proc.poll() is not None,
-                                   RELOAD_TIMEOUT)
+            ok = self._cv.wait_for(lambda: seq in self._replies or self._vmm_gone, RELOAD_TIMEOUT)
             why = self._replies.pop(seq, None)
         if why is None:
             why = "the VMM did not answer" if ok else "timed out waiting for the VMM"
@@ -262,7 +264,8 @@ class Wrap:
         return True
 
     # ------------------------------------------------------------ the VMM
-    def start(self) -> None:
+    def _channel(self) -> tuple[dict, tuple[int, int, int]]:
+        """Shared memory + pipes; the VMM's environment and the fds it must inherit."""
         self._setup_memory()
         ctl_r, self.ctl_w = os.pipe()
         self.status_r, status_w = os.pipe()
@@ -270,18 +273,62 @@ class Wrap:
         pre = env.get("LD_PRELOAD", "")
         env["LD_PRELOAD"] = f"{self.shim}{' ' + pre if pre else ''}"
         env[layout.ENV] = f"{self.memfd}:{ctl_r}:{status_w}"
-        try:
-            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(self.memfd, ctl_r, status_w),
-                                         stdout=self.vmm_out, stderr=self.vmm_err)
-        except OSError as e:
-            raise UserError(f"cannot start the VMM: {e.strerror}", self.argv[0]) from None
-        finally:
-            os.close(ctl_r)
-            os.close(status_w)
+        return env, (self.memfd, ctl_r, status_w)
+
+    def _start_threads(self) -> None:
         self._threads = [threading.Thread(target=t, name=f"kvmgate-wrap-{t.__name__}", daemon=True)
                          for t in (self._reader, self._drainer, self._controller)]
         for t in self._threads:
             t.start()
+
+    def start(self) -> None:
+        """Start the VMM as a child (kvmgate wrap)."""
+        env, fds = self._channel()
+        try:
+            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=fds,
+                                         stdout=self.vmm_out, stderr=self.vmm_err)
+        except OSError as e:
+            raise UserError(f"cannot start the VMM: {e.strerror}", self.argv[0]) from None
+        finally:
+            os.close(fds[1])
+            os.close(fds[2])
+        self._start_threads()
+
+    def exec_vmm(self, pidfile: str | None = None):
+        """Become the VMM (libvirt: its pidfile names this process, so QEMU must be exec'ed
+        here).  A detached grandchild keeps the parent side: drains the audit, reloads on
+        SIGHUP (its pid in `pidfile`), prints the run-end counters when the VMM is gone."""
+        env, fds = self._channel()
+        pid = os.fork()
+        if pid == 0:                                   # child: fork the keeper, then leave
+            os.close(fds[1])
+            os.close(fds[2])
+            if os.fork() != 0:
+                os._exit(0)
+            os.setsid()
+            code = 1
+            try:
+                if pidfile:
+                    with open(pidfile, "w") as f:
+                        f.write(f"{os.getpid()}\n")
+                signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                self._start_threads()
+                report(self.wait(), self.err)
+                code = 0
+            finally:
+                if pidfile:
+                    try:
+                        os.unlink(pidfile)
+                    except OSError:
+                        pass
+                os._exit(code)
+        os.waitpid(pid, 0)
+        os.close(self.ctl_w)
+        os.close(self.status_r)
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        os.execve(self.argv[0], self.argv, env)
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -295,7 +342,12 @@ class Wrap:
         return old
 
     def wait(self) -> WrapResult:
-        rc = self.proc.wait()
+        """Until the VMM is gone: its exit code (None when it is not our child)."""
+        if self.proc is not None:
+            rc = self.proc.wait()
+        else:
+            self._threads[0].join()               # the status pipe closes with the VMM
+            rc = None
         self._done.set()
         self._reload_wanted.set()
         self._threads[0].join(timeout=5)      # the status pipe closes with the VMM
@@ -303,7 +355,7 @@ class Wrap:
         self.collect_counts()
         self.audit.close()
         os.close(self.ctl_w)
-        if rc < 0:
+        if rc is not None and rc < 0:
             rc = 128 - rc
         exits = self.stats()
         return WrapResult(rc, self.active.is_set(), list(self.failures), self.audit.summary(),
@@ -313,3 +365,21 @@ class Wrap:
     def run(self) -> WrapResult:
         self.start()
         return self.wait()
+
+
+def report(r: WrapResult, out) -> None:
+    """The run-end counters for people (as `kvmgate run` prints its decisions)."""
+    e = r.exits
+    code = "" if r.returncode is None else f" with code {r.returncode}"
+    print(f"kvmgate: VMM exited{code}: MSR exits {e['policy']} answered by the policy, "
+          f"{e['vmm']} by the VMM, {e['gp']} #GP (nobody asked), {e['host']} carried out as "
+          f"KVM would; audit records {r.audit['written']} written, {r.audit['suppressed']} "
+          f"suppressed, {r.audit['ring_dropped']} dropped (ring full)", file=out)
+    if r.summary:
+        table(r.summary, out=out)
+    out.flush()
+
+
+def as_json(r: WrapResult) -> dict:
+    return {"returncode": r.returncode, "policy_active": r.active, "failures": r.failures,
+            "exits": r.exits, "audit": r.audit, "reloads": r.reloads, "decisions": r.summary}
