@@ -378,12 +378,15 @@ static void quiesce(struct config *c)
 static int publish(struct config *n)
 {
     struct config *old = cur;
+    uint32_t old_seq = shm->applied_seq;
+    __atomic_store_n(&shm->applied_seq, n->seq, __ATOMIC_RELEASE);
     __atomic_store_n(&cur, n, __ATOMIC_RELEASE);
     int r = install_mask(n->policy_mask | n->vmm_mask);
     if (r == 0)
         r = install_filter(&n->merged);
     if (r < 0) {
         r = -errno;
+        __atomic_store_n(&shm->applied_seq, old_seq, __ATOMIC_RELEASE);
         if (old != NULL) {
             __atomic_store_n(&cur, old, __ATOMIC_RELEASE);
             install_mask(old->policy_mask | old->vmm_mask);

@@ -63,7 +63,9 @@ struct shim_header {
     uint32_t shim_pid;                     /* shim: the VMM's pid once a VM exists */
     uint64_t counts_off;                   /* struct shim_count[max_vcpus][counts_slots] */
     uint32_t counts_slots;                 /* per vCPU, power of two */
-    uint32_t reserved32;
+    uint32_t applied_seq;                  /* shim: mailbox seq of the policy in force (set just
+                                              before vCPUs can see it: a VMM that exits before
+                                              the status line still tells the reload's fate) */
     uint64_t reserved[2];
 };
 

@@ -44,6 +44,7 @@ def register(sub) -> None:
 
 def cmd_reload(a) -> int:
     import os
+
     from ..wrap.domain import reload_domain
     pid = reload_domain(a.domain, os.environ.get("KVMGATE_DOMAINS", "/etc/kvmgate/domains"),
                         os.environ.get("KVMGATE_RUN_DIR", "/run/kvmgate"))

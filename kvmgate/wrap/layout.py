@@ -38,7 +38,7 @@ class ShimHeader(C.Structure):
                 ("rings_off", C.c_uint64), ("ring_stride", C.c_uint64),
                 ("total_size", C.c_uint64), ("stats_off", C.c_uint64), ("vcpus", C.c_uint32),
                 ("shim_pid", C.c_uint32), ("counts_off", C.c_uint64), ("counts_slots", C.c_uint32),
-                ("reserved32", C.c_uint32), ("reserved", C.c_uint64 * 2)]
+                ("applied_seq", C.c_uint32), ("reserved", C.c_uint64 * 2)]
 
 
 class ShimCount(C.Structure):

@@ -250,6 +250,8 @@ class Wrap:
         with self._cv:
             ok = self._cv.wait_for(lambda: seq in self._replies or self._vmm_gone, RELOAD_TIMEOUT)
             why = self._replies.pop(seq, None)
+        if why is None and self.header.applied_seq == seq:
+            why = ""                         # in force; the VMM exited before it could say so
         if why is None:
             why = "the VMM did not answer" if ok else "timed out waiting for the VMM"
         if why:
