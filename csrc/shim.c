@@ -74,6 +74,10 @@ struct vcpu {
     struct shim_stats *stats;
     struct shim_count *counts;           /* NULL if more vCPUs than rings */
     struct config *volatile using;       /* the configuration this vCPU is reading, or NULL */
+    int vmm_pending;                     /* learn: an MSR exit handed to the VMM, answer unseen */
+    uint32_t pending_index, pending_reason;
+    int pending_write;
+    uint64_t pending_data;
 };
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
@@ -485,6 +489,21 @@ mapped:
         return r;
     }
     shm->shim_pid = (uint32_t)getpid();
+    if (shm->options & SHIM_OPT_LEARN) {
+        /* the parent starts recording this process's kvm:kvm_msr events, then says 'G' */
+        status("learn-wait %d", (int)getpid());
+        char go = 0;
+        ssize_t got;
+        do
+            got = read(ctl_fd, &go, 1);
+        while (got < 0 && errno == EINTR);
+        if (got != 1 || go != 'G') {
+            complain("learn: kvmgate did not start recording; the VM is not created");
+            __atomic_store_n(&cur, NULL, __ATOMIC_RELEASE);
+            vm_fd = -1;
+            return -EPERM;
+        }
+    }
     pthread_t t;
     pthread_attr_t at;
     pthread_attr_init(&at);
@@ -705,6 +724,13 @@ static int answer(struct vcpu *v, struct kvm_run *run, int wr)
     case TO_VMM:
         v->stats->vmm++;
         handled = 0;
+        if (shm->options & SHIM_OPT_LEARN) {
+            v->pending_index = index;
+            v->pending_reason = reason;
+            v->pending_write = wr;
+            v->pending_data = data;
+            v->vmm_pending = 1;
+        }
         break;
     case TO_GP:
         v->stats->gp++;
@@ -751,8 +777,30 @@ static int answer(struct vcpu *v, struct kvm_run *run, int wr)
     return handled;
 }
 
+/* learn: the VMM has answered the MSR exit it was handed (kvm_run.msr.error/data, read at its
+ * next KVM_RUN): one record with action KG_ACT_NONE for the parent's learned policy. */
+static void record_vmm_answer(struct vcpu *v)
+{
+    struct kvm_run *run = v->run;
+    struct kg_decision d;
+    struct kg_record rec;
+    v->vmm_pending = 0;
+    if (v->ring == NULL)
+        return;
+    memset(&d, 0, sizeof d);
+    d.action = KG_ACT_NONE;
+    d.rule = KG_NONE;
+    d.result = run->msr.error ? KG_RES_GP : v->pending_write ? KG_RES_WRITTEN : KG_RES_VALUE;
+    d.value = v->pending_write ? 0 : run->msr.data;
+    kg_record_fill(&rec, &d, v->index, 0, 0, v->pending_index, v->pending_write,
+                   v->pending_reason, v->pending_data);
+    kg_ring_push(v->ring, &rec);
+}
+
 static int run_vcpu(struct vcpu *v, unsigned long req, void *arg)
 {
+    if (v->vmm_pending && v->run != NULL)
+        record_vmm_answer(v);
     for (;;) {
         int r = real_ioctl(v->fd, req, arg);
         struct kvm_run *run = v->run;

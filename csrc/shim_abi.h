@@ -66,8 +66,13 @@ struct shim_header {
     uint32_t applied_seq;                  /* shim: mailbox seq of the policy in force (set just
                                               before vCPUs can see it: a VMM that exits before
                                               the status line still tells the reload's fate) */
-    uint64_t reserved[2];
+    uint64_t options;                      /* parent: SHIM_OPT_* */
+    uint64_t reserved[1];
 };
+
+#define SHIM_OPT_LEARN 1u                  /* record the MSR exits QEMU answers (action NONE) and
+                                              wait at KVM_CREATE_VM for 'G' on the ctl pipe (the
+                                              parent starts its kvm:kvm_msr recording first) */
 
 /* Decisions that are only counted (not logged) are summed here by their vCPU instead of
  * taking a ring record each: open addressing on (MSR, direction, action, result, value);

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import UserError
+from .common import out_path
 
 
 def cmd_wrap(a) -> int:
@@ -13,8 +13,8 @@ def cmd_wrap(a) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if a.learn:
-        raise UserError("--learn is not available in wrap yet", "argument --learn")
-    w = Wrap(argv, policy=a.policy, audit=a.audit, mode=a.mode)
+        out_path(a.learn, "learned policy")
+    w = Wrap(argv, policy=a.policy, audit=a.audit, mode=a.mode, learn=a.learn)
     w.start()
     w.install_signal_handlers()
     r = w.wait()
@@ -33,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=("enforce", "audit"),
                    help="audit: log what the policy would deny and let it happen (default: the "
                         "policy's [policy] mode, else enforce)")
-    p.add_argument("--learn", metavar="OUT.toml", help="(not yet) write the minimal policy")
+    p.add_argument("--learn", metavar="OUT.toml", help="record every MSR access of the VM (no policy) and "
+                                                        "write the minimal policy that lets it run")
     p.add_argument("--json", action="store_true", help="run-end counters as one JSON line on stderr")
     p.add_argument("vmm", nargs="...", metavar="-- VMM [ARGS...]")
     p.set_defaults(fn=cmd_wrap)

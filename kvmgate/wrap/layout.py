@@ -15,6 +15,7 @@ TABLE_MAX = 1 << 20
 RING_HEADER = 192             # struct kg_ring (engine.h)
 RECORD_SIZE = 64              # struct kg_record
 PAGE = 4096
+OPT_LEARN = 1                 # SHIM_OPT_LEARN
 
 
 class ShimRange(C.Structure):
@@ -38,7 +39,7 @@ class ShimHeader(C.Structure):
                 ("rings_off", C.c_uint64), ("ring_stride", C.c_uint64),
                 ("total_size", C.c_uint64), ("stats_off", C.c_uint64), ("vcpus", C.c_uint32),
                 ("shim_pid", C.c_uint32), ("counts_off", C.c_uint64), ("counts_slots", C.c_uint32),
-                ("applied_seq", C.c_uint32), ("reserved", C.c_uint64 * 2)]
+                ("applied_seq", C.c_uint32), ("options", C.c_uint64), ("reserved", C.c_uint64 * 1)]
 
 
 class ShimCount(C.Structure):

@@ -20,19 +20,27 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..audit import AuditLog
 from ..engine import Ring, build_table, decode, result_text
+from ..engine.ring import RECORD
 from ..engine.table import KIND_NAMES
 from ..errors import UserError
 from ..hostinfo import ignore_msrs
 from ..policy import Policy, compile_policy, load_policy
 from ..report import table
 from . import layout
+from .learn import WrapLearner
 from .library import shim_path
 
 DRAIN_PERIOD = 0.05          # seconds between ring drains while the VMM runs
 RELOAD_TIMEOUT = 30.0
+
+
+def _read_value(result: str) -> int:
+    """The value of a "read 0x.." result text; 0 otherwise."""
+    return int(result.split()[1], 16) if result.startswith("read ") else 0
 
 
 def allow_all_policy() -> Policy:
@@ -78,7 +86,8 @@ class Wrap:
 
     def __init__(self, argv: list[str], policy: str | None = None, audit: str | None = None,
                  mode: str | None = None, stderr=None, max_vcpus: int = 64,
-                 ring_capacity: int = 2048, vmm_stdout=None, vmm_stderr=None):
+                 ring_capacity: int = 2048, vmm_stdout=None, vmm_stderr=None,
+                 learn: str | None = None):
         if not argv:
             raise UserError("no VMM command given: kvmgate wrap [options] -- VMM [ARGS...]",
                             "argument VMM")
@@ -86,7 +95,12 @@ class Wrap:
         self.policy_path, self.mode = policy, mode
         self.err = stderr or sys.stderr
         self.vmm_out, self.vmm_err = vmm_stdout, vmm_stderr   # None: inherited
+        if learn and policy:
+            raise UserError("--learn runs the VM without a policy (it records what the guest "
+                            "does); drop --policy", "argument --learn")
         self.compiled = prepare(policy, mode)
+        self.learner = WrapLearner(learn) if learn else None
+        self.learned: tuple[int, int] | None = None
         self.audit = AuditLog(audit, rate=self.compiled.rate, burst=self.compiled.burst) \
             if audit or policy else AuditLog(None)
         self._now = 0.0
@@ -119,6 +133,7 @@ class Wrap:
         h.mailbox_off, h.rings_off, h.ring_stride = p["mailbox_off"], p["rings_off"], p["ring_stride"]
         h.total_size, h.stats_off = p["total_size"], p["stats_off"]
         h.counts_off, h.counts_slots = p["counts_off"], p["counts_slots"]
+        h.options = layout.OPT_LEARN if self.learner is not None else 0
         self.header = h
         self.mailbox = layout.ShimMailbox.from_buffer(self.mem, p["mailbox_off"])
         self._write_mailbox(self.compiled)
@@ -164,9 +179,17 @@ class Wrap:
                 ring = self._ring(i)
                 if ring is None:
                     continue
-                for rec in decode(ring.drain_raw(), self._rules):
+                raw = ring.drain_raw()
+                for rec, (t_ns, action) in zip(decode(raw, self._rules),
+                                               ((r[0], r[8]) for r in RECORD.iter_unpack(raw))):
                     self._now = rec.time
                     f = rec.fields
+                    if self.learner is not None:
+                        self.learner.add(t_ns, f["index"], f["write"],
+                                         f["value"] if f["write"] else _read_value(f["result"]),
+                                         f["result"] == "#GP")
+                    if action == 0:
+                        continue                     # learn: an exit QEMU answered, no decision
                     if rec.logged:
                         self.audit.record(**f)
                     else:
@@ -215,9 +238,23 @@ class Wrap:
                         self._cv.notify_all()
                 elif word == "failed":
                     self.failures.append(rest)
+                elif word == "learn-wait":
+                    self._start_learning(int(rest.split()[0]))
         with self._cv:
             self._vmm_gone = True
             self._cv.notify_all()
+
+    def _start_learning(self, pid: int) -> None:
+        """The shim holds KVM_CREATE_VM until kvm:kvm_msr recording of the VMM runs."""
+        try:
+            self.learner.start(pid)
+        except (UserError, OSError) as e:
+            print(f"kvmgate: learn: cannot record the VM's MSR accesses: {e}", file=self.err, flush=True)
+            self.failures.append(f"learn: {e}")
+            self.learner = None
+            os.write(self.ctl_w, b"X")            # the shim refuses the VM
+            return
+        os.write(self.ctl_w, b"G")
 
     # ------------------------------------------------------------ reload
     def request_reload(self) -> None:
@@ -356,6 +393,10 @@ class Wrap:
         self.drain()
         self.collect_counts()
         self.audit.close()
+        if self.learner is not None:
+            self.learned = self.learner.finish(f"learned-{Path(self.argv[0]).name}")
+            print(f"kvmgate: wrote {self.learner.out}: {self.learned[1]} of {self.learned[0]} "
+                  "MSR/direction pairs allowed, default deny", file=self.err, flush=True)
         os.close(self.ctl_w)
         if rc is not None and rc < 0:
             rc = 128 - rc

@@ -312,3 +312,24 @@ def test_monitor_stop_cont_reset_quit_while_the_policy_answers(tmp_path):
     assert proc.returncode == 0, err
     summary = json.loads(err.strip().splitlines()[-1])
     assert summary["exits"]["policy"] > 0
+
+
+def test_learn_on_qemu_then_the_learned_policy_changes_nothing(tmp_path, basic_guest, unwrapped):
+    """--learn records kernel-handled accesses (kvm:kvm_msr) and the ones QEMU answers itself
+    (0x35, which the tracepoint never sees); the guest then runs under the learned policy with
+    exactly the unwrapped outcomes and no denial except the #GPs KVM itself gave."""
+    _, elf = basic_guest
+    learned = tmp_path / "learned.toml"
+    r = run(wrap_argv("--learn", str(learned)) + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    assert pvhguest.parse(r.stdout) == unwrapped                  # learning changed nothing
+    text = learned.read_text()
+    assert "MSR_CORE_THREAD_COUNT" in text and "IA32_EFER" in text and "IA32_SYSENTER_CS" in text
+    audit = tmp_path / "a.jsonl"
+    r = run(wrap_argv("--policy", str(learned), "--audit", str(audit)) + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    assert pvhguest.parse(r.stdout) == unwrapped
+    denied = {x["msr"] for x in audit_records(audit) if x["result"] == "#GP"}
+    assert denied <= {"0x12345678", "0xce"}                      # only what KVM itself refused
+    assert all(unwrapped[(v, int(m, 16), op)][1] == 1 for m in denied for v in (0, 1)
+               for op in (0, 1) if (v, int(m, 16), op) in unwrapped)
