@@ -333,3 +333,24 @@ def test_learn_on_qemu_then_the_learned_policy_changes_nothing(tmp_path, basic_g
     assert denied <= {"0x12345678", "0xce"}                      # only what KVM itself refused
     assert all(unwrapped[(v, int(m, 16), op)][1] == 1 for m in denied for v in (0, 1)
                for op in (0, 1) if (v, int(m, 16), op) in unwrapped)
+
+
+def test_merge_with_qemus_filter_inside_a_policy_range(tmp_path, unwrapped):
+    """The policy's READ|WRITE range 0x30..0x38 holds QEMU's 0x35 read range: the merge splits
+    it (reads differ from writes there), QEMU still answers 0x35, the policy denies 0x30 and
+    0x38, and 0x36 (allowed by both) is KVM's own business (#GP, no exit, no record)."""
+    acc = [(0x30, 0, 0), (0x35, 0, 0), (0x36, 0, 0), (0x38, 0, 0), (0x38, 1, 1)]
+    elf = pvhguest.build(acc, tmp_path, vcpus=2)
+    pol = policy(tmp_path, '[policy]\ndefault = "allow"\n[[rule]]\nmsrs = [0x30, 0x38]\n'
+                           'access = "both"\naction = "deny"\nlog = true\n')
+    audit = tmp_path / "a.jsonl"
+    r = run(wrap_argv("--policy", str(pol), "--audit", str(audit), "--json") + pvhguest.qemu_argv(elf, 2))
+    assert r.returncode == pvhguest.EXIT_OK, r.stderr
+    out = pvhguest.parse(r.stdout)
+    for v in (0, 1):
+        assert out[(v, 0x35, 0)] == unwrapped[(v, 0x35, 0)]
+        assert out[(v, 0x30, 0)][1] == out[(v, 0x36, 0)][1] == out[(v, 0x38, 1)][1] == 1
+    recs = {(x["vcpu"], x["msr"], x["access"], x["action"]) for x in audit_records(audit)}
+    assert recs == {(v, m, a, "deny") for v in (0, 1)
+                    for m, a in (("0x30", "read"), ("0x38", "read"), ("0x38", "write"))}
+    assert json.loads(r.stderr.strip().splitlines()[-1])["exits"]["vmm"] == 2
