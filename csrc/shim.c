@@ -96,6 +96,7 @@ static struct shim_header *shm;
 static struct shim_mailbox *mailbox;
 static struct shim_stats spare_stats[MAX_VCPUS];   /* vCPUs beyond the shared rings */
 static int vm_fd = -1;
+static int vm_closed;                    /* the VMM closed its VM fd: nothing left to reload */
 static struct config *cur;               /* exit path: __atomic_load_n */
 static struct config *bufs[2];
 static struct kg_state *regs;            /* emulated registers: shared by vCPUs, survive reloads */
@@ -152,6 +153,8 @@ __attribute__((constructor)) static void shim_init(void)
     fcntl(shm_fd, F_SETFD, FD_CLOEXEC);
     fcntl(ctl_fd, F_SETFD, FD_CLOEXEC);
     fcntl(status_fd, F_SETFD, FD_CLOEXEC);
+    /* a status line never blocks the VMM (the parent reads them as they come) */
+    fcntl(status_fd, F_SETFL, fcntl(status_fd, F_GETFL) | O_NONBLOCK);
 }
 
 static int map_shared(void)
@@ -549,7 +552,7 @@ static void reload(void)
 {
     pthread_mutex_lock(&cfg_lock);
     struct config *n = spare(), *c = cur;
-    const char *why = take_mailbox(n);
+    const char *why = vm_closed ? "the VM is gone" : take_mailbox(n);
     if (why == NULL) {
         n->vmm_mask = c->vmm_mask;
         memcpy(&n->vmm, &c->vmm, sizeof n->vmm);
@@ -864,6 +867,8 @@ int ioctl(int fd, unsigned long req, ...)
         return r;
     }
     if (kind == FD_VM) {
+        if ((req == KVM_ENABLE_CAP || req == KVM_X86_SET_MSR_FILTER) && arg == NULL)
+            return fail(EFAULT);
         if (req == KVM_ENABLE_CAP && ((struct kvm_enable_cap *)arg)->cap == KVM_CAP_X86_USER_SPACE_MSR) {
             const struct kvm_enable_cap *cap = arg;
             if (cap->flags || cap->args[0] > 0xffffffffu ||
@@ -894,7 +899,9 @@ int ioctl(int fd, unsigned long req, ...)
                 real_close(r);
                 return fail(EMFILE);
             }
+            pthread_mutex_lock(&cfg_lock);
             adopt_vcpu(r);
+            pthread_mutex_unlock(&cfg_lock);
             return r;
         }
     }
@@ -906,8 +913,14 @@ int close(int fd)
     if (__builtin_expect(real_close == NULL, 0))
         real_close = (close_fn)dlsym(RTLD_NEXT, "close");
     if (fd >= 0 && fd < MAX_FDS && __atomic_load_n(&fdkind[fd], __ATOMIC_RELAXED) != FD_NONE) {
-        if (fdkind[fd] == FD_VM && fd == vm_fd)
-            status("closed vm");
+        if (fdkind[fd] == FD_VM && fd == vm_fd) {
+            pthread_mutex_lock(&cfg_lock);          /* no reload may use the fd number now */
+            vm_closed = 1;
+            __atomic_store_n(&fdkind[fd], FD_NONE, __ATOMIC_RELEASE);
+            int r = real_close(fd);
+            pthread_mutex_unlock(&cfg_lock);
+            return r;
+        }
         __atomic_store_n(&fdkind[fd], FD_NONE, __ATOMIC_RELEASE);
     }
     return real_close(fd);
