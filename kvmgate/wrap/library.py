@@ -59,8 +59,14 @@ def build_from_source(csrc: Path) -> Path:
     return out
 
 
+ENV = "KVMGATE_SHIM_LIBRARY"     # a shim library at another place (tests, packagers)
+
+
 def shim_path() -> Path:
-    """The shim library to preload: the packaged one, else one built from the checkout."""
+    """The shim library to preload: $KVMGATE_SHIM_LIBRARY, else the packaged one, else one
+    built from the checkout."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
     p = packaged()
     src = source_dir()
     if p is not None and (src is None or p.stat().st_mtime >= max(

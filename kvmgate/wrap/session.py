@@ -31,7 +31,6 @@ from ..hostinfo import ignore_msrs
 from ..policy import Policy, compile_policy, load_policy
 from ..report import table
 from . import layout
-from .learn import WrapLearner
 from .library import shim_path
 
 DRAIN_PERIOD = 0.05          # seconds between ring drains while the VMM runs
@@ -99,7 +98,10 @@ class Wrap:
             raise UserError("--learn runs the VM without a policy (it records what the guest "
                             "does); drop --policy", "argument --learn")
         self.compiled = prepare(policy, mode)
-        self.learner = WrapLearner(learn) if learn else None
+        self.learner = None
+        if learn:                  # numpy + tracefs only when learning (not in libvirt's QEMU)
+            from .learn import WrapLearner
+            self.learner = WrapLearner(learn)
         self.learned: tuple[int, int] | None = None
         self.audit = AuditLog(audit, rate=self.compiled.rate, burst=self.compiled.burst) \
             if audit or policy else AuditLog(None)
