@@ -142,9 +142,7 @@ class Engine:
     def record(self, d: Decision, *, vcpu: int, rip: int | None, index: int, is_write: bool,
                reason: int, data: int) -> bytes:
         """kg_record_fill: the 64-byte audit record for a decision (time: CLOCK_REALTIME now)."""
-        raw = (d.result, d.value, 0 if d.action is None else KINDS[d.action],
-               self.table.rules.index(d.rule) if d.rule in self.table.rules else 0xFFFFFFFF,
-               d.flags)
+        rule = self.table.rules.index(d.rule) if d.rule in self.table.rules else 0xFFFFFFFF
+        raw = (d.result, d.value, 0 if d.action is None else KINDS[d.action], rule, d.flags)
         return _engine.record_fill(raw, vcpu, rip or 0, rip is not None, index, is_write,
                                    reason, data)
-

@@ -3,6 +3,9 @@ kvmgate.engine.EnginePolicy): guest-visible outcomes and audit records against h
 expectations, for the engine and for the Python handlers alike, and the engine's audit mode."""
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +149,13 @@ def test_engine_audit_mode_logs_would_be_denials_and_lets_them_happen(cp):
     assert misc["action"] == "deny" and misc["result"].endswith(" (would #GP)")
     assert by[("0x40000123", "write", "#GP")]["result"] == "#GP (would #GP)"
     assert r.regs.r8 == 0x10001 and r.regs.r10 == 0x1111      # what the policy answers is unchanged
+
+
+def test_info_says_whether_the_engine_is_built():
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "kvmgate", "info", "--json"], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    eng = json.loads(out.stdout)["engine"]
+    assert eng["available"] is available()
+    assert (eng["reason"] == "") is available()
