@@ -15,7 +15,8 @@ try:
     _IMPORT_ERROR = ""
 except ImportError as e:          # built without a C compiler: the Python exit path is used
     _engine = None
-    _IMPORT_ERROR = str(e)
+    _IMPORT_ERROR = "kvmgate.engine._engine is missing" if "_engine" in str(e) and \
+        "cannot import name" in str(e) else str(e)
 
 # KG_RES_*
 RES_VALUE, RES_WRITTEN, RES_DROPPED, RES_GP, RES_HOST = 1, 2, 3, 4, 5
@@ -35,7 +36,8 @@ def available() -> bool:
 
 def unavailable_reason() -> str:
     return "" if _engine is not None else (
-        f"C engine not built ({_IMPORT_ERROR}); reinstall with a C compiler (pip install .)")
+        f"C engine not built ({_IMPORT_ERROR}): install kvmgate where a C compiler is "
+        "available (pip install .)")
 
 
 def _need():

@@ -6,9 +6,8 @@ as kvmgate.policy.handlers.make_handler.  Fixed seed in CI; KVMGATE_SLOW=1 for m
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvmgate.engine import Engine, Ring, available, make_engine_handler, verdict
+from kvmgate.engine import Engine, Ring, available, make_engine_handler
 from kvmgate.engine.ring import deliver
-from kvmgate.engine.verdict import _python_verdict
 from kvmgate.policy.handlers import Registers, make_handler
 
 from ..conftest import SLOW
@@ -61,12 +60,3 @@ def test_engine_equals_python_handlers(data):
     STATS["policies"] += 1
     STATS["records"] += len(py_log.calls)
     _summary()
-
-
-@settings(max_examples=400 if SLOW else 60)
-@given(st.data())
-def test_verdict_equals_python_handlers_on_fresh_registers(data):
-    """verdict() (no register state) is the handler's answer with registers at their initial values."""
-    cp = data.draw(policies())
-    for index, write, reason, value, _vcpu in data.draw(st.lists(exits(cp), min_size=1, max_size=20)):
-        assert verdict(cp, index, write, reason, value) == _python_verdict(cp, index, write, reason, value)
