@@ -149,3 +149,16 @@ def test_c_validator_accepts_built_tables_and_names_each_defect():
     assert _engine.validate(fixed(b)) == -10
     with pytest.raises(ValueError, match="checksum"):
         _engine.Engine(cases[-5])
+
+
+def test_a_shared_registry_keeps_rule_ids_across_reloads():
+    reg: list[str] = []
+    first = build_table(cp_of(), registry=reg)
+    n = len(first.rules)
+    extra = '\n[[rule]]\nmsr = 0x3a\naccess = "read"\naction = "constant"\nvalue = 1\n'
+    second = build_table(cp_of(POLICY + extra), registry=reg)
+    assert len(second.rules) == n + 1 and second.rules[:n] == first.rules
+    for a1 in read_table(first.data).actions:            # an old record decodes the same
+        assert second.rules[a1[2]] == first.rules[a1[2]]
+    alone = build_table(cp_of(POLICY + extra))
+    assert set(alone.rules) == set(second.rules)
