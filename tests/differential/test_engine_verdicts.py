@@ -5,22 +5,21 @@ missing (kvmgate installed without a compiler)."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvmgate.engine import available, replay_verdict, verdict
+from kvmgate.engine import replay_verdict, verdict
 from kvmgate.engine import binding
 from kvmgate.engine.verdict import _python_verdict
 from kvmgate.msr.model import KernelMsr
 from kvmgate.trace.policy import verdict as trace_verdict
 
 from ..conftest import SLOW
-from ..engine_policies import exits, policies
+from ..engine_policies import exits, policies, require_engine
 
 pytestmark = pytest.mark.differential
 
 
 @pytest.fixture(autouse=True)
 def _engine_built():
-    if not available():
-        pytest.fail("the C engine is not built: pip install -e . (or python setup.py build_ext --inplace)")
+    require_engine()
 
 
 @settings(max_examples=1000 if SLOW else 100)

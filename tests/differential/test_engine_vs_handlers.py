@@ -6,12 +6,12 @@ as kvmgate.policy.handlers.make_handler.  Fixed seed in CI; KVMGATE_SLOW=1 for m
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvmgate.engine import Engine, Ring, available, make_engine_handler
+from kvmgate.engine import Engine, Ring, make_engine_handler
 from kvmgate.engine.ring import deliver
 from kvmgate.policy.handlers import Registers, make_handler
 
 from ..conftest import SLOW
-from ..engine_policies import CallLog, Exit, FakeMachine, exits, policies, python_reply
+from ..engine_policies import CallLog, Exit, FakeMachine, exits, policies, python_reply, require_engine
 
 pytestmark = pytest.mark.differential
 STATS = {"policies": 0, "exits": 0, "host": 0, "emulate_writes": 0, "records": 0}
@@ -20,8 +20,7 @@ SUMMARY_LINES = []
 
 @pytest.fixture(autouse=True)
 def _engine_built():
-    if not available():
-        pytest.fail("the C engine is not built: pip install -e . (or python setup.py build_ext --inplace)")
+    require_engine()
 
 
 def _summary():

@@ -8,13 +8,15 @@ import zlib
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvmgate.engine import Ring, available, build_table
+from kvmgate.engine import Ring, build_table
 from kvmgate.engine.binding import _engine
 from kvmgate.engine.table import CHECKSUM_AT
 
-from ..engine_policies import policies
+from ..engine_policies import policies, require_engine
 
-pytestmark = pytest.mark.skipif(not available(), reason="C engine not built")
+@pytest.fixture(autouse=True)
+def _engine_built():
+    require_engine()
 
 
 def _decide_all(table: bytes):

@@ -14,6 +14,8 @@ from kvmgate.audit import AuditLog
 from kvmgate.engine import EnginePolicy, available
 from kvmgate.policy import compile_policy, parse_policy
 
+from ..engine_policies import require_engine
+
 pytestmark = pytest.mark.kvm
 
 POLICY = """
@@ -127,8 +129,7 @@ def test_python_handlers_meet_the_expectations(cp):
 
 
 def test_engine_meets_the_same_expectations(cp):
-    if not available():
-        pytest.fail("the C engine is not built: pip install -e . (or python setup.py build_ext --inplace)")
+    require_engine()
     r, recs, counts = run(EnginePolicy(cp))
     check_enforced(r, recs, counts)
     py_r, py_recs, py_counts = run(cp)
@@ -138,8 +139,7 @@ def test_engine_meets_the_same_expectations(cp):
 
 
 def test_engine_audit_mode_logs_would_be_denials_and_lets_them_happen(cp):
-    if not available():
-        pytest.fail("the C engine is not built: pip install -e . (or python setup.py build_ext --inplace)")
+    require_engine()
     r, recs, _ = run(EnginePolicy(cp, mode="audit"))
     # the denied read of 0x1a0 happened (host-initiated): no #GP, a record saying so;
     # the refused emulate write went to the real MSR 0x40000123, which KVM does not know: #GP

@@ -5,15 +5,19 @@ import time
 
 import pytest
 
-from kvmgate.engine import Engine, Ring, State, available, decode, verdict
+from kvmgate.engine import Engine, Ring, State, decode, verdict
 from kvmgate.engine import binding, ring as ring_mod
 from kvmgate.engine.binding import (DF_LOG, DF_WOULD_DENY, RES_DROPPED, RES_GP, RES_HOST,
                                     RES_VALUE, RES_WRITTEN)
 from kvmgate.policy import compile_policy, parse_policy
 
+from ..engine_policies import require_engine
+
 from .test_engine_table import POLICY
 
-pytestmark = pytest.mark.skipif(not available(), reason="C engine not built")
+@pytest.fixture(autouse=True)
+def _engine_built():
+    require_engine()
 FILTER, UNKNOWN, INVAL = 4, 2, 1
 
 

@@ -4,11 +4,13 @@ import zlib
 
 import pytest
 
-from kvmgate.engine import EngineTableError, available, build_table, read_table
+from kvmgate.engine import EngineTableError, build_table, read_table
 from kvmgate.engine.table import CHECKSUM_AT, KINDS, MAX_EMULATED, NONE
+from kvmgate.engine.binding import _engine
 from kvmgate.policy import compile_policy, parse_policy
 
-needs_c = pytest.mark.skipif(not available(), reason="C engine not built")
+from ..engine_policies import require_engine
+
 
 POLICY = """
 [policy]
@@ -105,9 +107,8 @@ action = "emulate"
         build_table(cp_of(text))
 
 
-@needs_c
 def test_c_validator_accepts_built_tables_and_names_each_defect():
-    from kvmgate.engine.binding import _engine
+    require_engine()
     good = build_table(cp_of()).data
     assert _engine.validate(good) == 0
 
