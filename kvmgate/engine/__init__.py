@@ -8,10 +8,12 @@ explain/replay, and the audit-ring consumer.
 """
 from .binding import (Decision, Engine, EngineUnavailable, State, available, result_text,
                       unavailable_reason)
+from .bind import EnginePolicy
+from .handler import make_engine_handler
 from .ring import Ring, RingRecord, decode, deliver
 from .table import EngineTable, EngineTableError, build_table, read_table
-from .verdict import Verdict, verdict
+from .verdict import Verdict, replay_verdict, verdict
 
-__all__ = ["Decision", "Engine", "EngineUnavailable", "State", "available", "result_text",
-           "unavailable_reason", "Ring", "RingRecord", "decode", "deliver", "EngineTable",
-           "EngineTableError", "build_table", "read_table", "Verdict", "verdict"]
+__all__ = ["EnginePolicy", "Decision", "Engine", "EngineUnavailable", "State", "available", "result_text",
+           "unavailable_reason", "make_engine_handler", "Ring", "RingRecord", "decode", "deliver", "EngineTable",
+           "EngineTableError", "build_table", "read_table", "Verdict", "replay_verdict", "verdict"]

@@ -15,7 +15,8 @@ try:
     _IMPORT_ERROR = ""
 except ImportError as e:          # built without a C compiler: the Python exit path is used
     _engine = None
-    _IMPORT_ERROR = str(e)
+    _IMPORT_ERROR = "kvmgate.engine._engine is missing" if "_engine" in str(e) and \
+        "cannot import name" in str(e) else str(e)
 
 # KG_RES_*
 RES_VALUE, RES_WRITTEN, RES_DROPPED, RES_GP, RES_HOST = 1, 2, 3, 4, 5
@@ -35,7 +36,8 @@ def available() -> bool:
 
 def unavailable_reason() -> str:
     return "" if _engine is not None else (
-        f"C engine not built ({_IMPORT_ERROR}); reinstall with a C compiler (pip install .)")
+        f"C engine not built ({_IMPORT_ERROR}): install kvmgate where a C compiler is "
+        "available (pip install .)")
 
 
 def _need():
@@ -142,9 +144,7 @@ class Engine:
     def record(self, d: Decision, *, vcpu: int, rip: int | None, index: int, is_write: bool,
                reason: int, data: int) -> bytes:
         """kg_record_fill: the 64-byte audit record for a decision (time: CLOCK_REALTIME now)."""
-        raw = (d.result, d.value, 0 if d.action is None else KINDS[d.action],
-               self.table.rules.index(d.rule) if d.rule in self.table.rules else 0xFFFFFFFF,
-               d.flags)
+        rule = self.table.rules.index(d.rule) if d.rule in self.table.rules else 0xFFFFFFFF
+        raw = (d.result, d.value, 0 if d.action is None else KINDS[d.action], rule, d.flags)
         return _engine.record_fill(raw, vcpu, rip or 0, rip is not None, index, is_write,
                                    reason, data)
-

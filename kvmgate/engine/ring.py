@@ -75,12 +75,14 @@ class Ring:
                 raise ValueError(f"ring capacity {capacity}: a power of two >= 2")
             buffer = mmap.mmap(-1, HEADER_SIZE + capacity * RECORD.size)
             _init(buffer, capacity)
-        self.buffer = buffer
-        self._words = memoryview(buffer).cast("B").cast("Q")
+        if len(buffer) < HEADER_SIZE:
+            raise ValueError("not an initialised kvmgate audit ring: shorter than its header")
         magic, version, cap, rsize = struct.unpack_from("<IIII", buffer, 0)
         if magic != MAGIC or version != VERSION or rsize != RECORD.size or cap < 2 or \
                 cap & (cap - 1) or HEADER_SIZE + cap * RECORD.size > len(buffer):
             raise ValueError("not an initialised kvmgate audit ring of this size")
+        self.buffer = buffer
+        self._words = memoryview(buffer).cast("B")[:HEADER_SIZE].cast("Q")
         self.capacity = cap
 
     @property

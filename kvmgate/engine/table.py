@@ -81,13 +81,17 @@ def mode_of(cp, mode: str | None = None) -> str:
     return m
 
 
-def build_table(cp, mode: str | None = None) -> EngineTable:
-    """The engine table for CompiledPolicy `cp` (kvmgate.policy.compile)."""
+def build_table(cp, mode: str | None = None, registry: list[str] | None = None) -> EngineTable:
+    """The engine table for CompiledPolicy `cp` (kvmgate.policy.compile).
+
+    `registry`: rule descriptions shared by successive tables (policy reloads); new ones are
+    appended, so a rule id means the same rule in every table built with it, and records still
+    in a ring after a reload decode with the newest `EngineTable.rules`."""
     mode = mode_of(cp, mode)
     actions: list = []
     action_ids: dict = {}
-    rules: list[str] = []
-    rule_ids: dict[str, int] = {}
+    rules: list[str] = registry if registry is not None else []
+    rule_ids: dict[str, int] = {r: i for i, r in enumerate(rules)}
     allowed_pool: list[int] = []
     packed: list[bytes] = []
 

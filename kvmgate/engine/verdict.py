@@ -9,6 +9,7 @@ import weakref
 from typing import NamedTuple
 
 from ..errors import InjectGP
+from ..msr.model import EXIT_REASON_FILTER, READ, WRITE, Fate, KernelMsr, outcome
 from ..policy.handlers import Registers, perform
 from . import binding
 from .binding import RES_DROPPED, RES_GP, RES_HOST, RES_VALUE, RES_WRITTEN
@@ -30,8 +31,10 @@ class Verdict(NamedTuple):
     @property
     def label(self) -> str:
         """One word for replay and explain: "deny" when the policy #GPs the access whatever
-        the value (no action, deny, constant with writes = "gp"), else the action."""
-        if self.action is None or (self.result == "#GP" and not self.value_dependent):
+        the value (no action, deny, constant with writes = "gp"; in audit mode: would), else
+        the action."""
+        if self.action is None or self.would_deny or \
+                (self.result == "#GP" and not self.value_dependent):
             return "deny"
         return self.action
 
@@ -88,3 +91,26 @@ def verdict(cp, index: int, is_write: bool, reason: int, data: int = 0,
     return Verdict(KIND_NAMES.get(action), RESULTS[res], value, table.rule(rule),
                    bool(flags & binding.DF_LOG), bool(flags & binding.DF_WOULD_DENY),
                    bool(flags & binding.DF_VALUE_DEP))
+
+
+def replay_verdict(cp, index: int, write: bool, kernel: KernelMsr = KernelMsr.HANDLED,
+                   mode: str | None = None) -> str:
+    """The trace-replay verdict (kvmgate.trace.policy.VERDICTS) of one access whose fate in KVM
+    is `kernel`: the kernel's part from msr.model.outcome(), the policy's part from the engine.
+
+    kernel      the filter lets it through and KVM completes it
+    ignore      kvm.ignore_msrs swallowed it, or the policy answers reads 0 / drops writes
+    deny        #GP by the policy (also: the filter denies it and nothing exits to user space)
+    gp-kernel   KVM fails it itself, and the policy ([unknown]/[invalid]) does not answer it
+    constant | emulate | forward   the policy's action answers it"""
+    o = outcome(cp.filter, index, WRITE if write else READ, cp.exit_mask, kernel)
+    if o.fate is Fate.KERNEL:
+        return "kernel"
+    if o.fate is Fate.IGNORED:
+        return "ignore"
+    if o.reason == EXIT_REASON_FILTER:
+        return "deny" if o.fate is Fate.GP else verdict(cp, index, write, o.reason, mode=mode).label
+    if o.fate is Fate.GP:
+        return "gp-kernel"
+    label = verdict(cp, index, write, o.reason, mode=mode).label
+    return "gp-kernel" if label == "deny" else label
