@@ -58,11 +58,13 @@ class Compiled:
     burst: int
 
 
-def prepare(policy_path: str | None, mode: str | None) -> Compiled:
-    """Load + compile + build the engine table; a UserError (exit 2) for any user mistake."""
+def prepare(policy_path: str | None, mode: str | None, registry: list[str] | None = None) -> Compiled:
+    """Load + compile + build the engine table; a UserError (exit 2) for any user mistake.
+    `registry`: the rule descriptions of every table this VM had (rule ids stay valid across
+    reloads, so records still in a ring decode right)."""
     pol = load_policy(policy_path) if policy_path else allow_all_policy()
     cp = compile_policy(pol, ignore_msrs())
-    table = build_table(cp, mode)
+    table = build_table(cp, mode, registry)
     if len(table.data) > layout.TABLE_MAX:
         raise UserError(f"the compiled policy is {len(table.data)} bytes; the shim takes "
                         f"{layout.TABLE_MAX}", pol.source)
@@ -97,7 +99,8 @@ class Wrap:
         if learn and policy:
             raise UserError("--learn runs the VM without a policy (it records what the guest "
                             "does); drop --policy", "argument --learn")
-        self.compiled = prepare(policy, mode)
+        self._registry: list[str] = []
+        self.compiled = prepare(policy, mode, self._registry)
         self.learner = None
         if learn:                  # numpy + tracefs only when learning (not in libvirt's QEMU)
             from .learn import WrapLearner
@@ -274,7 +277,7 @@ class Wrap:
     def reload(self) -> bool:
         """Re-read the policy file and install it in the running VM, all or nothing."""
         try:
-            c = prepare(self.policy_path, self.mode)
+            c = prepare(self.policy_path, self.mode, self._registry)
         except UserError as e:
             print(f"kvmgate: reload refused, old policy stays: {e}", file=self.err, flush=True)
             self.reloads["refused"] += 1
@@ -283,7 +286,7 @@ class Wrap:
             print("kvmgate: reload refused, old policy stays: no VM yet", file=self.err, flush=True)
             self.reloads["refused"] += 1
             return False
-        self.drain()                         # records of the old table decode with its rules
+        self._rules = c.table.rules          # a superset: old rule ids keep their meaning
         seq = self._write_mailbox(c)
         os.write(self.ctl_w, b"R")
         with self._cv:
@@ -297,8 +300,7 @@ class Wrap:
             print(f"kvmgate: reload refused, old policy stays: {c.source}: {why}", file=self.err, flush=True)
             self.reloads["refused"] += 1
             return False
-        self.drain()
-        self.compiled, self._rules = c, c.table.rules
+        self.compiled = c
         self.audit.rate, self.audit.burst = c.rate, c.burst
         print(f"kvmgate: reloaded {c.source}", file=self.err, flush=True)
         self.reloads["done"] += 1

@@ -178,20 +178,23 @@ def test_sighup_reloads_into_the_running_vm_and_a_bad_file_keeps_the_old(tmp_pat
     """The guest reads MSR 0x40001234 until it sees 2: policy A answers 1, so it spins until
     SIGHUP installs policy B.  A bad file in between is refused and the guest keeps spinning."""
     elf = pvhguest.build([(0x40001234, 0, 0)], tmp_path, vcpus=2, wait=2)
-    rule = '[policy]\ndefault = "allow"\n[[rule]]\nmsr = 0x40001234\naccess = "read"\n' \
-           'action = "constant"\nlog = false\nvalue = {}\n'
-    pol = policy(tmp_path, rule.format(1))
-    proc = subprocess.Popen(wrap_argv("--policy", str(pol)) + pvhguest.qemu_argv(elf, 2), cwd=ROOT,
+    rule = '[policy]\ndefault = "allow"\n{}[[rule]]\nmsr = 0x40001234\naccess = "read"\n' \
+           'action = "constant"\nlog = true\nvalue = {}\n'
+    pol = policy(tmp_path, rule.format("", 1))
+    audit = tmp_path / "a.jsonl"
+    proc = subprocess.Popen(wrap_argv("--policy", str(pol), "--audit", str(audit))
+                            + pvhguest.qemu_argv(elf, 2), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
         _until(proc.stderr, "active in VMM", lines)
+        _until(proc.stdout, "W", lines)                           # the guest spins on 1
         pol.write_text("[policy]\ndefault = \"sometimes\"\n")
         proc.send_signal(signal.SIGHUP)
         refused = _until(proc.stderr, "reload refused", lines)
         assert str(pol) in refused and "default" in refused
         assert proc.poll() is None                                # still spinning on 1
-        pol.write_text(rule.format(2))
+        pol.write_text(rule.format("\n\n", 2))                    # the rule moves to line 5
         proc.send_signal(signal.SIGHUP)
         _until(proc.stderr, "kvmgate: reloaded", lines)
         out, err = proc.communicate(timeout=TIMEOUT)
@@ -202,6 +205,11 @@ def test_sighup_reloads_into_the_running_vm_and_a_bad_file_keeps_the_old(tmp_pat
     assert proc.returncode == pvhguest.EXIT_OK, "".join(lines) + err
     res = pvhguest.parse(out)
     assert res[(0, 0x40001234, 0)] == (2, 0) and res[(1, 0x40001234, 0)] == (2, 0)
+    # every record names the rule of the policy that made it, also records still in a ring
+    # when the reload happened (the 0x2 ones may all be rate limited: the guest spun on 0x1)
+    seen = {(r["result"], r["rule"]) for r in audit_records(audit) if "rule" in r}
+    assert ("read 0x1", f"{pol}:3 (rule 1)") in seen
+    assert seen <= {("read 0x1", f"{pol}:3 (rule 1)"), ("read 0x2", f"{pol}:5 (rule 1)")}
 
 
 def test_sigterm_goes_to_the_vmm(tmp_path):
