@@ -8,7 +8,8 @@ LAYERS = [
     {"kvm", "asm", "hostinfo"},                                # fds and ioctls; the assembler
     {"msr"},                                                   # the pure MSR model
     {"guest", "exits", "machine"},                             # guests and the exit loop
-    {"policy", "engine", "audit", "probe", "trace", "introspection", "learn", "demo", "wrap"},
+    {"policy", "engine", "audit", "probe", "trace", "introspection", "learn", "demo", "image",
+     "wrap"},
     {"cli", "bench", "__main__", "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
