@@ -165,3 +165,55 @@ def test_same_program_same_policy_same_outcomes_and_audit(tmp_path):
     reasons = {dict(r)["reason"] for r in recs_run}
     assert reasons == {"FILTER", "UNKNOWN", "INVAL"}
     assert {dict(r)["vcpu"] for r in recs_run} == {0, 1}
+
+
+# ---- the same program, byte for byte: kvmgate image of the guest program Machine runs
+
+def hashing_program() -> str:
+    """Every access of ACCESSES; what reads return is folded into r8/r9 (the image reports
+    registers and the #GP list, by RIP, at the final hlt)."""
+    lines = ["xor r8, r8", "xor r9, r9"]
+    for msr, write, value in ACCESSES:
+        lines += [f"mov ecx, {msr:#x}", f"mov eax, {value & 0xffffffff:#x}",
+                  f"mov edx, {value >> 32:#x}"]
+        if write:
+            lines.append("wrmsr")
+        else:
+            lines += ["xor eax, eax", "xor edx, edx", "rdmsr", "xor r8, rax", "rol r8, 7",
+                      "xor r9, rdx", "rol r9, 5"]
+    lines += ["xor eax, eax", "xor ecx, ecx", "xor edx, edx", "hlt"]
+    return "\n".join(lines)
+
+
+def test_same_image_under_kvmgate_run_and_wrap(tmp_path):
+    """One guest program (kvmgate's own format) on 2 vCPUs: Machine with the policy vs its
+    `kvmgate image` booted by QEMU under `kvmgate wrap` with the same policy: identical
+    registers, RIPs, #GP lists (by RIP and MSR) and audit records except time."""
+    from kvmgate.image import build_image, run_qemu, vcpu_outcome
+    pol = tmp_path / "differential.toml"
+    pol.write_text(POLICY)
+    src = tmp_path / "prog.S"
+    src.write_text(hashing_program())
+    a_run, a_wrap = tmp_path / "run.jsonl", tmp_path / "wrap.jsonl"
+    p = load_policy(pol)
+    audit = AuditLog(str(a_run), rate=p.audit_rate, burst=p.audit_burst)
+    with Machine(src.read_text(), vcpus=2) as m:
+        m.set_policy(p, audit)
+        by_run = m.run(timeout=60)
+    audit.close()
+    image = build_image(src, tmp_path / "prog.img", vcpus=2)
+    by_wrap = run_qemu(image, 2, timeout=60, prefix=[sys.executable, "-m", "kvmgate", "wrap",
+                                                      "--policy", str(pol), "--audit", str(a_wrap), "--"])
+    assert [vcpu_outcome(v) for v in by_wrap.vcpus] == [vcpu_outcome(v) for v in by_run.vcpus]
+    faults = {msr for v in by_run.vcpus for _rip, msr in vcpu_outcome(v)[3]}
+    assert faults == {0x175, 0xCE, 0xC0000082, 0x2FF}    # deny, KVM, emulate refusal, [invalid]
+
+    def records(path):
+        out = []
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            rec.pop("time")
+            out.append(tuple(sorted(rec.items())))
+        return sorted(out)
+    assert records(a_run) == records(a_wrap)
+    assert len(records(a_run)) == 2 * 13             # every logged decision, both vCPUs
