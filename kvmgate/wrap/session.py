@@ -422,6 +422,9 @@ def report(r: WrapResult, out) -> None:
           f"{e['vmm']} by the VMM, {e['gp']} #GP (nobody asked), {e['host']} carried out as "
           f"KVM would; audit records {r.audit['written']} written, {r.audit['suppressed']} "
           f"suppressed, {r.audit['ring_dropped']} dropped (ring full)", file=out)
+    if not r.active:
+        why = f": {r.failures[0]}" if r.failures else ""
+        print(f"kvmgate: the policy was never installed (no VM was created{why})", file=out)
     if r.summary:
         table(r.summary, out=out)
     out.flush()
