@@ -362,3 +362,20 @@ def test_merge_with_qemus_filter_inside_a_policy_range(tmp_path, unwrapped):
     assert recs == {(v, m, a, "deny") for v in (0, 1)
                     for m, a in (("0x30", "read"), ("0x38", "read"), ("0x38", "write"))}
     assert json.loads(r.stderr.strip().splitlines()[-1])["exits"]["vmm"] == 2
+
+
+GUEST_PROGRAMS = [ROOT / "kvmgate" / "examples" / "probe.S",
+                  *sorted((ROOT / "tests" / "qemu" / "guests").glob("*.S"))]
+
+
+@pytest.mark.parametrize("program", GUEST_PROGRAMS, ids=lambda p: p.name)
+def test_guest_programs_same_under_allow_all_wrap(tmp_path, program):
+    """Every guest program the project boots under QEMU (kvmgate image): wrapped with the
+    allow-all policy, each vCPU ends exactly as unwrapped (registers, RIP, RFLAGS, #GP list)."""
+    from kvmgate.image import build_image, run_qemu, vcpu_outcome
+    vcpus = 2 if "two_vcpus" in program.name else 1
+    image = build_image(program, tmp_path / "g.img", vcpus=vcpus)
+    plain = run_qemu(image, vcpus, timeout=TIMEOUT)
+    wrapped = run_qemu(image, vcpus, timeout=TIMEOUT, prefix=wrap_argv())
+    assert [vcpu_outcome(v) for v in wrapped.vcpus] == [vcpu_outcome(v) for v in plain.vcpus]
+    assert len(plain.vcpus) == vcpus
