@@ -28,11 +28,14 @@ WRITE_PHYS_REQ = READ_PHYS_REQ       # ... then `size` bytes of data
 PAUSE_REQ = Struct("=HBBI")          # {u16 vcpu; u8 wait; u8; u32}
 GET_REGS_REQ = Struct("=HHI")        # {u16 nmsrs; u16; u32} then u32 msrs[nmsrs]
 CONTROL_MSR_REQ = Struct("=BBHI")    # {u8 enable; u8; u16; u32 msr}
+GET_CPUID_REQ = Struct("=II")        # {u32 function; u32 index}
+INJECT_REQ = Struct("=BBHIQ")        # {u8 nr; u8; u16; u32 error_code; u64 address}
 
 # Replies.
 VERSION_RPL = Struct("=II8s")        # {u32 version; u32 max_msg_size; u8 features[8]}
 GET_INFO_RPL = Struct("=I12x")       # {u32 vcpu_count; u32 pad[3]}
 VCPU_INFO_RPL = Struct("=Q")         # {u64 tsc_speed}
+GET_CPUID_RPL = Struct("=IIII")      # {u32 eax, ebx, ecx, edx}
 REGS_HDR = Struct("=II")             # {u32 mode; u32 pad}
 MSRS_HDR = Struct("=II")             # struct kvm_msrs {u32 nmsrs; u32 pad}
 MSR_ENTRY = Struct("=IIQ")           # struct kvm_msr_entry {u32 index; u32 reserved; u64 data}
