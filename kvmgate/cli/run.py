@@ -21,7 +21,7 @@ def cmd_run(a) -> int:
         intro = None
         if a.introspect:
             from .introspect import serve_introspection
-            intro = serve_introspection(m, a.introspect, a.allow_commands, a.allow_events)
+            intro = serve_introspection(m, a)
         if policy is not None:
             m.set_policy(policy, audit)
 

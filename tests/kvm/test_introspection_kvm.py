@@ -28,7 +28,7 @@ from kvmgate.introspection.client import Client, IntrospectionError
 from kvmgate.introspection.ids import CONTINUE, CRASH
 from kvmgate.introspection.machine_backend import IntrospectionCrash, MachineBackend, attach
 from kvmgate.msr.model import EXIT_REASON_FILTER
-from kvmgate.cli.introspect import serve_introspection
+from kvmgate.introspection.session import serve as serve_introspection
 
 pytestmark = pytest.mark.kvm
 
@@ -165,8 +165,11 @@ def test_defaults_after_hook(machine):
             assert code(c.request, mid, payload) == -ids.KVM_EPERM
         assert code(c.control_msr, 0, LSTAR) == -ids.KVM_EPERM
         assert code(c.get_registers, 0) == -ids.KVM_EPERM
-        assert code(c.request, ids.VM(60)) == -ids.KVM_ENOSYS
+        assert code(c.request, ids.VCPU_CONTROL_CR) == -ids.KVM_ENOSYS   # known, not served
         assert intro.permissions.allowed_events() == frozenset()
+        c.sock.sendall(p.pack_message(ids.VM(60), 9))       # unknown id: the connection closes
+        assert c.sock.recv(64) == b""
+        assert intro.server.join(T) and "unknown message id" in intro.server.close_reason
 
 
 def test_hook_errors(machine):
