@@ -221,12 +221,8 @@ class IntrospectionServer:
                     break
                 if msg is None:
                     break
-                self.messages += 1
                 try:
-                    if msg.id == self.abi.reply_id:
-                        self._event_reply(msg)
-                    else:
-                        self._command(msg)
+                    self.process(msg)
                 except ProtocolError as exc:
                     reason = f"protocol error: {exc}"
                     break
@@ -238,6 +234,15 @@ class IntrospectionServer:
             self.close(reason)
             with self._send_lock:
                 self._sock.close()
+
+    def process(self, msg: Message) -> None:
+        """Handle one decoded message as the reader thread does: answer a command, or hand an
+        event reply to its vCPU.  ProtocolError when the connection must close."""
+        self.messages += 1
+        if msg.id == self.abi.reply_id:
+            self._event_reply(msg)
+        else:
+            self._command(msg)
 
     def _send(self, data: bytes) -> bool:
         try:
