@@ -22,10 +22,10 @@ from typing import NamedTuple
 
 from . import ids
 from .ids import Command, Event
-from .protocol import (CHECK_REQ, CONTROL_EVENTS_REQ, CONTROL_MSR_REQ, EVENT_HDR, GET_CPUID_REQ,
+from .protocol import (CHECK_REQ, CONTROL_EVENTS_REQ, CONTROL_MSR_REQ, GET_CPUID_REQ,
                        GET_REGS_REQ, HEADER, INJECT_REQ, MAX_MSG_SIZE, MSR_EVENT, REGS_SIZE,
-                       STATE_SIZE, VCPU_EVENT_HDR, VCPU_EVENT_SIZE, VERSION, VERSION_RPL,
-                       pack_message)
+                       STATE_SIZE, VERSION, VERSION_RPL, pack_message, pack_vcpu_event,
+                       pack_vm_event)
 from .protocol import PAUSE_REQ as V12_PAUSE_REQ
 from .protocol import READ_PHYS_REQ as V12_PHYS_REQ
 
@@ -166,12 +166,10 @@ class _V12(Dialect):
         return gpa, size, not (p1 or p2), V12_PHYS_REQ.size
 
     def pack_vcpu_event(self, seq, event, vcpu, state, payload=b""):
-        body = (EVENT_HDR.pack(event, 0, 0, 0) + VCPU_EVENT_HDR.pack(VCPU_EVENT_SIZE, vcpu, 0)
-                + state + payload)
-        return pack_message(ids.MSG_VCPU_EVENT, seq, body)
+        return pack_vcpu_event(seq, event, vcpu, state, payload)
 
     def pack_vm_event(self, seq, event):
-        return pack_message(ids.MSG_VM_EVENT, seq, EVENT_HDR.pack(event, 0, 0, 0))
+        return pack_vm_event(seq, event)
 
 
 class V7Command(enum.IntEnum):
