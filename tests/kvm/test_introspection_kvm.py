@@ -994,3 +994,33 @@ def test_bench_events_smoke():
     assert r["events"] == {"event": 100, "quiet": 0}
     assert r["exits"] == {"exit": 100, "event": 100, "quiet": 100}
     assert r["ratio"] > 0 and r["event_us"] > 0
+
+
+def test_listen_backlog_takes_a_burst_of_connects(sockdir):
+    """50 tools connect at once: every connect succeeds (none refused by a full backlog), one
+    is hooked and the others are refused one by one, each seeing EOF."""
+    path = os.path.join(sockdir, "vm.sock")
+    with Machine("hlt") as m, serve_introspection(m, f"unix:{path}") as h:
+        socks = []
+        try:
+            for _ in range(50):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                socks.append(s)
+                s.setblocking(False)
+                s.connect(path)              # BlockingIOError/ConnectionRefused if the backlog is full
+                s.setblocking(True)
+                s.settimeout(T)
+            eof = sum(1 for s in socks if _eof_or_open(s))
+        finally:
+            for s in socks:
+                s.close()
+        assert eof == 49 and len(h.hooked) == 1 and len(h.refused) == 49
+
+
+def _eof_or_open(s: socket.socket) -> bool:
+    """True if the listener closed this connection (refused), False if it stays open (hooked)."""
+    try:
+        s.sendall(p.pack_message(ids.GET_VERSION, 1))
+        return s.recv(64) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
