@@ -66,7 +66,7 @@ V7_PHYS_REQ = Struct("=QQ")           # {u64 gpa; u64 size} (+ data for writes)
 V7_CMD_RESPONSE_REQ = Struct("=BBHI")  # {u8 enable; u8 now; u16; u32}
 V7_VERSION_RPL = Struct("=II8s")      # {u32 version; u32 padding; struct kvmi_features}
 V7_MAX_GFN_RPL = Struct("=Q")         # {u64 gfn}
-V7_EVENT = Struct("=HHB3x")           # struct kvmi_event common part: {u16 size; u16 vcpu; u8 event}
+V7_EVENT = Struct("=HHB3x")           # struct kvmi_event up to arch: {u16 size; u16 vcpu; u8 event}
 V7_EVENT_SIZE = V7_EVENT.size + STATE_SIZE   # 544: `size` covers the common part and arch
 V7_MSR_EVENT_MSG_SIZE = HEADER.size + V7_EVENT_SIZE + MSR_EVENT.size   # 576
 

@@ -205,8 +205,8 @@ class MachineBackend(Backend):
         if self._cpuid is None:
             blob = self.machine.kvm.supported_cpuid()
             n = u.kvm_cpuid2.from_buffer_copy(blob).nent
-            size = C.sizeof(u.kvm_cpuid_entry2)
-            self._cpuid = [u.kvm_cpuid_entry2.from_buffer_copy(blob, C.sizeof(u.kvm_cpuid2) + i * size)
+            size, head = C.sizeof(u.kvm_cpuid_entry2), C.sizeof(u.kvm_cpuid2)
+            self._cpuid = [u.kvm_cpuid_entry2.from_buffer_copy(blob, head + i * size)
                            for i in range(n)]
         for e in self._cpuid:
             if e.function == function and (e.index == index
