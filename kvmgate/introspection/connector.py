@@ -89,20 +89,23 @@ def handshake(sock: socket.socket, uuid: bytes, name: str, start_time: int,
 
 
 def _connect(family: str, address) -> socket.socket:
-    if family == "vsock":
-        if not hasattr(socket, "AF_VSOCK"):
-            raise UserError("vsock is not available in this Python", "--introspect")
-        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    else:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(HANDSHAKE_TIMEOUT)
+    where = address if family == "unix" else f"vsock CID {address[0]} port {address[1]}"
+    s = None
     try:
+        if family == "vsock":
+            if not hasattr(socket, "AF_VSOCK"):
+                raise OSError("vsock is not available in this Python")
+            s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        else:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(HANDSHAKE_TIMEOUT)
         s.connect(address)
     except OSError as exc:
-        s.close()
-        where = address if family == "unix" else f"vsock CID {address[0]} port {address[1]}"
-        raise UserError(f"cannot connect to the introspection tool at {where}: "
-                        f"{exc.strerror or exc}", "--introspect") from None
+        if s is not None:
+            s.close()
+        why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise UserError(f"cannot connect to the introspection tool at {where}: {why}",
+                        "--introspect") from None
     return s
 
 
