@@ -1,7 +1,7 @@
 """`MachineBackend`: the introspection `Backend` on a live `Machine`, and `attach()`.
 
     intro = attach(m)                  # or m.introspection once Machine has the property
-    intro.hook(sock, uuid)             # the owner's API (owner.py), defaults per spec §1
+    intro.hook(sock, uuid)             # the owner's API (owner.py), docs/introspection.md
     intro.allow_command(ids.VCPU_CONTROL_MSR, 1); intro.allow_event(ids.VCPU_EVENT_MSR, 1)
 
 How each part maps onto the Machine:
@@ -25,8 +25,13 @@ How each part maps onto the Machine:
   `Machine.kick_hook`); if its thread is not running, a worker thread sends the event while
   every vCPU is held outside KVM_RUN (`quiesced()`).
 
+* GET_CPUID answers from KVM_GET_SUPPORTED_CPUID, which Machine installs on every vCPU;
+  INJECT_EXCEPTION sets the exception injected with KVM_SET_VCPU_EVENTS (CR2 with
+  KVM_SET_SREGS for #PF) from the reader thread, kicking the vCPU out of KVM_RUN as above;
+  GET_MAX_GFN is the last page of guest RAM.
+
 Only Machine's public API is used: kick(), blocked(), quiesced(), vcpu_thread(), fail_run(),
-kick_hook and intercept_msr_writes().
+kick_hook, intercept_msr_writes(), vcpus, memory, mem_size and kvm.
 """
 from __future__ import annotations
 
