@@ -34,6 +34,8 @@ ABIS = {"v12": V12, "v7": V7}
 STATS = {name: {"inputs": 0, "messages": 0, "replies": 0, "closed": 0, "escapes": 0}
          for name in ABIS}
 SUMMARY_LINES: list[str] = []
+# Slow mode is long on a busy machine: its own per-test time limit (pytest-timeout).
+pytestmark = pytest.mark.timeout(3600 if SLOW else 300)
 SETTINGS = dict(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
                 suppress_health_check=list(HealthCheck))
 
