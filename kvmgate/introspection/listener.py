@@ -6,7 +6,9 @@ commands and events allowed before its first message is read.  A peer whose uid 
 ours (SO_PEERCRED) is refused, as is a second tool while one is connected; once the tool has
 gone (EOF, protocol error), the next one may connect and is hooked afresh (defaults again, then
 the allow lists).  `close()` unhooks (the tool gets VM_EVENT_UNHOOK if it enabled it and up to
-`unhook_wait` seconds to leave), closes and unlinks the socket.
+`unhook_wait` seconds to leave), closes and unlinks the socket.  `abi` is the session's wire
+dialect (abi.V12 by default; abi.V7 for libkvmi tools that connect instead of listening).
+The listen backlog (LISTEN_BACKLOG) queues a burst of connects; they are then taken one by one.
 """
 from __future__ import annotations
 
