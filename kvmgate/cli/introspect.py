@@ -27,10 +27,10 @@ class _Done(Exception):
 def _read_key(path: str | None) -> bytes | None:
     if path is None:
         return None
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not a regular file", "--introspect-key")
     try:
         with open(path, "rb") as f:
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: not a regular file", "--introspect-key")
             data = f.read(MAX_KEY + 1)
     except OSError as e:
         raise UserError(f"{path}: {e.strerror}", "--introspect-key") from None
@@ -40,8 +40,16 @@ def _read_key(path: str | None) -> bytes | None:
 
 
 def serve_introspection(machine, a):
-    """Start serving `machine`'s introspection as the parsed `run` arguments `a` say."""
+    """Start serving `machine`'s introspection as the parsed `run` arguments `a` say; None
+    without --introspect (UserError if introspection options were given without it)."""
     from ..introspection.session import serve
+    if not a.introspect:
+        given = [o for o, v in (("--kvmi-abi", a.kvmi_abi), ("--introspect-key", a.introspect_key),
+                                ("--allow-commands", a.allow_commands),
+                                ("--allow-events", a.allow_events)) if v]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --introspect", "kvmgate run")
+        return None
     name = os.path.splitext(os.path.basename(a.guest))[0] if getattr(a, "guest", None) \
         else "kvmgate"
     return serve(machine, a.introspect, a.allow_commands, a.allow_events, abi=a.kvmi_abi,

@@ -253,3 +253,9 @@ def test_inject_exception_reaches_the_guest(workdir):
         t.join(T)
     assert done.get("ok")
     assert "#UD" in str(ei.value)
+
+
+def test_introspection_options_without_introspect_are_refused(workdir):
+    with Run(workdir, "--kvmi-abi", "v7") as run:
+        out, err = run.proc.communicate(timeout=T)
+    assert run.proc.returncode == 2 and "--kvmi-abi: only with --introspect" in err
