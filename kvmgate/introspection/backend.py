@@ -21,7 +21,7 @@ from .ids import KVM_EOPNOTSUPP
 
 
 class Backend(abc.ABC):
-    """The live-VM side of the introspection protocol (spec §2 command table)."""
+    """The live-VM side of the introspection protocol (docs/introspection.md, commands)."""
 
     @abc.abstractmethod
     def vcpu_count(self) -> int:

@@ -1,4 +1,5 @@
-"""The VM owner's side: hook/unhook a tool and decide what it may use (spec §1, seed 004).
+"""The VM owner's side: hook/unhook a tool and decide what it may use (docs/introspection.md,
+the permission ioctls of the KVMI series).
 
 Error order follows the seed's kernel: EPERM (introspection disabled) first, then argument
 errors (EINVAL), then state (EEXIST already hooked / EFAULT not hooked), then EPERM for
