@@ -274,6 +274,14 @@ class Vcpu(_Fd):
     def tsc_khz(self) -> int:
         return ioctl(self.fd, u.KVM_GET_TSC_KHZ, 0, self)
 
+    def get_vcpu_events(self) -> u.kvm_vcpu_events:
+        events = u.kvm_vcpu_events()
+        ioctl(self.fd, u.KVM_GET_VCPU_EVENTS, events, self)
+        return events
+
+    def set_vcpu_events(self, events: u.kvm_vcpu_events) -> None:
+        ioctl(self.fd, u.KVM_SET_VCPU_EVENTS, events, self)
+
 
 @functools.lru_cache(maxsize=64)
 def _msrs_struct(n: int):

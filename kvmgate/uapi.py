@@ -89,6 +89,16 @@ class kvm_cpuid2(C.Structure):
     _fields_ = [("nent", u32), ("padding", u32)]  # followed by struct kvm_cpuid_entry2 entries[]
 
 
+class kvm_vcpu_events(C.Structure):
+    """struct kvm_vcpu_events (x86, 64 bytes): pending/injected exception, interrupt, NMI."""
+    _fields_ = [("exception_injected", u8), ("exception_nr", u8),
+                ("exception_has_error_code", u8), ("exception_pending", u8),
+                ("exception_error_code", u32),
+                ("interrupt", u8 * 4), ("nmi", u8 * 4), ("sipi_vector", u32), ("flags", u32),
+                ("smi", u8 * 4), ("triple_fault", u8), ("reserved", u8 * 26),
+                ("exception_has_payload", u8), ("exception_payload", u64)]
+
+
 class kvm_enable_cap(C.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
@@ -235,4 +245,6 @@ KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
 KVM_GET_MSRS = _IOWR(KVMIO, 0x88, kvm_msrs)
 KVM_SET_MSRS = _IOW(KVMIO, 0x89, kvm_msrs)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)

@@ -1,15 +1,15 @@
 """`kvmgate introspect unix:PATH watch-msr MSR...` (a tool on a VM's introspection socket) and
-the owner side of `kvmgate run GUEST --introspect unix:PATH` (`serve_introspection`).
+the `run` options that give a guest's introspection to a tool (kvmgate.introspection.serve).
 
-Wiring (cli/run.py): `register(sub)` adds `introspect`; `add_run_arguments(p)` adds --introspect,
---allow-commands and --allow-events to `run`, whose handler calls
-`serve_introspection(m, a.introspect, a.allow_commands, a.allow_events)` and closes the
-handle when the run ends.
+Wiring (cli/run.py): `register(sub)` adds `introspect`; `add_run_arguments(p)` adds
+--introspect, --kvmi-abi, --introspect-key, --allow-commands and --allow-events to `run`, whose
+handler calls `serve_introspection(m, a)` and closes the handle when the run ends.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 
@@ -17,36 +17,65 @@ from .common import parse_msrs
 from ..errors import UserError
 
 WATCH_COMMANDS = ("VM_GET_INFO", "VCPU_CONTROL_EVENTS", "VCPU_CONTROL_MSR")
+MAX_KEY = 4096
 
 
 class _Done(Exception):
     """--count reached."""
 
 
-def serve_introspection(machine, spec: str, allow_commands=None, allow_events=None):
-    """Listen on `spec` ('unix:PATH', socket mode 0600, peers of another uid refused) and hook
-    the first tool that connects, with `allow_commands`/`allow_events` (names, numeric ids or
-    'all'; comma lists too) allowed.  Returns the started IntrospectionListener: close() it
-    when the run ends (unhooks, closes and unlinks the socket).  UserError for bad arguments.
-    """
-    from ..introspection.listener import IntrospectionListener, parse_ids, parse_target
-    path = parse_target(spec)
-    commands = parse_ids(allow_commands, "command")
-    events = parse_ids(allow_events, "event")
-    return IntrospectionListener(machine, path, commands, events).start()
+def _read_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not a regular file", "--introspect-key")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEY + 1)
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}", "--introspect-key") from None
+    if len(data) > MAX_KEY:
+        raise UserError(f"{path}: more than {MAX_KEY} bytes", "--introspect-key")
+    return data
+
+
+def serve_introspection(machine, a):
+    """Start serving `machine`'s introspection as the parsed `run` arguments `a` say; None
+    without --introspect (UserError if introspection options were given without it)."""
+    from ..introspection.session import serve
+    if not a.introspect:
+        given = [o for o, v in (("--kvmi-abi", a.kvmi_abi), ("--introspect-key", a.introspect_key),
+                                ("--allow-commands", a.allow_commands),
+                                ("--allow-events", a.allow_events)) if v]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --introspect", "kvmgate run")
+        return None
+    name = os.path.splitext(os.path.basename(a.guest))[0] if getattr(a, "guest", None) \
+        else "kvmgate"
+    return serve(machine, a.introspect, a.allow_commands, a.allow_events, abi=a.kvmi_abi,
+                 name=name, key=_read_key(a.introspect_key))
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The `run` options that serve_introspection takes."""
-    g = p.add_argument_group("introspection (KVMI over a unix socket)")
-    g.add_argument("--introspect", metavar="unix:PATH",
-                   help="serve introspection on this socket (mode 0600, same uid only); the "
-                        "first tool that connects is hooked")
+    g = p.add_argument_group("introspection (KVMI)")
+    g.add_argument("--introspect", metavar="SPEC",
+                   help="unix:PATH: listen there (mode 0600, same uid only) and hook the first "
+                        "tool that connects; connect:unix:PATH or connect:vsock:CID:PORT: "
+                        "connect to a listening tool (libkvmi's kvmi_init_unix_socket/"
+                        "kvmi_init_vsock) with QEMU's handshake")
+    g.add_argument("--kvmi-abi", choices=("v7", "v12"), default=None,
+                   help="wire ABI: v7 = the kvmi-v7 branch libkvmi speaks (default with "
+                        "connect:), v12 = the upstream patch series (default with unix:)")
+    g.add_argument("--introspect-key", metavar="FILE",
+                   help="connect mode: the tool must answer the handshake with the SHA-1 of "
+                        "this file's bytes (QEMU's secret object)")
     g.add_argument("--allow-commands", action="append", default=[], metavar="CMD[,CMD...]",
-                   help="commands the tool may use: names (VCPU_CONTROL_MSR), ids (25) or "
-                        "'all'; GET_VERSION and the two CHECK commands are always allowed")
+                   help="commands the tool may use: names (VCPU_CONTROL_MSR, or libkvmi's "
+                        "CONTROL_MSR), v12 ids (25) or 'all'; GET_VERSION and the two CHECK "
+                        "commands are always allowed")
     g.add_argument("--allow-events", action="append", default=[], metavar="EV[,EV...]",
-                   help="events the tool may use: MSR, PAUSE, UNHOOK, ids or 'all'")
+                   help="events the tool may use: MSR, PAUSE, UNHOOK, v12 ids or 'all'")
 
 
 def _msr_label(index: int) -> str:

@@ -18,10 +18,8 @@ def cmd_run(a) -> int:
     audit = AuditLog(a.audit, rate=policy.audit_rate if policy else 20.0,
                      burst=policy.audit_burst if policy else 20) if a.audit or policy else None
     with Machine(guest, vcpus=a.vcpus) as m:
-        intro = None
-        if a.introspect:
-            from .introspect import serve_introspection
-            intro = serve_introspection(m, a.introspect, a.allow_commands, a.allow_events)
+        from .introspect import serve_introspection
+        intro = serve_introspection(m, a)          # None without --introspect
         if policy is not None:
             m.set_policy(policy, audit)
 

@@ -1,31 +1,39 @@
 """VM introspection (the KVMI protocol and its permission model): kvmgate plays KVM's part.
 
-ids          message/event ids, actions, KVM_E* codes and their names
-permissions  the owner's allow/disallow model (spec §1)
-protocol     framing, Reader, payload codecs (spec §2, §3)
+ids          v12 message/event ids (IntEnums: also the meaning for the other ABI), actions,
+             KVM_E* codes and their names
+abi          the two wire dialects, `V12` (the patch series) and `V7` (libkvmi's kvmi-v7)
+permissions  the owner's allow/disallow model (docs/introspection.md)
+protocol     v12 framing, Reader, payload codecs
 backend      `Backend`: what the server needs from a live VM
-server       `IntrospectionServer` (one tool connection); re-exports `Introspection`
+server       `IntrospectionServer` (one tool connection, one dialect)
 owner        `Introspection`: hook/unhook/allow, attached as `machine.introspection`
-client       `Client`: the tool's side
+client       `Client`: the tool's side (v12)
 machine_backend  `MachineBackend` (the Backend on a live Machine), `attach(machine)`,
              `IntrospectionCrash` (a tool answered CRASH: raised out of `Machine.run()`)
 listener     `IntrospectionListener`: a unix socket that hooks the tool that connects
+connector    `IntrospectionConnector`: connect to a listening tool with QEMU's handshake
+session      `serve(machine, spec, ...)`: listen or connect as a spec says (`kvmgate run`)
 bench        `bench_events()`: event round trip vs a plain user-space MSR exit
 """
+from .abi import V7, V12, Dialect
 from .backend import Backend
 from .client import Client, Crash, Event, IntrospectionError
 from .ids import CONTINUE, CRASH, RETRY, Action
+from .connector import IntrospectionConnector
 from .listener import IntrospectionListener
 from .machine_backend import IntrospectionCrash, MachineBackend, attach
 from .owner import Introspection
 from .permissions import Permissions
 from .protocol import ProtocolError
 from .server import EventResult, IntrospectionServer
+from .session import serve
 
-__all__ = ["Action", "Backend", "CONTINUE", "CRASH", "Client", "Crash", "Event", "EventResult",
-           "Introspection", "IntrospectionCrash", "IntrospectionError", "IntrospectionListener",
-           "IntrospectionServer", "MachineBackend", "Permissions", "ProtocolError", "RETRY",
-           "attach"]
+__all__ = ["Action", "Backend", "CONTINUE", "CRASH", "Client", "Crash", "Dialect", "Event",
+           "EventResult", "Introspection", "IntrospectionConnector", "IntrospectionCrash",
+           "IntrospectionError", "IntrospectionListener", "IntrospectionServer",
+           "MachineBackend", "Permissions", "ProtocolError", "RETRY", "V7", "V12", "attach",
+           "serve"]
 
 from ..machine import Machine as _Machine
 

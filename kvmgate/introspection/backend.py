@@ -7,6 +7,8 @@ tool replied (the kernel's "delayed registers"): the vCPU's own thread, or (Mach
 PAUSE of a vCPU whose thread is not running) a worker while every vCPU is held outside KVM_RUN, so plain
 KVM_SET_REGS is fine there.  `control_msr(..., False)`
 is also called from whichever thread closes the connection (reader, vCPU or owner thread).
+The three methods with a default (`get_cpuid`, `inject_exception`, `max_gfn`) answer
+-KVM_EOPNOTSUPP unless a backend implements them.
 A method that raises makes the command fail with -KVM_E<errno> when the exception is an OSError
 whose errno is a KVM code, else -KVM_EFAULT; it never breaks the connection.
 """
@@ -15,9 +17,11 @@ from __future__ import annotations
 import abc
 from typing import Sequence
 
+from .ids import KVM_EOPNOTSUPP
+
 
 class Backend(abc.ABC):
-    """The live-VM side of the introspection protocol (spec §2 command table)."""
+    """The live-VM side of the introspection protocol (docs/introspection.md, commands)."""
 
     @abc.abstractmethod
     def vcpu_count(self) -> int:
@@ -59,3 +63,26 @@ class Backend(abc.ABC):
         With `wait`, return once the vCPU has left guest mode, never later (its PAUSE event
         needs the reader thread, which is the caller).  Return None/0, or a negative KVM code.
         """
+
+    # Optional: commands a libkvmi MSR monitor uses (GET_CPUID, INJECT_EXCEPTION, GET_MAX_GFN).
+
+    def get_cpuid(self, vcpu: int, function: int, index: int
+                  ) -> tuple[int, int, int, int] | None:
+        """(eax, ebx, ecx, edx) the guest sees for CPUID `function`/`index`; None if absent."""
+        raise Unsupported("GET_CPUID")
+
+    def inject_exception(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
+        """Queue exception `vector` (with `error_code` where it has one; `address` is CR2 for
+        #PF) for injection at the vCPU's next entry; 0 or a negative KVM code."""
+        raise Unsupported("INJECT_EXCEPTION")
+
+    def max_gfn(self) -> int:
+        """The highest guest frame number backed by memory."""
+        raise Unsupported("GET_MAX_GFN")
+
+
+class Unsupported(OSError):
+    """A Backend without this operation: the command gets -KVM_EOPNOTSUPP."""
+
+    def __init__(self, what: str):
+        super().__init__(KVM_EOPNOTSUPP, f"{what} is not supported by this backend")

@@ -1,27 +1,39 @@
 """Introspection event round trip vs a plain user-space MSR exit, on the running kernel.
 
-`bench_events(n)`: the same guest (n WRMSRs of LSTAR, each a new value) run
+`bench_events(n)`: the same guest (n WRMSRs of LSTAR, each a new value) on one Machine per path:
   * `native`  - no filter: KVM handles every write (no exit),
   * `exit`    - a FILTER deny on LSTAR writes and an `m.on_msr` handler storing the value with
                 KVM_SET_MSRS (one user-space exit per write: the baseline; the interception
                 path stores the same way); `exit_bare`: the handler only returns (write dropped),
-  * `event`   - introspection: a tool over a socketpair (in its own process; `event_thread_tool`:
-                a thread of ours) controls LSTAR with the MSR event enabled and answers
-                CONTINUE (exit + event message + reply + the owner's KVM_GET_MSRS/REGS/SREGS
-                for the event's state + KVM_SET_MSRS),
-  * `quiet`   - LSTAR controlled but the MSR event not enabled: the exit, no message,
-and reports per-write microseconds (best of 3 runs each) and `ratio` = event / exit.
+  * `event`   - introspection, v12: a tool in its own process controls LSTAR with the MSR event
+                enabled and answers CONTINUE (exit + event message + reply + the owner's
+                KVM_GET_MSRS/REGS/SREGS for the event's state + KVM_SET_MSRS),
+  * `event_v7` - the same in the kvmi-v7 (libkvmi) ABI,
+  * `quiet`   - LSTAR controlled but the MSR event not enabled: the exit, no message.
+Every path runs once per round, the paths interleaved, for `rounds` (>= 7) rounds after a
+warm-up; each figure is the median per-write time, and `ratio` the median of the per-round
+event / exit ratios.  The load average is reported with them.
 `python -m kvmgate.introspection.bench [N]` prints it as JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
+import statistics
+import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
+
+from ..machine import Machine
+from ..msr.model import EXIT_REASON_FILTER, WRITE, MsrFilter, MsrRange
+from .abi import V7, V12, Dialect
+from .machine_backend import attach
 
 LSTAR = 0xC0000082
+ROUNDS = 7
 
 
 def lstar_guest(n: int) -> str:
@@ -38,48 +50,10 @@ again:
     hlt"""
 
 
-REPEAT = 3
-
-
-def _timed_run(m, n: int, repeat: int = REPEAT) -> tuple[float, int]:
-    """Best of `repeat` runs (this host's noise is one-sided): seconds per write, exits."""
-    best, exits = float("inf"), 0
-    for _ in range(repeat):
-        t = time.perf_counter()
-        r = m.run(timeout=120)
-        best = min(best, (time.perf_counter() - t) / n)
-        exits = len(r.msr_exits)
-    return best, exits
-
-
-def _native(n: int) -> tuple[float, int]:
-    from ..machine import Machine
-    with Machine(lstar_guest(n)) as m:
-        m.run(timeout=60)                 # warm up
-        return _timed_run(m, n)
-
-
-def _plain_exit(n: int, store: bool = True) -> tuple[float, int]:
-    from ..machine import Machine
-    from ..msr.model import EXIT_REASON_FILTER, WRITE, MsrFilter, MsrRange
-    with Machine(lstar_guest(n)) as m:
-        m.set_msr_filter(MsrFilter([MsrRange.all(WRITE, LSTAR, 1, allow=False)]))
-        m.enable_user_space_msr(EXIT_REASON_FILTER)
-        vcpu = m.vcpus[0]
-
-        @m.on_msr
-        def handler(ex):
-            if store:                     # store the guest's value, as the event path does
-                vcpu.set_msrs({ex.index: ex.data})
-            return None
-
-        m.run(timeout=60)
-        return _timed_run(m, n)
-
-
-# The tool of the `event` runs in its own process by default (as a real tool would: with a
-# thread of ours it would also compete for this process's GIL).
-_TOOL = """
+# The tools run in their own process (as a real tool would: with a thread of ours it would
+# also compete for this process's GIL).  v12: kvmgate's Client.  v7: a bare responder in the
+# libkvmi dialect (event = message 1, reply = message 0 with the vCPU header).
+_TOOL_V12 = """
 import socket, sys
 from kvmgate.introspection import Client, ids
 c = Client(socket.socket(fileno=int(sys.argv[1])))
@@ -88,80 +62,129 @@ if sys.argv[2] == "1":
 c.control_msr(0, {lstar})
 sys.stdout.write("ready\\n"); sys.stdout.flush()
 c.serve(on_msr=lambda ev: None)
-""".format(lstar=LSTAR)
+"""
+_TOOL_V7 = """
+import socket, struct, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+f = s.makefile("rb")
+def request(mid, body):
+    s.sendall(struct.pack("=HHI", mid, len(body), 1) + body)
+    h = f.read(8); size = struct.unpack("=HHI", h)[1]; err = struct.unpack_from("=i", f.read(size))[0]
+    assert err == 0, err
+vcpu0 = struct.pack("=HHI", 0, 0, 0)
+if sys.argv[2] == "1":
+    request(9, vcpu0 + struct.pack("=HBBI", 2, 1, 0, 0))        # CONTROL_EVENTS(MSR)
+request(11, vcpu0 + struct.pack("=BBHI", 1, 0, 0, {lstar}))     # CONTROL_MSR(LSTAR)
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+while True:
+    h = f.read(8)
+    if len(h) < 8:
+        break
+    mid, size, seq = struct.unpack("=HHI", h)
+    body = f.read(size)
+    vcpu = struct.unpack_from("=H", body, 2)[0]
+    new = struct.unpack_from("=Q", body, 544 + 16)[0]            # kvmi_event_msr.new_value
+    s.sendall(struct.pack("=HHI", 0, 24, seq) + struct.pack("=HHI", vcpu, 0, 0)
+              + struct.pack("=BBHI", 0, 2, 0, 0) + struct.pack("=Q", new))
+"""
 
 
-def _introspected(n: int, enable_event: bool, tool: str = "process") -> tuple[float, int, int]:
-    import os
-    import subprocess
-    from pathlib import Path
-    from ..machine import Machine
-    from . import ids
-    from .client import Client
-    from .machine_backend import attach
-    with Machine(lstar_guest(n)) as m:
-        intro = attach(m)
-        a, b = socket.socketpair()
-        intro.hook(a, b"kvmgate-bench-00", commands=[-1], events=[-1])
-        a.close()
-        proc = t = c = None
-        try:
-            if tool == "process":
-                root = str(Path(__file__).resolve().parents[2])
-                env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-                proc = subprocess.Popen([sys.executable, "-c", _TOOL, str(b.fileno()),
-                                         "1" if enable_event else "0"], pass_fds=[b.fileno()],
-                                        stdout=subprocess.PIPE, text=True, env=env)
-                b.close()
-                if proc.stdout.readline().strip() != "ready":
-                    raise RuntimeError("the bench tool did not start")
-            else:
-                b.settimeout(30)
-                c = Client(b)
-                if enable_event:
-                    c.vcpu_control_events(0, ids.VCPU_EVENT_MSR, True)
-                c.control_msr(0, LSTAR, True)
-                t = threading.Thread(target=c.serve, kwargs={"on_msr": lambda ev: None},
-                                     name="bench-tool", daemon=True)
-                t.start()
-            m.run(timeout=60)
-            before = intro.backend.msr_events
-            per, exits = _timed_run(m, n)
-            events = (intro.backend.msr_events - before) // REPEAT     # per run
-        finally:
-            intro.unhook()
-            if proc is not None:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if t is not None:
-                t.join(5)
-                c.close()
-        return per, exits, events
+class _Path:
+    """One Machine set up for one path; `run()` is one timed run (seconds per write)."""
+
+    def __init__(self, stack: contextlib.ExitStack, n: int):
+        self.n = n
+        self.m = stack.enter_context(Machine(lstar_guest(n)))
+        self.exits = 0
+
+    def run(self) -> float:
+        t = time.perf_counter()
+        r = self.m.run(timeout=120)
+        self.exits = len(r.msr_exits)
+        return (time.perf_counter() - t) / self.n
 
 
-def bench_events(n: int = 2000) -> dict:
-    """Per-write cost (microseconds) of each path, and event / plain-exit ratio."""
-    native, _ = _native(n)
-    plain, plain_exits = _plain_exit(n)
-    bare, _ = _plain_exit(n, store=False)
-    event, event_exits, events = _introspected(n, True)
-    event_thread, _, _ = _introspected(n, True, tool="thread")
-    quiet, quiet_exits, quiet_events = _introspected(n, False)
+def _plain_exit(stack, n: int, store: bool) -> _Path:
+    path = _Path(stack, n)
+    m = path.m
+    m.set_msr_filter(MsrFilter([MsrRange.all(WRITE, LSTAR, 1, allow=False)]))
+    m.enable_user_space_msr(EXIT_REASON_FILTER)
+    vcpu = m.vcpus[0]
+
+    @m.on_msr
+    def handler(ex):
+        if store:                     # store the guest's value, as the event path does
+            vcpu.set_msrs({ex.index: ex.data})
+        return None
+
+    return path
+
+
+def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
+    path = _Path(stack, n)
+    intro = attach(path.m)
+    a, b = socket.socketpair()
+    intro.hook(a, b"kvmgate-bench-00", commands=[-1], events=[-1], abi=abi)
+    a.close()
+    stack.callback(intro.unhook)
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = (_TOOL_V7 if abi is V7 else _TOOL_V12).format(lstar=LSTAR)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(b.fileno()),
+                             "1" if enable_event else "0"], pass_fds=[b.fileno()],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    b.close()
+    stack.callback(_reap, proc)
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("the bench tool did not start")
+    path.backend = intro.backend
+    return path
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+
+
+def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
+    """Per-write cost (microseconds, median of `rounds` interleaved rounds) of each path, and
+    the median per-round event / plain-exit ratio."""
+    with contextlib.ExitStack() as stack:
+        paths = {
+            "native": _Path(stack, n),
+            "exit": _plain_exit(stack, n, store=True),
+            "exit_bare": _plain_exit(stack, n, store=False),
+            "event": _introspected(stack, n, True, V12),
+            "event_v7": _introspected(stack, n, True, V7),
+            "quiet": _introspected(stack, n, False, V12),
+        }
+        for p in paths.values():
+            p.run()                                   # warm up
+        before = {k: p.backend.msr_events for k, p in paths.items() if hasattr(p, "backend")}
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(rounds):
+            for k, p in paths.items():
+                times[k].append(p.run())
+        events = {k: (p.backend.msr_events - before[k]) // rounds
+                  for k, p in paths.items() if k in before}
+        exits = {k: paths[k].exits for k in ("exit", "event", "event_v7", "quiet")}
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "writes": n,
-        "native_us": round(native * 1e6, 3),
-        "exit_us": round(plain * 1e6, 3),
-        "exit_bare_us": round(bare * 1e6, 3),
-        "event_us": round(event * 1e6, 3),
-        "event_thread_tool_us": round(event_thread * 1e6, 3),
-        "quiet_us": round(quiet * 1e6, 3),
-        "ratio": round(event / plain, 2),
-        "quiet_ratio": round(quiet / plain, 2),
-        "exits": {"exit": plain_exits, "event": event_exits, "quiet": quiet_exits},
-        "events": {"event": events, "quiet": quiet_events},
+        "rounds": rounds,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        **{f"{k}_us": round(v * 1e6, 3) for k, v in med.items()},
+        "ratio": round(statistics.median(e / x for e, x in zip(times["event"], times["exit"])), 2),
+        "ratio_v7": round(statistics.median(e / x for e, x in zip(times["event_v7"],
+                                                                    times["exit"])), 2),
+        "quiet_ratio": round(statistics.median(q / x for q, x in zip(times["quiet"],
+                                                                      times["exit"])), 2),
+        "exits": exits,
+        "events": events,
     }
 
 

@@ -1,4 +1,4 @@
-"""The tool's side of KVMI (spec §2, §3): commands, and an event loop that answers events.
+"""The tool's side of KVMI (docs/introspection.md, v12): commands, and an event loop that answers events.
 
 One thread per `Client`.  Events that arrive while a command waits for its reply are queued
 and returned by `events()` later, so an event callback may itself send commands.

@@ -6,7 +6,9 @@ commands and events allowed before its first message is read.  A peer whose uid 
 ours (SO_PEERCRED) is refused, as is a second tool while one is connected; once the tool has
 gone (EOF, protocol error), the next one may connect and is hooked afresh (defaults again, then
 the allow lists).  `close()` unhooks (the tool gets VM_EVENT_UNHOOK if it enabled it and up to
-`unhook_wait` seconds to leave), closes and unlinks the socket.
+`unhook_wait` seconds to leave), closes and unlinks the socket.  `abi` is the session's wire
+dialect (abi.V12 by default; abi.V7 for libkvmi tools that connect instead of listening).
+The listen backlog (LISTEN_BACKLOG) queues a burst of connects; they are then taken one by one.
 """
 from __future__ import annotations
 
@@ -23,10 +25,13 @@ from typing import Iterable, NamedTuple
 
 from ..errors import UserError
 from . import ids
+from .abi import V7, V12, Dialect
+from .machine_backend import attach
 
 __all__ = ["IntrospectionListener", "parse_target", "parse_ids", "peer_credentials", "Peer"]
 
 log = logging.getLogger("kvmgate.introspection")
+LISTEN_BACKLOG = 128     # a burst of connects queues (then all but one are refused, one by one)
 _UCRED = struct.Struct("=iII")      # struct ucred {pid_t pid; uid_t uid; gid_t gid}
 
 
@@ -55,16 +60,23 @@ def parse_target(spec: str) -> str:
 
 def _lookup(kind: str) -> tuple[dict[str, int], frozenset]:
     """Accepted spellings: commands NAME, KVMI_NAME; events NAME, EVENT_NAME, VCPU_EVENT_NAME
-    (VM_EVENT_NAME for UNHOOK) and the same with KVMI_."""
+    (VM_EVENT_NAME for UNHOOK) and the same with KVMI_.  NAME is the v12 name, or the kvmi-v7
+    (libkvmi) name, which stands for the v12 command or event of the same meaning (e.g.
+    CONTROL_MSR = VCPU_CONTROL_MSR, GET_GUEST_INFO and GET_MAX_GFN = VM_GET_INFO)."""
     table: dict[str, int] = {}
     if kind == "command":
         for i, name in ids.COMMAND_NAMES.items():
             table[name] = table["KVMI_" + name] = i
+        for route in V7.routes.values():
+            if route.perm is not None:
+                table.setdefault(route.name, route.perm)
+                table.setdefault("KVMI_" + route.name, route.perm)
         return table, ids.COMMANDS
-    for i, name in ids.EVENT_NAMES.items():
+    for i, name in list(ids.EVENT_NAMES.items()) + [(e, w.name) for e, w in V7.event_ids.items()]:
         scope = "VCPU_EVENT_" if i & 1 else "VM_EVENT_"
         for alias in (name, "EVENT_" + name, scope + name):
-            table[alias] = table["KVMI_" + alias] = i
+            table.setdefault(alias, i)
+            table.setdefault("KVMI_" + alias, i)
     return table, ids.EVENTS
 
 
@@ -106,9 +118,10 @@ class IntrospectionListener:
 
     def __init__(self, machine, path: str, commands: Iterable[int] = (),
                  events: Iterable[int] = (), *, uids: Iterable[int] | None = None,
-                 event_timeout: float | None = None, unhook_wait: float = 1.0):
-        from .machine_backend import attach
+                 event_timeout: float | None = None, unhook_wait: float = 1.0,
+                 abi: Dialect = V12):
         self.machine = machine
+        self.abi = abi
         self.path = path
         self.commands = tuple(commands)
         self.events = tuple(events)
@@ -141,7 +154,7 @@ class IntrospectionListener:
             os.chmod(self.path, 0o600)
             st = os.stat(self.path)
             self._ino = (st.st_dev, st.st_ino)
-            s.listen(4)
+            s.listen(LISTEN_BACKLOG)
         except BaseException:
             s.close()
             raise
@@ -231,7 +244,8 @@ class IntrospectionListener:
             intro.unhook()
         self.hooked.append(peer)
         try:
-            intro.hook(conn, _uuid.uuid4(), commands=self.commands, events=self.events)
+            intro.hook(conn, _uuid.uuid4(), commands=self.commands, events=self.events,
+                       abi=self.abi)
         except BaseException:
             self.hooked.pop()
             raise

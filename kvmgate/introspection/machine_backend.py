@@ -1,7 +1,7 @@
 """`MachineBackend`: the introspection `Backend` on a live `Machine`, and `attach()`.
 
     intro = attach(m)                  # or m.introspection once Machine has the property
-    intro.hook(sock, uuid)             # the owner's API (owner.py), defaults per spec §1
+    intro.hook(sock, uuid)             # the owner's API (owner.py), docs/introspection.md
     intro.allow_command(ids.VCPU_CONTROL_MSR, 1); intro.allow_event(ids.VCPU_EVENT_MSR, 1)
 
 How each part maps onto the Machine:
@@ -25,12 +25,18 @@ How each part maps onto the Machine:
   `Machine.kick_hook`); if its thread is not running, a worker thread sends the event while
   every vCPU is held outside KVM_RUN (`quiesced()`).
 
+* GET_CPUID answers from KVM_GET_SUPPORTED_CPUID, which Machine installs on every vCPU;
+  INJECT_EXCEPTION sets the exception injected with KVM_SET_VCPU_EVENTS (CR2 with
+  KVM_SET_SREGS for #PF) from the reader thread, kicking the vCPU out of KVM_RUN as above;
+  GET_MAX_GFN is the last page of guest RAM.
+
 Only Machine's public API is used: kick(), blocked(), quiesced(), vcpu_thread(), fail_run(),
-kick_hook and intercept_msr_writes().
+kick_hook, intercept_msr_writes(), vcpus, memory, mem_size and kvm.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes as C
 import errno
 import logging
 import threading
@@ -61,6 +67,9 @@ KICK_INTERVAL = 0.002     # re-kick a vCPU this often while a command waits for 
 PAUSE_WAIT = 1.0          # VM_PAUSE_VCPU with wait: at most this long for the vCPU to stop
 APPLY_LOCK_TIMEOUT = 2.0  # a command waiting for another filter swap / PAUSE: -KVM_EBUSY after
 QUIESCE_TIMEOUT = 5.0
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+PF_VECTOR = 14
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})   # x86 SDM vol. 3 6.13
 
 
 class IntrospectionCrash(GuestError):
@@ -96,6 +105,7 @@ class MachineBackend(Backend):
         self._controlled: dict[int, set[int]] = {}
         self._installed: frozenset = frozenset()
         self._tsc_khz: int | None = None
+        self._cpuid: list | None = None
         self._waiting = [False] * self._n       # vCPU blocked on the tool
         self._kicked = [threading.Event() for _ in range(self._n)]
         self._jobs: deque = deque()
@@ -189,6 +199,47 @@ class MachineBackend(Backend):
             except KvmError:
                 return 0
         return self._tsc_khz
+
+    def max_gfn(self) -> int:
+        return (self.machine.mem_size - 1) >> 12
+
+    # --- Backend: CPUID, exceptions ---------------------------------------------------------
+
+    def get_cpuid(self, vcpu: int, function: int, index: int):
+        """From KVM_GET_SUPPORTED_CPUID, which Machine gives every vCPU (KVM_SET_CPUID2)."""
+        if self._cpuid is None:
+            blob = self.machine.kvm.supported_cpuid()
+            n = u.kvm_cpuid2.from_buffer_copy(blob).nent
+            size, head = C.sizeof(u.kvm_cpuid_entry2), C.sizeof(u.kvm_cpuid2)
+            self._cpuid = [u.kvm_cpuid_entry2.from_buffer_copy(blob, head + i * size)
+                           for i in range(n)]
+        for e in self._cpuid:
+            if e.function == function and (e.index == index
+                                           or not e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
+                return e.eax, e.ebx, e.ecx, e.edx
+        return None
+
+    def inject_exception(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
+        """KVM_SET_VCPU_EVENTS with the exception injected (CR2 = `address` for #PF, through
+        KVM_SET_SREGS); delivered at the vCPU's next entry.  -KVM_EBUSY if one is pending."""
+        v = self._vcpus[vcpu]
+
+        def inject():
+            ev = v.get_vcpu_events()
+            if ev.exception_injected or ev.exception_pending:
+                return -ids.KVM_EBUSY
+            if vector == PF_VECTOR:
+                sregs = v.get_sregs()
+                sregs.cr2 = address
+                v.set_sregs(sregs)
+            ev.exception_injected, ev.exception_nr = 1, vector
+            ev.exception_has_error_code = int(vector in ERROR_CODE_VECTORS)
+            ev.exception_error_code = error_code & 0xFFFFFFFF
+            ev.flags = 0
+            v.set_vcpu_events(ev)
+            return 0
+
+        return self._vcpu_call(vcpu, inject)
 
     # --- Backend: registers ---------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The VM owner's side: hook/unhook a tool and decide what it may use (spec §1, seed 004).
+"""The VM owner's side: hook/unhook a tool and decide what it may use (docs/introspection.md,
+the permission ioctls of the KVMI series).
 
 Error order follows the seed's kernel: EPERM (introspection disabled) first, then argument
 errors (EINVAL), then state (EEXIST already hooked / EFAULT not hooked), then EPERM for
@@ -22,7 +23,9 @@ from typing import Callable
 from ..errors import KvmError
 from . import ids
 from .ids import CONTINUE, Action
+from .abi import V12, Dialect
 from .permissions import IOCTL_COMMAND, IOCTL_EVENT, Permissions, check_feature
+from .server import RELEASED, IntrospectionServer
 
 log = logging.getLogger("kvmgate.introspection")
 
@@ -72,14 +75,15 @@ class Introspection:
 
     # --- owner operations -----------------------------------------------------------------
 
-    def hook(self, sock, uuid, *, commands=(), events=()) -> None:
+    def hook(self, sock, uuid, *, commands=(), events=(), abi: Dialect = V12) -> None:
         """KVM_INTROSPECTION_HOOK: serve the tool on `sock` (a connected stream socket or fd).
 
         The socket is duplicated (the caller may close its own) and put in blocking mode.
         `commands`/`events`: ids (or -1) to allow before the tool's first message is read, as
         allow_command(id, 1)/allow_event(id, 1) right after hooking would, without the race.
+        `abi`: the wire dialect of this session (abi.V12 or abi.V7); permissions are given in
+        v12 ids whatever the dialect (they apply by meaning).
         """
-        from .server import IntrospectionServer   # lazy: server.py re-exports this module
         with self._lock:
             if not self.enabled:
                 raise KvmError(errno.EPERM, IOCTL_HOOK, self.obj, "introspection is disabled")
@@ -94,7 +98,7 @@ class Introspection:
                 perms.allow_event(eid, 1)
             srv = IntrospectionServer(s, self.backend, perms, on_close=self._closed,
                                       event_timeout=self.event_timeout,
-                                      name=f"kvmi-{_uuid.UUID(bytes=raw_uuid)}")
+                                      name=f"kvmi-{_uuid.UUID(bytes=raw_uuid)}", abi=abi)
             self._perms, self._server, self.uuid = perms, srv, raw_uuid
             srv.start()
 
@@ -177,7 +181,6 @@ class Introspection:
 
     def send_event(self, vcpu: int, event: int, payload: bytes = b"", state=None):
         """Generic vCPU event (IntrospectionServer.send_event)."""
-        from .server import RELEASED
         srv = self._server
         return RELEASED if srv is None else srv.send_event(vcpu, event, payload, state)
 

@@ -1,7 +1,8 @@
-"""The owner's allow/disallow model for introspection commands and events (spec §1, seed 004).
+"""The owner's allow/disallow model for introspection commands and events
+(docs/introspection.md, the permission ioctls of the KVMI series).
 
 Pure: no socket, no VM.  "Hooked" (EFAULT) and "introspection disabled" (EPERM) are states of the
-owner object (`server.Introspection`), not of this class.
+owner object (`owner.Introspection`), not of this class.
 
 Known ids are every v12 command and event of the spec tables, including the ones listed "for
 reference" that our server does not implement: the seed's kernel accepts them, so the owner may

@@ -1,8 +1,9 @@
-"""KVMI wire format: framing, the streaming `Reader`, and every payload codec (spec §2, §3).
+"""KVMI wire format of the v12 series: framing, the streaming `Reader`, and the payload codecs
+(docs/introspection.md); abi.py adds the kvmi-v7 layouts that differ.
 
-Host byte order ("=" structs, no implicit alignment).  Command payloads are read with `fixed()`:
-missing bytes read as zero, extra bytes are ignored.  Variable-length tails (VM_WRITE_PHYSICAL
-data, VCPU_GET_REGISTERS msrs[]) must be present in full.
+Host byte order ("=" structs, no implicit alignment).  `fixed()` reads a struct from a buffer
+that may be short (missing bytes read as zero): the tool side and event replies use it; the
+server refuses command payloads shorter than their request (see server.py).
 """
 from __future__ import annotations
 
@@ -28,11 +29,14 @@ WRITE_PHYS_REQ = READ_PHYS_REQ       # ... then `size` bytes of data
 PAUSE_REQ = Struct("=HBBI")          # {u16 vcpu; u8 wait; u8; u32}
 GET_REGS_REQ = Struct("=HHI")        # {u16 nmsrs; u16; u32} then u32 msrs[nmsrs]
 CONTROL_MSR_REQ = Struct("=BBHI")    # {u8 enable; u8; u16; u32 msr}
+GET_CPUID_REQ = Struct("=II")        # {u32 function; u32 index}
+INJECT_REQ = Struct("=BBHIQ")        # {u8 nr; u8; u16; u32 error_code; u64 address}
 
 # Replies.
 VERSION_RPL = Struct("=II8s")        # {u32 version; u32 max_msg_size; u8 features[8]}
 GET_INFO_RPL = Struct("=I12x")       # {u32 vcpu_count; u32 pad[3]}
 VCPU_INFO_RPL = Struct("=Q")         # {u64 tsc_speed}
+GET_CPUID_RPL = Struct("=IIII")      # {u32 eax, ebx, ecx, edx}
 REGS_HDR = Struct("=II")             # {u32 mode; u32 pad}
 MSRS_HDR = Struct("=II")             # struct kvm_msrs {u32 nmsrs; u32 pad}
 MSR_ENTRY = Struct("=IIQ")           # struct kvm_msr_entry {u32 index; u32 reserved; u64 data}
@@ -49,9 +53,6 @@ SREGS_SIZE = 312
 STATE = Struct(f"=B7x{REGS_SIZE}s{SREGS_SIZE}s9Q")   # the 536-byte vCPU state block
 STATE_SIZE = STATE.size
 VCPU_EVENT_SIZE = VCPU_EVENT_HDR.size + STATE_SIZE     # the `size` field of VCPU_EVENT_HDR: 544
-# The whole MSR event message in one struct: the per-event path packs once.
-MSR_EVENT_MSG = Struct(f"=HHIHHHHHHI{STATE_SIZE}sIIQQ")
-MSR_EVENT_MSG_SIZE = MSR_EVENT_MSG.size                 # 584
 EVENT_REPLY_PREFIX = VCPU_HDR.size + EVENT_REPLY.size   # before the event's reply payload
 MAX_GET_REGS_MSRS = (MAX_MSG_SIZE - ERR.size - REGS_HDR.size - REGS_SIZE - SREGS_SIZE
                      - MSRS_HDR.size) // MSR_ENTRY.size  # 481: the reply must fit one message
@@ -303,12 +304,6 @@ def pack_vcpu_event(seq: int, event: int, vcpu: int, state: bytes, payload: byte
     body = (EVENT_HDR.pack(event, 0, 0, 0) + VCPU_EVENT_HDR.pack(VCPU_EVENT_SIZE, vcpu, 0)
             + state + payload)
     return pack_message(ids.MSG_VCPU_EVENT, seq, body)
-
-
-def pack_msr_event(seq: int, vcpu: int, state: bytes, msr: int, old: int, new: int) -> bytes:
-    return MSR_EVENT_MSG.pack(ids.MSG_VCPU_EVENT, MSR_EVENT_MSG_SIZE - HEADER.size, seq,
-                              ids.VCPU_EVENT_MSR, 0, 0, 0, VCPU_EVENT_SIZE, vcpu, 0,
-                              state, msr, 0, old, new)
 
 
 def pack_vm_event(seq: int, event: int) -> bytes:

@@ -1,23 +1,37 @@
-"""The KVM side of KVMI on one connected socket (spec §2 commands, §3 events).
+"""The KVM side of KVMI on one connected socket (docs/introspection.md: commands, events).
+
+One server speaks one wire dialect (`abi.V12` or `abi.V7`, see abi.py); everything below is
+the same for both, by meaning: handlers are per `abi.Op`, permissions per v12 command/event.
 
 A reader thread answers commands (whether or not the guest runs) and hands event replies to the
 vCPU thread waiting in `send_event`.  Anything malformed, oversized or out of order closes the
 connection: waiting vCPUs are released with CONTINUE, every MSR interception is undone and
 `on_close(reason)` tells the owner.  Nothing a tool sends can raise out of the reader thread.
 
-Ids the owner may allow but this server does not implement (the spec's "for reference" ids)
-get -KVM_ENOSYS, as the kernel answers any id it has no handler for, and VM_CHECK_COMMAND
-reports them -KVM_ENOENT, so a tool probing features sees a kernel without those handlers.
-(-KVM_EOPNOTSUPP means "known, but not possible now", e.g. VCPU_SET_REGISTERS outside an event.)
-Likewise events we never send (all but UNHOOK, PAUSE, MSR) are unknown to VM_CHECK_EVENT
-(-KVM_ENOENT) and VCPU_CONTROL_EVENTS (-KVM_EINVAL).  PAUSE may be enabled/disabled per vCPU
-but is sent once per successful VM_PAUSE_VCPU regardless (while allowed), as in KVMI.
+Closing rules (KVMI's: the kernel ends the receiving thread on these):
+* a message id the dialect does not know at all;
+* a command payload shorter than its fixed request (after the vCPU header), or a
+  variable-length tail (write data, msrs[]) shorter than its count;
+* an event reply with a wrong seq, vCPU, event, action, padding or an over-long payload.
+Longer command payloads are accepted (extra bytes ignored); a short event reply payload reads
+as zero (the kernel's rule for replies).
 
-Where the spec is silent: `enable`/`wait` flags above 1 are -KVM_EINVAL; a variable-length tail
-(write data, msrs[]) shorter than its count is -KVM_EINVAL; more MSRs than fit one reply (481)
-is -KVM_E2BIG; a backend exception is -KVM_E<errno> for an OSError carrying a KVM code, else
--KVM_EFAULT.  Event replies: a short payload reads as zero, an unknown action or a reply
-naming another event closes the connection like a wrong seq.
+Commands the dialect knows but kvmgate cannot serve (`Op.UNSERVED`: e.g. CONTROL_CR, page
+access, XSAVE; KVM gives user space no exit for CR or page-fault events) get the dialect's
+"unsupported" reply (v12 -KVM_ENOSYS, kvmi-v7 -KVM_EOPNOTSUPP) and the session stays in step;
+CHECK_COMMAND reports them -KVM_ENOENT.  Events never sent (all but UNHOOK, PAUSE, MSR) are
+unknown to CHECK_EVENT (-KVM_ENOENT) and CONTROL_EVENTS (-KVM_EINVAL).  PAUSE may be
+enabled/disabled per vCPU but is sent once per successful PAUSE_VCPU regardless (while
+allowed), as in KVMI.
+
+kvmi-v7 batches: CONTROL_CMD_RESPONSE {enable, now} turns command replies off (enable=0) and
+back on; `now` says whether the change applies before or after its own reply.  While replies
+are off, results are dropped, except -KVM_EPERM for a PAUSE_VCPU whose event is disallowed
+(the kernel sends that one anyway).
+
+Where the spec is silent: `enable`/`wait` flags above 1 are -KVM_EINVAL; more MSRs than fit
+one reply (481) is -KVM_E2BIG; a backend exception is -KVM_E<errno> for an OSError carrying a
+KVM code, else -KVM_EFAULT.
 """
 from __future__ import annotations
 
@@ -29,23 +43,23 @@ import threading
 from typing import Callable, NamedTuple
 
 from . import ids
+from .abi import V12, V7_CMD_RESPONSE_REQ, V7_MAX_GFN_RPL, Dialect, Op
 from .backend import Backend
-from .ids import CONTINUE, Action
+from .ids import CONTINUE, Action, Event
 from .permissions import Permissions
-from .protocol import (CHECK_REQ, CONTROL_EVENTS_REQ, CONTROL_MSR_REQ, GET_INFO_RPL, GET_REGS_REQ,
-                       MAX_GET_REGS_MSRS, MAX_MSG_SIZE, MSR_REPLY, PAGE_SIZE, PAUSE_REQ,
-                       READ_PHYS_REQ, REGS_SIZE, REPLY_SIZES, VCPU_HDR, VCPU_INFO_RPL, VERSION,
-                       VERSION_RPL, WRITE_PHYS_REQ, Message, ProtocolError, Reader, fixed,
-                       msr_valid, pack_get_regs_reply, pack_msr_event, pack_reply, pack_vcpu_event,
-                       pack_vm_event, parse_event_reply, state_bytes)
+from .protocol import (CHECK_REQ, CONTROL_EVENTS_REQ, CONTROL_MSR_REQ, GET_CPUID_REQ,
+                       GET_CPUID_RPL, GET_INFO_RPL, GET_REGS_REQ, INJECT_REQ, MAX_GET_REGS_MSRS,
+                       MSR_EVENT, MSR_REPLY, PAGE_SIZE, REGS_SIZE, REPLY_SIZES, VCPU_HDR,
+                       VCPU_INFO_RPL, Message, ProtocolError, Reader, msr_valid,
+                       pack_get_regs_reply, pack_reply, parse_event_reply, state_bytes)
 
-__all__ = ["Backend", "Introspection", "IntrospectionServer", "EventResult", "SUPPORTED_EVENTS"]
+__all__ = ["Backend", "IntrospectionServer", "EventResult", "SUPPORTED_EVENTS", "RELEASED"]
 
 log = logging.getLogger("kvmgate.introspection")
 
-MAX_PAUSE_REQUESTS = 1000   # pending PAUSE events per vCPU before VM_PAUSE_VCPU gets -KVM_EBUSY
-SUPPORTED_VM_EVENTS = frozenset({ids.VM_EVENT_UNHOOK})
-SUPPORTED_VCPU_EVENTS = frozenset({ids.VCPU_EVENT_PAUSE, ids.VCPU_EVENT_MSR})
+MAX_PAUSE_REQUESTS = 1000   # pending PAUSE events per vCPU before PAUSE_VCPU gets -KVM_EBUSY
+SUPPORTED_VM_EVENTS = frozenset({Event.UNHOOK})
+SUPPORTED_VCPU_EVENTS = frozenset({Event.PAUSE, Event.MSR})
 SUPPORTED_EVENTS = SUPPORTED_VM_EVENTS | SUPPORTED_VCPU_EVENTS
 KVM_CODES = frozenset(ids.ERROR_NAMES)
 U64 = (1 << 64) - 1
@@ -83,20 +97,22 @@ def _error_code(exc: BaseException) -> int:
 
 
 class IntrospectionServer:
-    """KVMI on a connected stream socket that this object owns (and closes)."""
+    """KVMI on a connected stream socket that this object owns (and closes), in one dialect."""
 
     def __init__(self, sock: socket.socket, backend: Backend, permissions: Permissions, *,
                  on_close: Callable[[str], None] | None = None,
-                 event_timeout: float | None = None, name: str = "kvmi"):
+                 event_timeout: float | None = None, name: str = "kvmi", abi: Dialect = V12):
         self._sock = sock
         self._backend = backend
         self._perms = permissions
         self._on_close = on_close
         self._event_timeout = event_timeout
+        self.abi = abi
         self._reader = Reader(sock)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._closed = False
+        self._replies_off = False       # kvmi-v7 CONTROL_CMD_RESPONSE
         self._seq = itertools.count(1)
         self._vm_events: set[int] = set()
         self._vcpu_events: dict[int, set[int]] = {}
@@ -108,24 +124,28 @@ class IntrospectionServer:
         self.messages = 0
         self.handler_errors: list[tuple[str, BaseException]] = []   # last few, for diagnosis
         self.internal_errors: list[BaseException] = []               # bugs caught by the net
-        self._handlers = {
-            ids.GET_VERSION: self._get_version,
-            ids.VM_CHECK_COMMAND: self._check_command,
-            ids.VM_CHECK_EVENT: self._check_event,
-            ids.VM_GET_INFO: self._get_info,
-            ids.VM_CONTROL_EVENTS: self._vm_control_events,
-            ids.VM_READ_PHYSICAL: self._read_physical,
-            ids.VM_WRITE_PHYSICAL: self._write_physical,
-            ids.VM_PAUSE_VCPU: self._pause_vcpu,
+        # One handler per operation; (vcpu or None, request after the vCPU header).
+        self._ops: dict[Op, Callable[[int | None, bytes], tuple[int, bytes]]] = {
+            Op.GET_VERSION: self._get_version,
+            Op.CHECK_COMMAND: self._check_command,
+            Op.CHECK_EVENT: self._check_event,
+            Op.GET_INFO: self._get_info,
+            Op.CONTROL_VM_EVENTS: self._vm_control_events,
+            Op.READ_PHYSICAL: self._read_physical,
+            Op.WRITE_PHYSICAL: self._write_physical,
+            Op.PAUSE_VCPU: self._pause_vcpu,
+            Op.GET_VCPU_INFO: self._vcpu_get_info,
+            Op.CONTROL_EVENTS: self._vcpu_control_events,
+            Op.GET_REGISTERS: self._vcpu_get_registers,
+            Op.SET_REGISTERS: self._vcpu_set_registers,
+            Op.GET_CPUID: self._vcpu_get_cpuid,
+            Op.INJECT_EXCEPTION: self._vcpu_inject_exception,
+            Op.CONTROL_MSR: self._vcpu_control_msr,
+            Op.GET_MAX_GFN: self._get_max_gfn,
         }
-        self._vcpu_handlers = {
-            ids.VCPU_GET_INFO: self._vcpu_get_info,
-            ids.VCPU_CONTROL_EVENTS: self._vcpu_control_events,
-            ids.VCPU_GET_REGISTERS: self._vcpu_get_registers,
-            ids.VCPU_SET_REGISTERS: self._vcpu_set_registers,
-            ids.VCPU_CONTROL_MSR: self._vcpu_control_msr,
-        }
-        self.implemented = frozenset(self._handlers) | frozenset(self._vcpu_handlers)
+        # Wire ids of the commands this server serves (CHECK_COMMAND answers 0/-KVM_EPERM).
+        self.implemented = frozenset(mid for mid, r in abi.routes.items()
+                                     if r.op is not Op.UNSERVED)
         self._thread = threading.Thread(target=self._run, name=f"{name}-reader", daemon=True)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -201,14 +221,11 @@ class IntrospectionServer:
                     break
                 if msg is None:
                     break
-                self.messages += 1
-                if msg.id == ids.MSG_VCPU_EVENT:
-                    bad = self._event_reply(msg)
-                    if bad:
-                        reason = f"protocol error: {bad}"
-                        break
-                else:
-                    self._command(msg)
+                try:
+                    self.process(msg)
+                except ProtocolError as exc:
+                    reason = f"protocol error: {exc}"
+                    break
         except Exception as exc:   # a bug of ours: close, never let it escape the thread
             self.internal_errors.append(exc)
             log.exception("introspection reader failed")
@@ -217,6 +234,15 @@ class IntrospectionServer:
             self.close(reason)
             with self._send_lock:
                 self._sock.close()
+
+    def process(self, msg: Message) -> None:
+        """Handle one decoded message as the reader thread does: answer a command, or hand an
+        event reply to its vCPU.  ProtocolError when the connection must close."""
+        self.messages += 1
+        if msg.id == self.abi.reply_id:
+            self._event_reply(msg)
+        else:
+            self._command(msg)
 
     def _send(self, data: bytes) -> bool:
         try:
@@ -236,64 +262,101 @@ class IntrospectionServer:
     # --- commands (reader thread) ---------------------------------------------------------
 
     def _command(self, msg: Message) -> None:
+        """Answer one command; ProtocolError when the connection must close."""
         mid, payload = msg.id, msg.payload
-        handler = self._handlers.get(mid)
-        vcpu_handler = None if handler is not None else self._vcpu_handlers.get(mid)
-        if handler is None and vcpu_handler is None:
-            err, data = -ids.KVM_ENOSYS, b""
-        elif not self._perms.command_allowed(mid):
-            err, data = EPERM, b""
-        else:
-            try:
-                if handler is not None:
-                    err, data = handler(payload)
-                else:
-                    vcpu, p1, p2 = fixed(VCPU_HDR, payload)
-                    if p1 or p2 or vcpu >= self._backend.vcpu_count():
-                        err, data = EINVAL, b""
-                    else:
-                        err, data = vcpu_handler(vcpu, payload[VCPU_HDR.size:])
-                if err > 0:
-                    err = -err
-            except Exception as exc:
-                err, data = _error_code(exc), b""
-                self.handler_errors[:] = self.handler_errors[-15:] + [(ids.command_name(mid), exc)]
-                log.warning("%s failed: %r", ids.command_name(mid), exc)
-        self._send(pack_reply(mid, msg.seq, err, data))
+        route = self.abi.route(mid)
+        if route is None:
+            raise ProtocolError(f"unknown message id {mid} ({self.abi.name})")
+        # These two are answered even while replies are off (the kernel's rule).
+        if route.op is Op.UNSERVED:
+            return self._reply(msg, self.abi.unserved_error, force=True)
+        if route.perm is not None and not self._perms.command_allowed(route.perm):
+            return self._reply(msg, EPERM, force=True)
+        head = VCPU_HDR.size if route.vcpu else 0
+        if len(payload) < head + route.size:
+            raise ProtocolError(f"{route.name}: {len(payload)} bytes, needs {head + route.size}")
+        if route.op is Op.CONTROL_CMD_RESPONSE:
+            return self._cmd_response(msg)
+        vcpu = None
+        try:
+            if route.vcpu:
+                vcpu, p1, p2 = VCPU_HDR.unpack_from(payload)
+                if p1 or p2 or vcpu >= self._backend.vcpu_count():
+                    return self._reply(msg, EINVAL)
+            err, data = self._ops[route.op](vcpu, payload[head:])
+            if err > 0:
+                err = -err
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            err, data = _error_code(exc), b""
+            self.handler_errors[:] = self.handler_errors[-15:] + [(route.name, exc)]
+            log.warning("%s failed: %r", route.name, exc)
+        self._reply(msg, err, data, force=route.op is Op.PAUSE_VCPU and err == EPERM)
 
-    def _get_version(self, p: bytes):
-        return 0, VERSION_RPL.pack(VERSION, MAX_MSG_SIZE, bytes(8))
+    def _reply(self, msg: Message, err: int, data: bytes = b"", force: bool = False) -> None:
+        if self._replies_off and not force:
+            if err:
+                log.info("%s: error %s dropped (replies are off)",
+                         self.abi.command_name(msg.id), ids.error_name(err))
+            return
+        self._send(pack_reply(msg.id, msg.seq, err, data))
 
-    def _check_command(self, p: bytes):
-        cid, p1, p2 = fixed(CHECK_REQ, p)
+    def _cmd_response(self, msg: Message) -> None:
+        """kvmi-v7 CONTROL_CMD_RESPONSE {u8 enable; u8 now; u16; u32}."""
+        enable, now, p1, p2 = V7_CMD_RESPONSE_REQ.unpack_from(msg.payload)
+        if p1 or p2:
+            return self._reply(msg, EINVAL)
+        off = not enable
+        if now == 1:
+            self._replies_off = off
+        self._reply(msg, 0)
+        if now != 1:
+            self._replies_off = off
+
+    def _event_of(self, wire: int) -> Event | None:
+        """The meaning of a wire event id (None: unknown in this dialect)."""
+        return self.abi.event_meaning.get(wire)
+
+    def _get_version(self, vcpu, p: bytes):
+        return 0, self.abi.version_reply()
+
+    def _check_command(self, vcpu, p: bytes):
+        cid, p1, p2 = CHECK_REQ.unpack_from(p)
         if p1 or p2:
             return EINVAL, b""
         if cid not in self.implemented:
             return ENOENT, b""
-        return (0 if self._perms.command_allowed(cid) else EPERM), b""
+        perm = self.abi.routes[cid].perm
+        return (0 if perm is None or self._perms.command_allowed(perm) else EPERM), b""
 
-    def _check_event(self, p: bytes):
-        eid, p1, p2 = fixed(CHECK_REQ, p)
+    def _check_event(self, vcpu, p: bytes):
+        wire, p1, p2 = CHECK_REQ.unpack_from(p)
         if p1 or p2:
             return EINVAL, b""
+        eid = self._event_of(wire)
         if eid not in SUPPORTED_EVENTS:
             return ENOENT, b""
         return (0 if self._perms.event_allowed(eid) else EPERM), b""
 
-    def _get_info(self, p: bytes):
+    def _get_info(self, vcpu, p: bytes):
         return 0, GET_INFO_RPL.pack(self._backend.vcpu_count())
 
+    def _get_max_gfn(self, vcpu, p: bytes):
+        return 0, V7_MAX_GFN_RPL.pack(self._backend.max_gfn() & U64)
+
     def _control_request(self, p: bytes, supported) -> tuple[int, int, int]:
-        """(error, event id, enable) of a {VM,VCPU}_CONTROL_EVENTS request: -KVM_EINVAL for
+        """(error, event, enable) of a CONTROL_VM_EVENTS/CONTROL_EVENTS request: -KVM_EINVAL for
         padding, enable > 1 or an event outside `supported`; -KVM_EPERM when disallowed."""
-        eid, enable, p1, p2 = fixed(CONTROL_EVENTS_REQ, p)
+        wire, enable, p1, p2 = CONTROL_EVENTS_REQ.unpack_from(p)
+        eid = self._event_of(wire)
         if p1 or p2 or enable > 1 or eid not in supported:
-            return EINVAL, eid, enable
+            return EINVAL, wire, enable
         if not self._perms.event_allowed(eid):
             return EPERM, eid, enable
         return 0, eid, enable
 
-    def _vm_control_events(self, p: bytes):
+    def _vm_control_events(self, vcpu, p: bytes):
         err, eid, enable = self._control_request(p, SUPPORTED_VM_EVENTS)
         if err:
             return err, b""
@@ -306,11 +369,11 @@ class IntrospectionServer:
 
     @staticmethod
     def _bad_range(gpa: int, size: int) -> bool:
-        return size == 0 or (gpa & (PAGE_SIZE - 1)) + size > PAGE_SIZE
+        return size == 0 or size > PAGE_SIZE or (gpa & (PAGE_SIZE - 1)) + size > PAGE_SIZE
 
-    def _read_physical(self, p: bytes):
-        gpa, size, p1, p2 = fixed(READ_PHYS_REQ, p)
-        if p1 or p2 or self._bad_range(gpa, size):
+    def _read_physical(self, vcpu, p: bytes):
+        gpa, size, ok, _ = self.abi.parse_phys(p)
+        if not ok or self._bad_range(gpa, size):
             return EINVAL, b""
         data = self._backend.read_physical(gpa, size)
         if data is None:
@@ -319,18 +382,20 @@ class IntrospectionServer:
             raise ValueError(f"backend read {len(data)} bytes, not {size}")
         return 0, bytes(data)
 
-    def _write_physical(self, p: bytes):
-        gpa, size, p1, p2 = fixed(WRITE_PHYS_REQ, p)
-        data = p[WRITE_PHYS_REQ.size:WRITE_PHYS_REQ.size + size]
-        if p1 or p2 or self._bad_range(gpa, size) or len(data) < size:
+    def _write_physical(self, vcpu, p: bytes):
+        gpa, size, ok, start = self.abi.parse_phys(p)
+        if not ok or self._bad_range(gpa, size):
             return EINVAL, b""
+        data = p[start:start + size]
+        if len(data) < size:
+            raise ProtocolError(f"WRITE_PHYSICAL: {len(data)} bytes of data, declared {size}")
         return (0 if self._backend.write_physical(gpa, bytes(data)) else ENOENT), b""
 
-    def _pause_vcpu(self, p: bytes):
-        vcpu, wait, p1, p2 = fixed(PAUSE_REQ, p)
-        if p1 or p2 or wait > 1 or vcpu >= self._backend.vcpu_count():
+    def _pause_vcpu(self, hdr_vcpu, p: bytes):
+        vcpu, wait, ok = self.abi.parse_pause(hdr_vcpu, p)
+        if not ok or wait > 1 or vcpu >= self._backend.vcpu_count():
             return EINVAL, b""
-        if not self._perms.event_allowed(ids.VCPU_EVENT_PAUSE):
+        if not self._perms.event_allowed(Event.PAUSE):
             return EPERM, b""
         with self._lock:
             n = self._pauses.get(vcpu, 0)
@@ -364,14 +429,14 @@ class IntrospectionServer:
         return OK
 
     def _vcpu_get_registers(self, vcpu: int, p: bytes):
-        nmsrs, p1, p2 = fixed(GET_REGS_REQ, p)
+        nmsrs, p1, p2 = GET_REGS_REQ.unpack_from(p)
         if p1 or p2:
             return EINVAL, b""
         if nmsrs > MAX_GET_REGS_MSRS:
             return -ids.KVM_E2BIG, b""
         tail = p[GET_REGS_REQ.size:GET_REGS_REQ.size + 4 * nmsrs]
         if len(tail) < 4 * nmsrs:
-            return EINVAL, b""
+            raise ProtocolError(f"GET_REGISTERS: {len(tail) // 4} of {nmsrs} MSR indexes")
         msrs = struct.unpack(f"={nmsrs}I", tail)
         mode, regs, sregs, values = self._backend.get_registers(vcpu, msrs)
         if len(values) != nmsrs:
@@ -379,7 +444,7 @@ class IntrospectionServer:
         return 0, pack_get_regs_reply(mode, regs, sregs, values)
 
     def _vcpu_set_registers(self, vcpu: int, p: bytes):
-        regs = bytes(p[:REGS_SIZE]).ljust(REGS_SIZE, b"\0")
+        regs = bytes(p[:REGS_SIZE])
         with self._lock:
             w = self._waiting.get(vcpu)
             if w is None:
@@ -387,11 +452,24 @@ class IntrospectionServer:
             w.regs = regs   # applied on the vCPU thread once the event reply arrives
         return OK
 
+    def _vcpu_get_cpuid(self, vcpu: int, p: bytes):
+        function, index = GET_CPUID_REQ.unpack_from(p)
+        regs = self._backend.get_cpuid(vcpu, function, index)
+        if regs is None:
+            return ENOENT, b""
+        return 0, GET_CPUID_RPL.pack(*regs)
+
+    def _vcpu_inject_exception(self, vcpu: int, p: bytes):
+        nr, p1, p2, error_code, address = INJECT_REQ.unpack_from(p)
+        if p1 or p2 or nr > 31:
+            return EINVAL, b""
+        return self._backend.inject_exception(vcpu, nr, error_code, address) or 0, b""
+
     def _vcpu_control_msr(self, vcpu: int, p: bytes):
-        enable, p1, p2, msr = fixed(CONTROL_MSR_REQ, p)
+        enable, p1, p2, msr = CONTROL_MSR_REQ.unpack_from(p)
         if p1 or p2 or enable > 1:
             return EINVAL, b""
-        if not self._perms.event_allowed(ids.VCPU_EVENT_MSR):
+        if not self._perms.event_allowed(Event.MSR):
             return EPERM, b""
         if not msr_valid(msr):
             return EINVAL, b""
@@ -415,29 +493,26 @@ class IntrospectionServer:
 
     # --- events (vCPU threads) ------------------------------------------------------------
 
-    def _event_reply(self, msg: Message) -> str | None:
-        """Hand a reply to its waiting vCPU; return why the connection must close, if it must."""
-        try:
-            r = parse_event_reply(msg.payload)
-        except ProtocolError as exc:
-            return str(exc)
+    def _event_reply(self, msg: Message) -> None:
+        """Hand a reply to its waiting vCPU; ProtocolError when the connection must close."""
+        r = parse_event_reply(msg.payload)
         with self._lock:
             w = self._waiting.get(r.vcpu)
             if w is None:
-                return f"event reply for vCPU {r.vcpu}, which waits for none"
+                raise ProtocolError(f"event reply for vCPU {r.vcpu}, which waits for none")
             if msg.seq != w.seq:
-                return f"event reply seq {msg.seq}, expected {w.seq}"
-            if r.event != w.event:
-                return f"reply to event {r.event}, expected {w.event}"
+                raise ProtocolError(f"event reply seq {msg.seq}, expected {w.seq}")
+            wire = self.abi.event_wire(w.event)
+            if r.event != wire:
+                raise ProtocolError(f"reply to event {r.event}, expected {wire}")
             if r.action >= len(_ACTIONS):
-                return f"unknown action {r.action}"
+                raise ProtocolError(f"unknown action {r.action}")
             if len(r.data) > w.reply_size:
-                return f"event reply of {len(r.data)} bytes > {w.reply_size}"
+                raise ProtocolError(f"event reply of {len(r.data)} bytes > {w.reply_size}")
             del self._waiting[r.vcpu]
         w.data = r.data.ljust(w.reply_size, b"\0")
         w.action = _ACTIONS[r.action]
         w.done.set()
-        return None
 
     def _deliver(self, vcpu: int, event: int, build: Callable[[int], bytes],
                  reply_size: int) -> EventResult:
@@ -478,7 +553,7 @@ class IntrospectionServer:
         st = state_bytes(state)
         reply_size = REPLY_SIZES.get(event, 0)
         return self._deliver(vcpu, event,
-                             lambda seq: pack_vcpu_event(seq, event, vcpu, st, payload),
+                             lambda seq: self.abi.pack_vcpu_event(seq, event, vcpu, st, payload),
                              reply_size)
 
     def msr_event(self, vcpu: int, msr: int, old: int, new: int, state=None) -> tuple[Action, int]:
@@ -500,7 +575,8 @@ class IntrospectionServer:
         old &= U64
         new &= U64
         res = self._deliver(vcpu, ids.VCPU_EVENT_MSR,
-                            lambda seq: pack_msr_event(seq, vcpu, st, msr, old, new),
+                            lambda seq: self.abi.pack_vcpu_event(
+                                seq, Event.MSR, vcpu, st, MSR_EVENT.pack(msr, 0, old, new)),
                             MSR_REPLY.size)
         if not res.delivered:
             return CONTINUE, new
@@ -553,7 +629,7 @@ class IntrospectionServer:
         if self._closed or ids.VM_EVENT_UNHOOK not in self._vm_events \
                 or not self._perms.event_allowed(ids.VM_EVENT_UNHOOK):
             return False
-        return self._send(pack_vm_event(next(self._seq) & 0xFFFFFFFF, ids.VM_EVENT_UNHOOK))
+        return self._send(self.abi.pack_vm_event(next(self._seq) & 0xFFFFFFFF, Event.UNHOOK))
 
     # --- queries for the owner / the lead -------------------------------------------------
 
@@ -569,7 +645,3 @@ class IntrospectionServer:
     def waiting(self, vcpu: int) -> bool:
         """True while `vcpu` is blocked waiting for an event reply."""
         return vcpu in self._waiting
-
-
-# The owner object lives in owner.py (which imports this module lazily); re-exported here.
-from .owner import Introspection  # noqa: E402

@@ -28,7 +28,7 @@ from kvmgate.introspection.client import Client, IntrospectionError
 from kvmgate.introspection.ids import CONTINUE, CRASH
 from kvmgate.introspection.machine_backend import IntrospectionCrash, MachineBackend, attach
 from kvmgate.msr.model import EXIT_REASON_FILTER
-from kvmgate.cli.introspect import serve_introspection
+from kvmgate.introspection.session import serve as serve_introspection
 
 pytestmark = pytest.mark.kvm
 
@@ -165,8 +165,11 @@ def test_defaults_after_hook(machine):
             assert code(c.request, mid, payload) == -ids.KVM_EPERM
         assert code(c.control_msr, 0, LSTAR) == -ids.KVM_EPERM
         assert code(c.get_registers, 0) == -ids.KVM_EPERM
-        assert code(c.request, ids.VM(60)) == -ids.KVM_ENOSYS
+        assert code(c.request, ids.VCPU_CONTROL_CR) == -ids.KVM_ENOSYS   # known, not served
         assert intro.permissions.allowed_events() == frozenset()
+        c.sock.sendall(p.pack_message(ids.VM(60), 9))       # unknown id: the connection closes
+        assert c.sock.recv(64) == b""
+        assert intro.server.join(T) and "unknown message id" in intro.server.close_reason
 
 
 def test_hook_errors(machine):
@@ -987,7 +990,37 @@ def test_register_adds_the_subcommand():
 
 def test_bench_events_smoke():
     from kvmgate.introspection.bench import bench_events
-    r = bench_events(n=100)
-    assert r["events"] == {"event": 100, "quiet": 0}
-    assert r["exits"] == {"exit": 100, "event": 100, "quiet": 100}
-    assert r["ratio"] > 0 and r["event_us"] > 0
+    r = bench_events(n=100, rounds=1)
+    assert r["events"] == {"event": 100, "event_v7": 100, "quiet": 0}
+    assert r["exits"] == {"exit": 100, "event": 100, "event_v7": 100, "quiet": 100}
+    assert r["rounds"] == 1 and len(r["loadavg"]) == 3
+
+
+def test_listen_backlog_takes_a_burst_of_connects(sockdir):
+    """50 tools connect at once: every connect succeeds (none refused by a full backlog), one
+    is hooked and the others are refused one by one, each seeing EOF."""
+    path = os.path.join(sockdir, "vm.sock")
+    with Machine("hlt") as m, serve_introspection(m, f"unix:{path}") as h:
+        socks = []
+        try:
+            for _ in range(50):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                socks.append(s)
+                s.setblocking(False)
+                s.connect(path)              # BlockingIOError/ConnectionRefused if the backlog is full
+                s.setblocking(True)
+                s.settimeout(T)
+            eof = sum(1 for s in socks if _eof_or_open(s))
+        finally:
+            for s in socks:
+                s.close()
+        assert eof == 49 and len(h.hooked) == 1 and len(h.refused) == 49
+
+
+def _eof_or_open(s: socket.socket) -> bool:
+    """True if the listener closed this connection (refused), False if it stays open (hooked)."""
+    try:
+        s.sendall(p.pack_message(ids.GET_VERSION, 1))
+        return s.recv(64) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True

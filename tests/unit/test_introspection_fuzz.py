@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from kvmgate.introspection import ids
 from kvmgate.introspection import protocol as p
 from kvmgate.introspection.client import Client
-from kvmgate.introspection.fake import FakeBackend
+from tests.introspection_fake import FakeBackend
 from kvmgate.introspection.ids import CONTINUE, Action
-from kvmgate.introspection.server import Introspection
+from kvmgate.introspection import Introspection
 
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
 N_STREAMS = 3000 if SLOW else 250

@@ -10,7 +10,7 @@ import pytest
 
 from kvmgate.errors import KvmError
 from kvmgate.introspection import ids
-from kvmgate.introspection.fake import FakeBackend
+from tests.introspection_fake import FakeBackend
 from kvmgate.introspection.owner import Introspection
 from kvmgate.introspection.permissions import Permissions
 

@@ -6,6 +6,7 @@ import pytest
 
 from kvmgate.introspection import ids
 from kvmgate.introspection import protocol as p
+from kvmgate.introspection.abi import V7, V12
 
 
 def test_sizes():
@@ -16,22 +17,50 @@ def test_sizes():
     assert p.SREGS.size == p.SREGS_SIZE == 312
     assert p.STATE.size == p.STATE_SIZE == 536
     assert p.VCPU_EVENT_SIZE == 544
-    assert p.MSR_EVENT_MSG.size == p.MSR_EVENT_MSG_SIZE == 584
     assert p.VERSION_RPL.size == 16 and p.GET_INFO_RPL.size == 16
     assert p.MAX_MSG_SIZE == 8184
     assert p.MAX_GET_REGS_MSRS == 481
 
 
 def test_msr_event_message_is_584_bytes_and_reply_32():
+    """v12, laid out by hand from docs/introspection.md (not with the codec's structs)."""
     state = p.pack_state(8, p.Regs(rip=0x1000), p.Sregs(cr3=0x2000), range(9))
-    msg = p.pack_msr_event(5, 1, state, 0xC0000082, 1, 2)
+    msg = V12.pack_vcpu_event(5, ids.VCPU_EVENT_MSR, 1, state,
+                              struct.pack("=IIQQ", 0xC0000082, 0, 1, 2))
     assert len(msg) == 584
-    assert p.HEADER.unpack_from(msg) == (ids.MSG_VCPU_EVENT, 576, 5)
-    generic = p.pack_vcpu_event(5, ids.VCPU_EVENT_MSR, 1, state,
-                                p.MSR_EVENT.pack(0xC0000082, 0, 1, 2))
-    assert generic == msg
+    assert msg[:24] == struct.pack("=HHI", 1, 576, 5) + struct.pack("=HHHH", 15, 0, 0, 0) \
+        + struct.pack("=HHI", 544, 1, 0)
+    assert msg[24:560] == state and struct.unpack_from("=IIQQ", msg, 560) == (0xC0000082, 0, 1, 2)
     reply = p.pack_event_reply(5, 1, ids.CONTINUE, ids.VCPU_EVENT_MSR, p.MSR_REPLY.pack(3))
     assert len(reply) == 32
+
+
+def test_v7_msr_event_message_is_576_bytes():
+    """kvmi-v7: message 1, struct kvmi_event {u16 size=544; u16 vcpu; u8 event=2; u8 pad[3];
+    arch}, then struct kvmi_event_msr; no separate event header."""
+    state = p.pack_state(8, p.Regs(rip=0x1000), p.Sregs(cr3=0x2000), range(9))
+    msg = V7.pack_vcpu_event(5, ids.VCPU_EVENT_MSR, 1, state,
+                             struct.pack("=IIQQ", 0xC0000082, 0, 1, 2))
+    assert len(msg) == 576
+    assert msg[:16] == struct.pack("=HHI", 1, 568, 5) + struct.pack("=HHB3x", 544, 1, 2)
+    assert msg[16:552] == state
+    assert struct.unpack_from("=Q", msg, 16 + 464 + 5 * 8)[0] == 5       # arch.msrs.lstar
+    assert struct.unpack_from("=IIQQ", msg, 552) == (0xC0000082, 0, 1, 2)
+    unhook = V7.pack_vm_event(6, ids.VM_EVENT_UNHOOK)
+    assert unhook[:16] == struct.pack("=HHI", 1, 544, 6) + struct.pack("=HHB3x", 544, 0, 0)
+    assert len(unhook) == 552
+
+
+def test_v7_ids_by_meaning():
+    assert V7.route(11).perm == ids.VCPU_CONTROL_MSR and V7.route(5).perm == ids.VM_GET_INFO
+    assert V7.route(27).perm is None                  # CONTROL_CMD_RESPONSE: framing only
+    assert V7.event_wire(ids.VCPU_EVENT_MSR) == 2 and V7.event_wire(ids.VCPU_EVENT_PAUSE) == 10
+    assert V7.event_meaning[1] == ids.VCPU_EVENT_CR and 0 not in V7.routes and 1 not in V7.routes
+    assert V7.reply_id == 0 and V12.reply_id == 1
+    assert V7.version_reply() == struct.pack("=II8s", 1, 0, bytes(8))
+    assert V12.version_reply() == struct.pack("=II8s", 1, 8184, bytes(8))
+    for v12_id, route in V12.routes.items():
+        assert route.perm == v12_id and route.vcpu == bool(v12_id & 1)
 
 
 def test_host_byte_order_header():
@@ -118,7 +147,7 @@ def test_state_round_trip():
 
 def test_event_parse_round_trip():
     state = p.pack_state(8, p.Regs(rax=7), p.Sregs(), (0,) * 5 + (0xFFFF8000,) + (0,) * 3)
-    raw = p.pack_msr_event(9, 3, state, 0xC0000082, 0x10, 0x20)
+    raw = p.pack_vcpu_event(9, ids.VCPU_EVENT_MSR, 3, state, p.MSR_EVENT.pack(0xC0000082, 0, 0x10, 0x20))
     r = p.Reader()
     r.feed(raw)
     msg = r.read()

@@ -10,9 +10,9 @@ from kvmgate.errors import KvmError
 from kvmgate.introspection import ids
 from kvmgate.introspection import protocol as p
 from kvmgate.introspection.client import Client, Crash, IntrospectionError
-from kvmgate.introspection.fake import FakeBackend
+from tests.introspection_fake import FakeBackend
 from kvmgate.introspection.ids import CONTINUE, CRASH, RETRY
-from kvmgate.introspection.server import Introspection
+from kvmgate.introspection import Introspection
 
 UUID = b"0123456789abcdef"
 TIMEOUT = 5.0
@@ -75,6 +75,12 @@ class Rig:
     def raw_vcpu(self, mid, vcpu, payload=b""):
         return self.raw(mid, p.VCPU_HDR.pack(vcpu, 0, 0) + payload)
 
+    def send_closes(self, mid, payload=b""):
+        """Send one message that must close the connection without a reply."""
+        self.sock.sendall(p.pack_message(mid, 78, payload))
+        self.wait_closed()
+        assert "protocol error" in self.server.close_reason
+
     def wait_closed(self):
         assert self.server.join(TIMEOUT), "reader thread still running"
         assert self.sock.recv(100) == b""         # the tool sees EOF
@@ -122,15 +128,15 @@ def test_disallowed_command_gets_eperm_and_does_nothing(rig):
 
 
 @pytest.mark.parametrize("mid", [0, 22, 24, 30, 31, 1234, 0xFFFF])
-def test_unknown_id_gets_enosys(rig, mid):
+def test_unknown_id_closes_the_connection(rig, mid):
     rig.allow_all()
-    assert rig.raw(mid) == (-ids.KVM_ENOSYS, b"")
+    rig.send_closes(mid, bytes(16))
 
 
 def test_known_but_unimplemented_commands_enosys_even_when_allowed(rig):
     rig.allow_all()
-    for cid in (ids.VCPU_GET_CPUID, ids.VM_SET_PAGE_ACCESS, ids.VCPU_TRANSLATE_GVA,
-                ids.VM_CONTROL_CLEANUP):
+    for cid in (ids.VM_SET_PAGE_ACCESS, ids.VCPU_TRANSLATE_GVA, ids.VM_CONTROL_CLEANUP,
+                ids.VCPU_CONTROL_CR, ids.VCPU_GET_XSAVE):
         assert rig.raw_vcpu(cid, 0)[0] == -ids.KVM_ENOSYS
         with pytest.raises(IntrospectionError) as ei:
             rig.client.check_command(cid)
@@ -165,12 +171,47 @@ def test_check_event_semantics(rig):
         assert code(ei) == -ids.KVM_ENOENT
 
 
-def test_short_and_long_payloads_are_accepted(rig):
-    # VM_CHECK_COMMAND with only the u16 id: missing padding reads as zero
-    assert rig.raw(ids.VM_CHECK_COMMAND, struct.pack("=H", ids.GET_VERSION)) == (0, b"")
+def test_long_payloads_are_accepted(rig):
     assert rig.raw(ids.VM_CHECK_COMMAND, p.CHECK_REQ.pack(2, 0, 0) + b"junk" * 10) == (0, b"")
     err, data = rig.raw(ids.GET_VERSION, b"ignored")
     assert err == 0 and len(data) == 16
+
+
+def test_short_payload_closes_the_connection(rig):
+    # VM_CHECK_COMMAND with only the u16 id: shorter than its request
+    rig.send_closes(ids.VM_CHECK_COMMAND, struct.pack("=H", ids.GET_VERSION))
+
+
+@pytest.mark.parametrize("mid, payload", [
+    (ids.VCPU_GET_INFO, b"\0" * 7),                                     # short vCPU header
+    (ids.VCPU_CONTROL_MSR, p.VCPU_HDR.pack(0, 0, 0) + b"\1"),           # short request
+    (ids.VM_WRITE_PHYSICAL, p.WRITE_PHYS_REQ.pack(0, 8, 0, 0) + b"abc"),  # data < size
+    (ids.VCPU_GET_REGISTERS, p.VCPU_HDR.pack(0, 0, 0) + p.GET_REGS_REQ.pack(3, 0, 0) + bytes(8)),
+])
+def test_short_allowed_commands_close_the_connection(rig, mid, payload):
+    rig.allow_all()
+    rig.send_closes(mid, payload)
+
+
+def test_short_disallowed_command_gets_eperm(rig):
+    # the permission check comes first, as in the kernel
+    assert rig.raw(ids.VCPU_CONTROL_MSR, b"\0")[0] == -ids.KVM_EPERM
+
+
+def test_cpuid_inject_and_max_gfn(rig):
+    rig.allow_all()
+    err, data = rig.raw_vcpu(ids.VCPU_GET_CPUID, 1, p.GET_CPUID_REQ.pack(0, 0))
+    assert err == 0 and p.GET_CPUID_RPL.unpack(data) == rig.backend.cpuid[(0, 0)]
+    assert rig.raw_vcpu(ids.VCPU_GET_CPUID, 1, p.GET_CPUID_REQ.pack(0x1234, 0))[0] == \
+        -ids.KVM_ENOENT
+    assert rig.raw_vcpu(ids.VCPU_INJECT_EXCEPTION, 1, p.INJECT_REQ.pack(14, 0, 0, 2, 0xAB)) \
+        == (0, b"")
+    assert rig.backend.injected == [(1, 14, 2, 0xAB)]
+    assert rig.raw_vcpu(ids.VCPU_INJECT_EXCEPTION, 0, p.INJECT_REQ.pack(14, 1, 0, 0, 0))[0] \
+        == -ids.KVM_EINVAL
+    assert rig.raw_vcpu(ids.VCPU_INJECT_EXCEPTION, 0, p.INJECT_REQ.pack(32, 0, 0, 0, 0))[0] \
+        == -ids.KVM_EINVAL
+    assert rig.backend.injected == [(1, 14, 2, 0xAB)]
 
 
 def test_info_commands(rig):
@@ -207,9 +248,6 @@ def test_physical_memory(rig):
     with pytest.raises(IntrospectionError) as ei:
         c.write_physical(0x20000, b"x")
     assert code(ei) == -ids.KVM_ENOENT
-    # data shorter than the declared size
-    assert rig.raw(ids.VM_WRITE_PHYSICAL, p.WRITE_PHYS_REQ.pack(0, 8, 0, 0) + b"abc")[0] == \
-        -ids.KVM_EINVAL
 
 
 def test_vcpu_control_events(rig):
@@ -273,9 +311,6 @@ def test_get_registers(rig):
     with pytest.raises(IntrospectionError) as ei:
         rig.client.get_registers(0, [1] * 482)
     assert code(ei) == -ids.KVM_E2BIG
-    # nmsrs larger than the list sent
-    assert rig.raw_vcpu(ids.VCPU_GET_REGISTERS, 0, p.GET_REGS_REQ.pack(3, 0, 0) + bytes(8))[0] \
-        == -ids.KVM_EINVAL
 
 
 def test_set_registers_outside_an_event_is_eopnotsupp(rig):

@@ -1,12 +1,12 @@
-"""An in-memory `Backend` (no /dev/kvm) for tests and demos of the introspection protocol."""
+"""An in-memory introspection `Backend` (no /dev/kvm): the test double of the server tests."""
 from __future__ import annotations
 
 import threading
 from typing import Sequence
 
-from . import ids
-from .backend import Backend
-from .protocol import REGS_SIZE, SREGS_SIZE
+from kvmgate.introspection import ids
+from kvmgate.introspection.backend import Backend
+from kvmgate.introspection.protocol import REGS_SIZE, SREGS_SIZE
 
 
 class FakeBackend(Backend):
@@ -26,6 +26,8 @@ class FakeBackend(Backend):
         self.pause_calls: list[tuple[int, bool]] = []
         self.set_regs_calls: list[tuple[int, bytes, str]] = []   # (vcpu, regs, thread name)
         self.lock = threading.Lock()
+        self.cpuid = {(0, 0): (0xD, 0x756E6547, 0x6C65746E, 0x49656E69)}
+        self.injected: list[tuple[int, int, int, int]] = []
 
     def vcpu_count(self) -> int:
         return self.vcpus
@@ -65,3 +67,14 @@ class FakeBackend(Backend):
     def pause_vcpu(self, vcpu: int, wait: bool) -> int | None:
         self.pause_calls.append((vcpu, wait))
         return 0
+
+    # The optional operations, so the server's handlers for them can be tested without KVM.
+    def get_cpuid(self, vcpu: int, function: int, index: int):
+        return self.cpuid.get((function, index))
+
+    def inject_exception(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
+        self.injected.append((vcpu, vector, error_code, address))
+        return 0
+
+    def max_gfn(self) -> int:
+        return (len(self.mem) - 1) >> 12
