@@ -22,10 +22,11 @@ def compile_report(cp: CompiledPolicy) -> dict:
             "exit_mask": cp.exit_mask,
             "exit_reasons": [reason_name(b) for b in (1, 2, 4) if cp.exit_mask & b],
             "ranges": ranges_rows(cp),
-            "user_space_actions": [{"msr": f"{k >> 1:#x}", "name": names.describe(k >> 1),
-                                    "access": "write" if k & 1 else "read", "action": a.kind,
+            "user_space_actions": [{"msr": f"{lo:#x}" if lo == hi else f"{lo:#x}..{hi:#x}",
+                                    "name": names.describe(lo) if lo == hi else "",
+                                    "access": "write" if w else "read", "action": a.kind.value,
                                     "log": a.log, "rule": a.rule}
-                                   for k, a in sorted(cp.actions.items())],
+                                   for lo, hi, w, a in cp.actions.rows()],
             "warnings": cp.warnings}
 
 
