@@ -75,7 +75,9 @@ def _toml(text: str, source: str) -> dict:
         where = f"{source}:{m.group(1)}" if m else source
         raise PolicyError(f"not valid TOML: {e}", where) from None
     except RecursionError:
-        raise PolicyError("not valid here: arrays or tables nested too deeply", source) from None
+        m = re.search(r"(?:[\[{]\s*){30,}", text)
+        line = text.count("\n", 0, m.start()) + 1 if m else None
+        raise PolicyError("arrays or tables nested too deeply", f"{source}:{line}" if line else source) from None
     except ValueError as e:       # e.g. an integer of more than 4300 digits
         m = re.search(r"\d{100,}", text)
         line = text.count("\n", 0, m.start()) + 1 if m else None

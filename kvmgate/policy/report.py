@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..msr import bitmaps, names
 from ..msr.model import READ, WRITE, X2APIC_FIRST, X2APIC_LAST, reason_name
 from .compile import CompiledPolicy
+from .host import GUESS, HostMsrs
 
 
 def ranges_rows(cp: CompiledPolicy) -> list[dict]:
@@ -37,12 +38,16 @@ def mentioned_msrs(cp: CompiledPolicy) -> list[int]:
     return sorted(out)
 
 
-def explain_rows(cp: CompiledPolicy, msrs: list[int]) -> list[dict]:
+def explain_rows(cp: CompiledPolicy, msrs: list[int], host: HostMsrs = GUESS) -> list[dict]:
+    """Per MSR and direction: filter verdict, what KVM does (`host`: asked of this host's KVM;
+    an MSR it does not implement goes to [unknown]), outcome, handler, VMX/SVM pass-through."""
     rows = []
     for index in msrs:
         hw = bitmaps.passthrough_report(cp.filter, index) if not X2APIC_FIRST <= index <= X2APIC_LAST else None
         for access in (READ, WRITE):
-            row = cp.explain(index, access)
+            kind = host.kernel(index, access)
+            row = cp.explain(index, access, kind)
+            row["kvm"] = kind.value + (" (guess)" if host.guessing else "")
             key = "read" if access == READ else "write"
             if hw is not None:
                 row["vmx"] = "pass" if hw[key]["vmx"] else "exit"
