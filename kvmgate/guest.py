@@ -23,6 +23,7 @@ CODE = 0x10000            # the user's program starts here
 DATA = 0x100000           # free for the program's data (1 MiB)
 MAX_PROGRAM = DATA - CODE  # bytes of program that fit below DATA
 STACK_SIZE = 0x4000       # per vCPU, at the top of memory
+MAX_VCPUS = 64            # vCPUs a Machine runs (KVM_CAP_MAX_VCPUS is larger on any host)
 MAPPED = 1 << 30          # page tables map the first GiB with 2 MiB pages
 
 GP_PORT = 0xE0F0          # runtime: an RDMSR/WRMSR faulted and was skipped
