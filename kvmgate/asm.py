@@ -6,7 +6,8 @@ GNU as encodes a register-free operand `[0x100000]` as an absolute address, as w
 
 `;` starts a comment, as kvmgate has always documented (GNU as would take it as a statement
 separator): everything from a `;` outside a string to the end of the line is dropped before
-assembly.  `#` comments work too (GNU as's own).
+assembly.  `#` comments work too (GNU as's own).  `.include` and `.incbin` are refused: a guest
+program is one self-contained file, and the assembler reads no other.
 
 Both tools run as children with a wall-clock timeout and RLIMIT_FSIZE / RLIMIT_CPU / RLIMIT_AS,
 so `.space 0x7fffffff` or `.align 0x40000000` is refused in milliseconds instead of filling the
@@ -38,6 +39,7 @@ _LINKER_SCRIPT = """SECTIONS {{
   /DISCARD/ : {{ *(*) }}
 }}
 """
+_FILE_DIRECTIVE = re.compile(r"^\s*(?:[A-Za-z_.$][\w.$]*:\s*)*\.(include|incbin)\b", re.IGNORECASE | re.MULTILINE)
 _DIAG = re.compile(r"^prog\.s:(\d+): (Error|Warning|Fatal error): (.*)$")
 
 
@@ -129,12 +131,18 @@ def assemble(source: str, address: int, name: str = "<guest program>",
         no, col, ch = bad
         raise AsmError(f"character {ch!r} (U+{ord(ch):04X}) at column {col}: guest programs are "
                        "ASCII", f"{name}:{no}")
+    text = strip_comments(source)
+    m = _FILE_DIRECTIVE.search(text)
+    if m:
+        no = text.count("\n", 0, m.start()) + 1
+        raise AsmError(f".{m.group(1).lower()} reads another file: guest programs are one "
+                       "self-contained file", f"{name}:{no}")
     as_, ld = _tools()
     with tempfile.TemporaryDirectory(prefix="kvmgate-asm-") as tmp:
         with open(os.path.join(tmp, "header.s"), "w") as f:
             f.write(HEADER)
         with open(os.path.join(tmp, "prog.s"), "w") as f:
-            f.write(strip_comments(source) + "\n")
+            f.write(text + "\n")
         with open(os.path.join(tmp, "link.ld"), "w") as f:
             f.write(_LINKER_SCRIPT.format(address=address))
         _run([as_, "--64", "-o", "prog.o", "header.s", "prog.s"], name, "GNU as", tmp, source)

@@ -63,8 +63,14 @@ class _Lines:
 def load_policy(path: str | Path) -> Policy:
     """Read and parse a policy file (PolicyError/InputFileError naming it on any failure)."""
     name = str(path)
-    data = read_user_file(path, "policy", MAX_POLICY_BYTES)
-    return parse_policy(decode_text(data, name, "policy"), name)
+    return parse_policy_bytes(read_user_file(path, "policy", MAX_POLICY_BYTES), name)
+
+
+def parse_policy_bytes(data: bytes, source: str = "<policy>") -> Policy:
+    """A policy file's bytes (UTF-8 TOML) -> Policy; PolicyError/InputFileError otherwise."""
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"policy is {len(data)} bytes; at most {MAX_POLICY_BYTES} are accepted", source)
+    return parse_policy(decode_text(data, source, "policy"), source)
 
 
 def _toml(text: str, source: str) -> dict:
