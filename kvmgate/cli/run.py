@@ -5,6 +5,7 @@ import sys
 
 from ..errors import UserError
 from .common import positive_seconds, vcpu_count, writable_file
+from .introspect import add_run_arguments
 
 
 def cmd_run(a) -> int:
@@ -57,7 +58,6 @@ def cmd_run(a) -> int:
 
 
 def register(sub) -> None:
-    from .introspect import add_run_arguments
     p = sub.add_parser("run", help="run a guest (assembly .S or flat binary) under a policy")
     p.add_argument("guest")
     p.add_argument("--policy", help="TOML policy file (SIGHUP reloads it while the guest runs)")
