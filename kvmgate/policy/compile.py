@@ -194,8 +194,12 @@ def compile_policy(policy: Policy, host_ignore_msrs: bool | None = False) -> Com
                 act = Action.of_rule(rule)
                 for a, b in parts:
                     actions.add(a, b, access == WRITE, act)
+    said = set()
     for lo, hi, access, rule in sorted(x2apic_bad, key=lambda t: (t[0], t[2])):
-        what = names.describe(lo) if lo == hi else f"{names.describe(lo)}..{names.describe(hi)}"
+        if (lo, hi, rule.where) in said:         # the same rule over both directions: once
+            continue
+        said.add((lo, hi, rule.where))
+        what = names.describe(lo) if lo == hi else f"{lo:#x}..{hi:#x}"
         msg = (f"{what} {'is an x2APIC MSR' if lo == hi else 'are x2APIC MSRs'} (0x800-0x8ff): KVM "
                f"never filters those, so action {rule.action.value!r}{' with log' if rule.log else ''} "
                "cannot be enforced; drop the rule or set [policy] x2apic = \"warn\"")
