@@ -52,7 +52,7 @@ class AsmError(GuestFileError):
     """A guest program that does not assemble (GNU as said why), or assembles to too much."""
 
 
-class ArgumentError(UserError):
+class BadArgument(UserError):
     """A command-line argument with a value kvmgate cannot use (checked before anything runs)."""
 
 

@@ -25,18 +25,31 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_user_file(path, what: str, limit: int) -> bytes:
-    """The bytes of regular file `path`, at most `limit` of them; else InputFileError naming
-    `what` ("policy", "guest program") and the file."""
-    name = os.fspath(path)
+def _open_regular(name: str, what: str) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise InputFileError(f"cannot read {what}: {e.strerror}", name) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputFileError(f"cannot read {what}: {_kind(st.st_mode)}, not a regular file", name)
+    return fd, st
+
+
+def check_user_file(path, what: str) -> None:
+    """InputFileError unless `path` is a regular file this process can open for reading
+    (checked without reading it and without blocking on a FIFO)."""
+    fd, _ = _open_regular(os.fspath(path), what)
+    os.close(fd)
+
+
+def read_user_file(path, what: str, limit: int) -> bytes:
+    """The bytes of regular file `path`, at most `limit` of them; else InputFileError naming
+    `what` ("policy", "guest program") and the file."""
+    name = os.fspath(path)
+    fd, st = _open_regular(name, what)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputFileError(f"cannot read {what}: {_kind(st.st_mode)}, not a regular file", name)
         if st.st_size > limit:
             raise InputFileError(f"{what} is {st.st_size} bytes; at most {limit} are accepted", name)
         chunks, size = [], 0

@@ -10,9 +10,10 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import KvmError, UserError
+from ..errors import BadArgument, InputFileError, KvmError, UserError
 from ..exits import GuestError
 from ..guest import MAX_VCPUS
+from ..inputs import check_user_file
 from ..msr import names
 
 
@@ -55,8 +56,8 @@ def parse_msrs(words: list[str]) -> list[int]:
         i = names.msr_index(w)
         if i is None:
             hint = names.suggest(w)
-            raise UserError(f"unknown MSR {w!r}" + (f"; did you mean {', '.join(hint)}?" if hint else ""),
-                            "argument MSR")
+            raise BadArgument(f"unknown MSR {w!r}" + (f"; did you mean {', '.join(hint)}?" if hint else ""),
+                              "argument MSR")
         out.append(i)
     return out
 
@@ -66,31 +67,31 @@ def out_path(path: str, what: str = "output") -> Path:
     (nor a FIFO, device or socket, which could block or swallow what is written)."""
     p = Path(path)
     if p.is_dir():
-        raise UserError(f"{what} is a directory", path)
+        raise BadArgument(f"{what} is a directory", path)
     try:
         mode = p.stat().st_mode
     except OSError:
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
-        raise UserError(f"{what} must be a regular file", path)
+        raise BadArgument(f"{what} must be a regular file", path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise UserError(f"cannot write {what}: directory {parent} does not exist", path)
+        raise BadArgument(f"cannot write {what}: directory {parent} does not exist", path)
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UserError(f"cannot write {what}: permission denied", path)
+        raise BadArgument(f"cannot write {what}: permission denied", path)
     return p
 
 
 def in_path(path: str, what: str) -> Path:
-    p = Path(path)
+    """An input file that can be read: a regular file (a directory, FIFO or device is refused
+    without blocking on it)."""
     try:
-        with open(p, "rb"):
-            pass
-    except IsADirectoryError:
-        raise UserError(f"{what} is a directory", path) from None
-    except OSError as e:
-        raise UserError(f"cannot read {what}: {e.strerror}", path) from None
-    return p
+        check_user_file(path, what)
+    except InputFileError as e:
+        if "a directory" in e.what:
+            raise BadArgument(f"{what} is a directory", path) from None
+        raise
+    return Path(path)
 
 
 def positive_seconds(text: str) -> float:
