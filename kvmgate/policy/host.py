@@ -6,12 +6,14 @@ host-initiated KVM_GET_MSRS/KVM_SET_MSRS is more lenient than a guest access (re
 CPUID-gated ones like IA32_XSS) and cannot tell UNKNOWN from INVAL (0x4b564dff, in KVM's
 paravirtual range, is INVAL for a guest).  So the host is asked the way a live run meets it: a
 scratch guest of the same shape as `kvmgate run`'s performs each access with no filter and every
-failure exiting (probe.MsrProber.classify), and the exit reason says UNKNOWN or INVAL."""
+failure exiting (probe.MsrProber.classify), and the exit reason says UNKNOWN or INVAL.  Writes
+are made with the value 0, so "invalid" for a write means KVM refuses a write of 0."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..errors import KvmError
+from ..exits import GuestError
 from ..kvm import Kvm
 from ..machine import Machine
 from ..msr.model import READ, WRITE, KernelMsr
@@ -56,6 +58,6 @@ def ask_kvm(msrs: list[int], device: str = "/dev/kvm", timeout: float = 60) -> H
                     kinds.update(((a.index, a.access), k) for a, k in zip(part, p.classify(part)))
         finally:
             kvm.close()
-    except (KvmError, OSError) as e:
+    except (KvmError, OSError, GuestError, TimeoutError) as e:
         return HostMsrs(why=f"{device}: {getattr(e, 'strerror', None) or e}")
     return HostMsrs(kinds, device)

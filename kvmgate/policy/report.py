@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..msr import bitmaps, names
-from ..msr.model import READ, WRITE, X2APIC_FIRST, X2APIC_LAST, reason_name
+from ..msr.model import READ, WRITE, X2APIC_FIRST, X2APIC_LAST, KernelMsr, reason_name
 from .compile import CompiledPolicy
 from .host import GUESS, HostMsrs
 
@@ -47,7 +47,8 @@ def explain_rows(cp: CompiledPolicy, msrs: list[int], host: HostMsrs = GUESS) ->
         for access in (READ, WRITE):
             kind = host.kernel(index, access)
             row = cp.explain(index, access, kind)
-            row["kvm"] = kind.value + (" (guess)" if host.guessing else "")
+            row["kvm"] = kind.value + (" (guess)" if host.guessing else
+                                       " (a write of 0)" if access == WRITE and kind is KernelMsr.INVALID else "")
             key = "read" if access == READ else "write"
             if hw is not None:
                 row["vmx"] = "pass" if hw[key]["vmx"] else "exit"
