@@ -55,6 +55,9 @@ class Rule:
     allowed: tuple[int, ...] | None = None  # emulate: the only values the guest may write
     label: str = ""                 # how the rule named its MSRs
 
+    def __post_init__(self):
+        object.__setattr__(self, "action", RuleAction(self.action))   # "allow" works too
+
     def params(self) -> tuple:
         """What must agree for two rules over the same MSR not to contradict each other."""
         return (self.action, self.log, self.value, self.writes, self.initial, self.write_mask,
@@ -72,6 +75,9 @@ class FailureRule:
     action: FailureAction = FailureAction.GP
     log: bool = False
 
+    def __post_init__(self):
+        object.__setattr__(self, "action", FailureAction(self.action))
+
 
 @dataclass(frozen=True)
 class Action:
@@ -84,6 +90,9 @@ class Action:
     initial: int = 0
     write_mask: int = M64
     allowed: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ActionKind(self.kind))
 
     @classmethod
     def of_rule(cls, rule: Rule) -> "Action":
