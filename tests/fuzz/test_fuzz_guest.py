@@ -7,6 +7,7 @@ the assembler costs an `as` and an `ld` run: about 20-80 ms)."""
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from kvmgate.guest import MAX_PROGRAM, load_guest
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
 EXAMPLES = 50_000 if SLOW else 60
 SUMMARY_LINES: list[str] = []
+pytestmark = pytest.mark.timeout(0 if SLOW else 300)     # slow mode runs for many minutes
 COUNTS = {kind: {"inputs": 0, "accepted": 0, "refused": 0}
           for kind in ("bytes as .S", "bytes as .bin", "mutations")}
 

@@ -7,6 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ SLOW = os.environ.get("KVMGATE_SLOW") == "1"
 EXAMPLES = 50_000 if SLOW else 200
 SOURCE = "fuzz.toml"
 SUMMARY_LINES: list[str] = []
+pytestmark = pytest.mark.timeout(0 if SLOW else 300)     # slow mode runs for many minutes
 COUNTS = {kind: {"inputs": 0, "accepted": 0, "refused": 0} for kind in ("bytes", "mutations")}
 
 SEEDS = [
