@@ -3,7 +3,8 @@ and structured mutations of real guest programs, through kvmgate.guest.load_gues
 size, ASCII, GNU as + ld under limits).  The only allowed outcomes are machine code that fits
 below the data area, or the project's own UserError in one line naming the file.  Fixed seed; a
 small budget in CI, >= 50,000 inputs per kind with KVMGATE_SLOW=1 (each mutation that reaches
-the assembler costs an `as` and an `ld` run: about 20-80 ms)."""
+the assembler costs an `as` and an `ld` run: about 20-80 ms; KVMGATE_FUZZ_EXAMPLES=N sets
+another count)."""
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from kvmgate.errors import UserError
 from kvmgate.guest import MAX_PROGRAM, load_guest
 
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
-EXAMPLES = 50_000 if SLOW else 60
+EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", 50_000 if SLOW else 60))
 SUMMARY_LINES: list[str] = []
 pytestmark = pytest.mark.timeout(0 if SLOW else 300)     # slow mode runs for many minutes
 COUNTS = {kind: {"inputs": 0, "accepted": 0, "refused": 0}

@@ -2,7 +2,7 @@
 through exactly what `kvmgate policy check` does (bytes -> UTF-8 -> TOML -> Policy -> compiled
 filter).  The only allowed outcomes are a compiled policy or the project's own UserError, in one
 line naming the policy.  Fixed seed; a small budget in CI, >= 50,000 inputs per kind with
-KVMGATE_SLOW=1."""
+KVMGATE_SLOW=1 (KVMGATE_FUZZ_EXAMPLES=N sets another count)."""
 import os
 import warnings
 from pathlib import Path
@@ -15,7 +15,7 @@ from kvmgate.errors import UserError
 from kvmgate.policy import compile_policy, parse_policy_bytes
 
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
-EXAMPLES = 50_000 if SLOW else 200
+EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", 50_000 if SLOW else 200))
 SOURCE = "fuzz.toml"
 SUMMARY_LINES: list[str] = []
 pytestmark = pytest.mark.timeout(0 if SLOW else 300)     # slow mode runs for many minutes
