@@ -25,7 +25,7 @@ import tempfile
 
 from .errors import AsmError
 
-__all__ = ["AsmError", "assemble", "strip_comments", "MAX_OUTPUT", "TIMEOUT"]
+__all__ = ["MAX_OUTPUT", "TIMEOUT", "AsmError", "assemble", "strip_comments"]
 
 MAX_OUTPUT = 16 << 20        # bytes any intermediate file may have (RLIMIT_FSIZE of as and ld)
 MAX_MEMORY = 1 << 30         # RLIMIT_AS of as and ld
@@ -81,7 +81,7 @@ def _short(text: str, n: int = 60) -> str:
 
 def _run(argv: list[str], name: str, what: str, cwd: str, source: str) -> str:
     try:
-        p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, errors="replace",
+        p = subprocess.run(argv, check=False, cwd=cwd, capture_output=True, text=True, errors="replace",
                            timeout=TIMEOUT, preexec_fn=_limits, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise AsmError(f"{what} took more than {TIMEOUT:g} s; refused", name) from None

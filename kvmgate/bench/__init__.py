@@ -8,7 +8,7 @@ promises raises BenchError: printed, exit 1, never a silently missing baseline."
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from . import exits, policy
 from .common import BenchError

@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MIN_ROUNDS = 7
 

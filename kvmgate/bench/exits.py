@@ -102,8 +102,8 @@ def main(argv: list[str]) -> int:
         ("MSR exits per round", str(res["exits_per_round"])),
         ("full handler path (Python)", f"{res['python_us']:.2f} us/exit (median)"),
         ("bare C KVM_RUN loop", f"{res['c_us']:.2f} us/exit (median)"),
-        ("ratio Python / C", f"{res['ratio']:.3f}x median of {res['rounds']} paired rounds "
-                             "(target <= 1.35x)"),
+        ("ratio Python / C", (f"{res['ratio']:.3f}x median of {res['rounds']} paired rounds "
+                              "(target <= 1.35x)")),
         ("  spread", f"{lo:.2f}x .. {hi:.2f}x"),
         load_row(res)])
     return 0

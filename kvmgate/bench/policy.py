@@ -8,7 +8,16 @@ import warnings
 
 from ..machine import Machine
 from ..policy import compile_policy, parse_policy
-from .common import count_arg, emit, load_average, load_row, median_of, paired, parser, timed
+from .common import (
+    count_arg,
+    emit,
+    load_average,
+    load_row,
+    median_of,
+    paired,
+    parser,
+    timed,
+)
 from .exits import exit_guest, time_python
 
 
@@ -96,7 +105,7 @@ def main(argv: list[str]) -> int:
         (f"{res['wide_rules']} such rules", f"{res['compile_wide_rules_s'] * 1e3:.0f} ms (median)"),
         ("bare on_msr handler", f"{res['bare_handler_us']:.2f} us/exit (median)"),
         ("policy handler (constant)", f"{res['policy_handler_us']:.2f} us/exit (median)"),
-        ("ratio policy / bare", f"{res['ratio']:.3f}x median of {res['exit_rounds']} paired rounds, "
-                                f"spread {lo:.2f}x .. {hi:.2f}x"),
+        ("ratio policy / bare", (f"{res['ratio']:.3f}x median of {res['exit_rounds']} paired rounds, "
+                                 f"spread {lo:.2f}x .. {hi:.2f}x")),
         load_row(res)])
     return 0

@@ -13,9 +13,25 @@ from dataclasses import dataclass, field
 from ..errors import PolicyError
 from ..hostinfo import ignore_msrs
 from ..msr import names
-from ..msr.model import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
-                         EXIT_REASON_UNKNOWN, MAX_NMSRS, MAX_RANGES, READ, U32, WRITE,
-                         X2APIC_FIRST, X2APIC_LAST, Fate, KernelMsr, MsrFilter, MsrRange, outcome)
+from ..msr.model import (
+    DEFAULT_ALLOW,
+    DEFAULT_DENY,
+    EXIT_REASON_FILTER,
+    EXIT_REASON_INVAL,
+    EXIT_REASON_UNKNOWN,
+    MAX_NMSRS,
+    MAX_RANGES,
+    READ,
+    U32,
+    WRITE,
+    X2APIC_FIRST,
+    X2APIC_LAST,
+    Fate,
+    KernelMsr,
+    MsrFilter,
+    MsrRange,
+    outcome,
+)
 from .handlers import Registers, make_handler
 from .model import Action, ActionKind, FailureRule, Rule
 from .plan import ActionTable, Interval, merge, plan_ranges

@@ -71,7 +71,7 @@ def make_handler(cp, machine, audit=None, regs: Registers | None = None):
         if act.log and record is not None:
             try:
                 rip = machine.vcpus[exit.vcpu].get_regs().rip
-            except Exception:
+            except OSError:                  # KvmError: the record goes out without a RIP
                 rip = None
             record(vcpu=exit.vcpu, rip=rip, index=exit.index, write=exit.is_write, value=exit.data,
                    reason=reason, action=act.kind, result=result, rule=act.rule)

@@ -95,13 +95,13 @@ class Action:
         object.__setattr__(self, "kind", ActionKind(self.kind))
 
     @classmethod
-    def of_rule(cls, rule: Rule) -> "Action":
+    def of_rule(cls, rule: Rule) -> Action:
         kind = ActionKind.FORWARD if rule.action is RuleAction.ALLOW else ActionKind(rule.action.value)
         return cls(kind, rule.log, rule.where, rule.value, rule.writes, rule.initial,
                    rule.write_mask, rule.allowed)
 
     @classmethod
-    def of_failure(cls, rule: FailureRule, what: str) -> "Action | None":
+    def of_failure(cls, rule: FailureRule, what: str) -> Action | None:
         """[unknown]/[invalid] as an action; None (a #GP with no record) for gp without log."""
         if rule.action is FailureAction.GP and not rule.log:
             return None

@@ -15,7 +15,15 @@ from ..inputs import MiB, decode_text, read_user_file
 from ..msr import names
 from ..msr.model import U32
 from .compile import Policy
-from .model import ACCESS_WORDS, ACTIONS, FAILURE_ACTIONS, FailureAction, FailureRule, Rule, RuleAction
+from .model import (
+    ACCESS_WORDS,
+    ACTIONS,
+    FAILURE_ACTIONS,
+    FailureAction,
+    FailureRule,
+    Rule,
+    RuleAction,
+)
 
 U64 = (1 << 64) - 1
 MAX_POLICY_BYTES = 4 * MiB

@@ -7,7 +7,7 @@ bit per MSR): the unit tests check that against those forms."""
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from ..msr.model import MAX_NMSRS, READ, WRITE, MsrRange
 

@@ -10,7 +10,7 @@ from .host import GUESS, HostMsrs
 def ranges_rows(cp: CompiledPolicy) -> list[dict]:
     rows = []
     for i, r in enumerate(cp.filter.ranges):
-        allowed = sum(bin(b).count("1") for b in r.bitmap[:(r.nmsrs + 7) // 8])
+        allowed = sum(b.bit_count() for b in r.bitmap[:(r.nmsrs + 7) // 8])
         rows.append({"range": i, "flags": {1: "READ", 2: "WRITE", 3: "READ|WRITE"}.get(r.flags, hex(r.flags)),
                      "base": f"{r.base:#x}", "last": f"{r.base + r.nmsrs - 1:#x}", "nmsrs": r.nmsrs,
                      "allowed": allowed, "bitmap": r.bitmap.hex()})

@@ -16,7 +16,7 @@ from kvmgate.errors import UserError
 from kvmgate.guest import MAX_PROGRAM, load_guest
 
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
-EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", 50_000 if SLOW else 60))
+EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", "50000" if SLOW else "60"))
 SUMMARY_LINES: list[str] = []
 pytestmark = pytest.mark.timeout(0 if SLOW else 300)     # slow mode runs for many minutes
 COUNTS = {kind: {"inputs": 0, "accepted": 0, "refused": 0}
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = [
     (ROOT / "kvmgate" / "examples" / "probe.S").read_text(),
     "again:\n    mov ecx, 0x35\n    rdmsr\n    cmp eax, 2\n    jne again\n    hlt\n",
-    "    mov r13, [0x100000]   ; absolute\n    lea rax, [rip + data]\n    out 0x80, al\n    hlt\n"
-    "data: .quad 0x1234\n",
+    ("    mov r13, [0x100000]   ; absolute\n    lea rax, [rip + data]\n    out 0x80, al\n    hlt\n"
+     "data: .quad 0x1234\n"),
 ]
 PIECES = ["mov eax, 1", "rdmsr", "wrmsr", "hlt", "jmp again", "again:", "lbl:", ".quad 1", ".byte 0xff",
           ".space 16", ".space 0x7fffffff", ".align 0x40000000", ".align 16", ".org 0x10", ".org -1",

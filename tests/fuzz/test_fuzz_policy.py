@@ -15,7 +15,7 @@ from kvmgate.errors import UserError
 from kvmgate.policy import compile_policy, parse_policy_bytes
 
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
-EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", 50_000 if SLOW else 200))
+EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", "50000" if SLOW else "200"))
 SOURCE = "fuzz.toml"
 SUMMARY_LINES: list[str] = []
 pytestmark = pytest.mark.timeout(0 if SLOW else 300)     # slow mode runs for many minutes

@@ -10,8 +10,17 @@ from hypothesis import strategies as st
 
 from kvmgate.errors import PolicyError
 from kvmgate.msr import names
-from kvmgate.msr.model import (EXIT_REASON_FILTER, MAX_NMSRS, MAX_RANGES, READ, WRITE, X2APIC_FIRST,
-                               X2APIC_LAST, MsrRange, windows)
+from kvmgate.msr.model import (
+    EXIT_REASON_FILTER,
+    MAX_NMSRS,
+    MAX_RANGES,
+    READ,
+    WRITE,
+    X2APIC_FIRST,
+    X2APIC_LAST,
+    MsrRange,
+    windows,
+)
 from kvmgate.policy import compile_policy, parse_policy
 from kvmgate.policy.plan import ActionTable, merge
 from kvmgate.policy.plan import windows as interval_windows
@@ -91,7 +100,7 @@ def rules(draw):
     span = draw(st.sampled_from([0, 0, 1, 5, 63, 64, 65, 0x120, 0x3001]))
     hi = min(lo + span, 0xFFFFFFFF)
     action = draw(st.sampled_from(["allow", "deny", "ignore", "constant"]))
-    text = [f"[[rule]]", f"range = [{lo:#x}, {hi:#x}]",
+    text = ["[[rule]]", f"range = [{lo:#x}, {hi:#x}]",
             f"access = \"{draw(st.sampled_from(['read', 'write', 'both']))}\"", f"action = \"{action}\""]
     if action == "constant":
         text.append(f"value = {draw(st.integers(0, 2))}")
