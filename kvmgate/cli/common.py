@@ -64,7 +64,8 @@ def parse_msrs(words: list[str]) -> list[int]:
 
 def out_path(path: str, what: str = "output") -> Path:
     """An output file we can create: its directory exists and is writable, it is not a directory
-    (nor a FIFO, device or socket, which could block or swallow what is written)."""
+    (nor a FIFO, socket or block device, which could block or be damaged; a character device
+    such as /dev/null or /dev/stderr is taken as given)."""
     p = Path(path)
     if p.is_dir():
         raise BadArgument(f"{what} is a directory", path)
@@ -72,8 +73,8 @@ def out_path(path: str, what: str = "output") -> Path:
         mode = p.stat().st_mode
     except OSError:
         mode = None
-    if mode is not None and not stat.S_ISREG(mode):
-        raise BadArgument(f"{what} must be a regular file", path)
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        raise BadArgument(f"{what} must be a regular file (or a character device like /dev/null)", path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise BadArgument(f"cannot write {what}: directory {parent} does not exist", path)
