@@ -80,6 +80,13 @@ def out_path(path: str, what: str = "output") -> Path:
         raise BadArgument(f"cannot write {what}: directory {parent} does not exist", path)
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise BadArgument(f"cannot write {what}: permission denied", path)
+    existed = mode is not None
+    try:        # the kernel's answer (read-only mounts, /proc, immutable files), appending nothing
+        os.close(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644))
+    except OSError as e:
+        raise BadArgument(f"cannot write {what}: {e.strerror}", path) from None
+    if not existed:
+        p.unlink(missing_ok=True)        # nothing is left behind if the run never starts
     return p
 
 

@@ -146,7 +146,7 @@ def test_assembler_refuses_programs_that_ask_too_much(text):
     (["--timeout", "inf"], "--timeout"), (["--timeout", "-1"], "--timeout"),
     (["--timeout", "nan"], "--timeout"), (["--timeout", "0"], "--timeout"),
     (["--audit", "{tmp}/missing/a.jsonl"], "does not exist"), (["--audit", "{tmp}"], "is a directory"),
-    (["--audit", "{fifo}"], "regular file"),
+    (["--audit", "{fifo}"], "regular file"), (["--audit", "/proc/kvmgate-audit.jsonl"], "cannot write"),
 ])
 def test_run_arguments_refused_before_anything_runs(tmp_path, capsys, args, what):
     fifo = tmp_path / "fifo"
@@ -155,6 +155,12 @@ def test_run_arguments_refused_before_anything_runs(tmp_path, capsys, args, what
     assert main(["run", str(tmp_path / "never-read.S"), *args]) == 2
     err = capsys.readouterr().err
     assert what in err and "never-read" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_writable_check_leaves_nothing_behind(tmp_path, capsys):
+    audit = tmp_path / "audit.jsonl"
+    assert main(["run", str(tmp_path / "missing.S"), "--audit", str(audit)]) == 2
+    assert "missing.S" in capsys.readouterr().err and not audit.exists()
 
 
 def test_learn_arguments_refused(tmp_path, capsys):
