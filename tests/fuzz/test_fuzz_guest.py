@@ -18,7 +18,7 @@ from kvmgate.guest import MAX_PROGRAM, load_guest
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
 EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", "50000" if SLOW else "60"))
 SUMMARY_LINES: list[str] = []
-pytestmark = pytest.mark.timeout(0 if SLOW else 300)     # slow mode runs for many minutes
+pytestmark = pytest.mark.timeout(300 if EXAMPLES <= 200 else 0)     # big runs take many minutes
 COUNTS = {kind: {"inputs": 0, "accepted": 0, "refused": 0}
           for kind in ("bytes as .S", "bytes as .bin", "mutations")}
 
