@@ -167,3 +167,18 @@ def test_learn_arguments_refused(tmp_path, capsys):
     assert main(["learn", "g.S", "--out", str(tmp_path / "p.toml"), "--vcpus", "65"]) == 2
     assert main(["learn", "g.S", "--out", str(tmp_path / "p.toml"), "--limit", "-1"]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_no_keystone_needed():
+    """Keystone is gone: with its import made impossible, every module imports and a guest
+    program assembles."""
+    code = ("import sys, pkgutil, importlib; sys.modules['keystone'] = None\n"
+            "import kvmgate\n"
+            "for m in pkgutil.walk_packages(kvmgate.__path__, 'kvmgate.'):\n"
+            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "from kvmgate.asm import assemble\n"
+            "print(assemble('mov ecx, 0x10\\nrdmsr\\nhlt', 0x10000).hex())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "b9100000000f32f4"
