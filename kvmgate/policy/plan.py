@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 
+from ..errors import PolicyError
 from ..msr.model import MAX_NMSRS, READ, WRITE, MsrRange
 
 Interval = tuple[int, int]
@@ -130,6 +131,7 @@ class ActionTable:
     path), long ones as sorted spans found by bisection."""
 
     SHORT = 64
+    MAX_ITEMS = 1 << 20       # items() lists pairs one by one only up to this many
 
     def __init__(self):
         self.points: dict[int, object] = {}
@@ -177,6 +179,16 @@ class ActionTable:
     def __len__(self) -> int:
         """(MSR, direction) pairs with an action."""
         return len(self.points) + sum(hi - lo + 1 for s in self._spans.values() for lo, hi, _ in s)
+
+    def items(self) -> Iterator[tuple[int, object]]:
+        """(index << 1 | is_write, action) per MSR and direction, as the dict this replaced
+        gave; PolicyError past MAX_ITEMS pairs (a wide range: use rows())."""
+        if len(self) > self.MAX_ITEMS:
+            raise PolicyError(f"{len(self)} MSR/direction pairs have actions; listed one by one "
+                              f"only up to {self.MAX_ITEMS} (wide ranges are spans: rows())")
+        for lo, hi, write, act in self.rows():
+            for i in range(lo, hi + 1):
+                yield i << 1 | write, act
 
     def rows(self) -> Iterator[tuple[int, int, bool, object]]:
         """(first MSR, last MSR, is_write, action), sorted by MSR then direction."""

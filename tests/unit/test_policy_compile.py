@@ -164,6 +164,10 @@ def test_action_table_looks_up_points_and_spans():
     assert t.get((0x101 + ActionTable.SHORT) << 1 | 1, "d") == "d" and t.get(0x100 << 1) is None
     assert len(t) == 1 + ActionTable.SHORT + 1 and t.has_spans
     assert [r[:3] for r in t.rows()] == [(5, 5, False), (0x100, 0x100 + ActionTable.SHORT, True)]
+    assert dict(t.items()) == {5 << 1: "a", **{i << 1 | 1: "b" for i in range(0x100, 0x101 + ActionTable.SHORT)}}
+    t.add(0, 0xFFFFFFFF, False, "c")
+    with pytest.raises(PolicyError, match="rows"):
+        next(t.items())
 
 
 def test_wide_rules_compile_as_intervals():
