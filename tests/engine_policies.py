@@ -10,7 +10,8 @@ from hypothesis import assume, strategies as st
 from kvmgate.engine import available, unavailable_reason
 from kvmgate.errors import InjectGP, PolicyError
 from kvmgate.policy.compile import compile_policy
-from kvmgate.policy.model import FailureRule, Policy, Rule
+from kvmgate.policy import Policy, Rule
+from kvmgate.policy.model import FailureRule
 
 U64 = (1 << 64) - 1
 CELLS = [0x10, 0x18, 0x35, 0x3A, 0x186, 0x1A0, 0x800, 0x808, 0xC0000080, 0xC0000100,
@@ -56,7 +57,8 @@ def policies(draw):
 def exits(draw, cp):
     """(index, is_write, reason, data, vcpu): mostly exactly the policy's (MSR, direction)s,
     also near them and anywhere."""
-    keys = sorted(cp.actions)
+    pairs = list(cp.actions.items())
+    keys = sorted(k for k, _ in pairs)
     near = sorted({k >> 1 for k in keys} | set(CELLS))
     write = draw(st.booleans())
     index = draw(st.one_of(
@@ -65,7 +67,7 @@ def exits(draw, cp):
     if keys and draw(st.integers(0, 2)):
         key = draw(st.sampled_from(keys))
         index, write = key >> 1, bool(key & 1)
-    values = [v for a in cp.actions.values() for v in (a.initial, a.value, *(a.allowed or ()))]
+    values = [v for _, a in pairs for v in (a.initial, a.value, *(a.allowed or ()))]
     data = draw(st.one_of(u64s, st.sampled_from(values or [0]),
                           st.builds(lambda v, b: v ^ (1 << b), st.sampled_from(values or [0]),
                                     st.integers(0, 63))))

@@ -61,15 +61,33 @@ def _u64(value: int, what: str, where: str) -> int:
     return value
 
 
-def _spans(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """Sorted (index, action id) -> [(lo, hi, action id)], adjacent indices with one action merged."""
+def _spans(rows: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Sorted (lo, hi, action id) spans -> the same with adjacent spans of one action merged."""
     out: list[list[int]] = []
-    for index, aid in sorted(pairs):
-        if out and out[-1][1] + 1 == index and out[-1][2] == aid:
-            out[-1][1] = index
+    for lo, hi, aid in sorted(rows):
+        if out and out[-1][1] + 1 == lo and out[-1][2] == aid:
+            out[-1][1] = hi
         else:
-            out.append([index, index, aid])
+            out.append([lo, hi, aid])
     return [tuple(s) for s in out]
+
+
+def _distinct(spans: list[tuple[int, int]]) -> int:
+    """How many indices the inclusive spans cover together (overlaps counted once)."""
+    total, end = 0, -1
+    for lo, hi in sorted(spans):
+        if hi > end:
+            total += hi - max(lo, end + 1) + 1
+            end = hi
+    return total
+
+
+def _action_rows(actions):
+    """(lo, hi, is_write, action) spans of a CompiledPolicy's action table (ActionTable.rows(),
+    or a plain {index << 1 | is_write: action} dict, one MSR per span)."""
+    if hasattr(actions, "rows"):
+        return actions.rows()
+    return ((k >> 1, k >> 1, bool(k & 1), a) for k, a in sorted(actions.items()))
 
 
 def mode_of(cp, mode: str | None = None) -> str:
@@ -127,18 +145,18 @@ def build_table(cp, mode: str | None = None, registry: list[str] | None = None) 
         packed.append(ACTION.pack(kind, flags, 0, rid, value, mask, off, n))
         return aid
 
-    per_dir: dict[int, list[tuple[int, int]]] = {READ: [], WRITE: []}
-    emulated: set[int] = set()
-    for key, act in cp.actions.items():
-        index, write = key >> 1, key & 1
-        if not 0 <= index <= U32:
-            raise EngineTableError(f"MSR index {index:#x} is not a u32", act.rule)
-        per_dir[WRITE if write else READ].append((index, action_id(act)))
+    per_dir: dict[int, list[tuple[int, int, int]]] = {READ: [], WRITE: []}
+    emulate_spans: list[tuple[int, int]] = []
+    for lo, hi, write, act in _action_rows(cp.actions):
+        if not 0 <= lo <= hi <= U32:
+            raise EngineTableError(f"MSR span {lo:#x}..{hi:#x} is not within u32", act.rule)
+        per_dir[WRITE if write else READ].append((lo, hi, action_id(act)))
         if act.kind == "emulate":
-            emulated.add(index)
-    if len(emulated) > MAX_EMULATED:
+            emulate_spans.append((lo, hi))
+    emulated = _distinct(emulate_spans)        # MSR indices with an emulated register
+    if emulated > MAX_EMULATED:
         raise EngineTableError(
-            f"{len(emulated)} emulated MSRs: the engine's register state holds at most "
+            f"{emulated} emulated MSRs: the engine's register state holds at most "
             f"{MAX_EMULATED}; emulate fewer MSRs", getattr(cp.policy, "source", "<policy>"))
     default = action_id(cp.default_action)
     unknown = action_id(cp.unknown)
@@ -149,7 +167,7 @@ def build_table(cp, mode: str | None = None, registry: list[str] | None = None) 
     size = HEADER.size + len(body)
     header = HEADER.pack(MAGIC, VERSION, HEADER.size, size, 0, MODES[mode], default, unknown,
                          invalid, len(actions), len(reads), len(writes), len(allowed_pool),
-                         len(emulated))
+                         emulated)
     data = bytearray(header + body)
     struct.pack_into("<I", data, CHECKSUM_AT, zlib.crc32(data))
     return EngineTable(bytes(data), tuple(rules), mode)
