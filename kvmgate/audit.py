@@ -58,10 +58,10 @@ class AuditLog:
             self._out.write(json.dumps(rec) + "\n")
         return True
 
-    def count(self, index: int, write: bool, action: str, result: str) -> None:
-        """Count a decision that is not logged (it still shows in the summary)."""
+    def count(self, index: int, write: bool, action: str, result: str, n: int = 1) -> None:
+        """Count `n` decisions that are not logged (they still show in the summary)."""
         with self._lock:
-            self.counts[(index, write, action, result)] += 1
+            self.counts[(index, write, action, result)] += n
 
     def summary(self) -> list[dict]:
         """Counters per MSR, direction, action and result, with how many records were suppressed."""

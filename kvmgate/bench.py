@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .machine import Machine
+from .wrap import bench as wrap_bench
 
 C_SOURCE = Path(__file__).resolve().parent.parent / "bench" / "exit_loop.c"
 
@@ -181,7 +182,7 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvmgate bench", description=__doc__)
-    ap.add_argument("what", choices=["exits", "policy", "vcpus"])
+    ap.add_argument("what", choices=["exits", "policy", "vcpus", "wrap"])
     ap.add_argument("--rules", type=int, default=4000, help="policy: rules in the large policy")
     ap.add_argument("-n", type=int, default=20000, help="MSR exits per round")
     ap.add_argument("--rounds", type=int, default=9)
@@ -198,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             c = f"   C loops: {r['c_exits_per_s']:,.0f}/s (Python/C {r['python_vs_c']:.2f})" if "c_exits_per_s" in r else ""
             print(f"  {r['vcpus']} vCPU(s): {r['python_exits_per_s']:,.0f} exits/s "
                   f"({r['python_exits_per_s'] / base:.2f}x of 1 vCPU){c}")
+        return 0
+    if a.what == "wrap":                 # kvmgate.wrap.bench: the QEMU shim
+        res = wrap_bench.bench_wrap(a.n, a.rounds, prog)
+        if a.json:
+            print(json.dumps(res))
+            return 0
+        print_table(wrap_bench.render(res))
         return 0
     if a.what == "policy":
         res = bench_policy(a.rules, a.n, a.rounds)

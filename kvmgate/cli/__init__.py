@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, demo, introspect, learn, policy, run, schema, trace
+from . import bench, demo, image, introspect, learn, policy, run, schema, trace, wrap
 from .common import run_main
 
-GROUPS = (demo, run, policy, bench, trace, learn, introspect, schema)
+GROUPS = (demo, run, policy, bench, trace, learn, introspect, schema, image, wrap)
 
 
 def build_parser() -> argparse.ArgumentParser:

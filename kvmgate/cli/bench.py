@@ -9,6 +9,6 @@ def cmd_bench(a) -> int:
 
 def register(sub) -> None:
     import argparse
-    p = sub.add_parser("bench", help="benchmarks (exits, policy, vcpus)", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks (exits, policy, vcpus, wrap)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)

@@ -23,9 +23,11 @@ def cmd_demo(a) -> int:
 
 
 def cmd_info(a) -> int:
+    from ..engine import available as engine_available, unavailable_reason
     from ..hostinfo import host_info
     from ..report import emit
     info = host_info(a.device)
+    info["engine"] = {"available": engine_available(), "reason": unavailable_reason()}
     if a.json:
         emit(info, True)
         return 0
@@ -37,6 +39,8 @@ def cmd_info(a) -> int:
     print(f"kvm.ignore_msrs:             {'unknown' if im is None else ('Y' if im else 'N')}"
           + ("  (unknown MSRs are swallowed host-wide: no UNKNOWN exits)" if im else ""))
     print(f"MSRs KVM saves/restores:     {info['msrs_saved_by_kvm']}")
+    eng = info["engine"]
+    print(f"C policy engine:             {'yes' if eng['available'] else 'NO: ' + eng['reason']}")
     return 0
 
 

@@ -1,0 +1,96 @@
+/* kvmgate wrap: the shared-memory layout between `kvmgate wrap` (the parent, Python:
+ * kvmgate/wrap/layout.py mirrors this file) and the LD_PRELOAD shim inside the VMM (shim.c).
+ *
+ * One memfd, inherited by the VMM, mapped MAP_SHARED by both:
+ *   offset 0                     struct shim_header
+ *   header.stats_off             struct shim_stats[max_vcpus]: per-vCPU exit counters
+ *   header.counts_off            struct shim_count[max_vcpus][counts_slots]: counted decisions
+ *   header.mailbox_off           struct shim_mailbox: the policy the parent wants installed
+ *   header.rings_off + i*stride  struct kg_ring (engine.h) for vCPU i, initialised by the shim
+ * and two pipes: ctl (parent -> shim: one byte 'R' = install the mailbox) and status (shim ->
+ * parent: text lines, see shim.c "status lines").
+ *
+ * The environment variable KVMGATE_SHIM="MEMFD:CTL:STATUS" (fd numbers) hands them over.
+ */
+#ifndef KVMGATE_SHIM_ABI_H
+#define KVMGATE_SHIM_ABI_H
+
+#include <stdint.h>
+
+#define SHIM_ENV          "KVMGATE_SHIM"
+#define SHIM_MAGIC        0x4d494853u      /* "SHIM" little-endian */
+#define SHIM_VERSION      1u
+#define SHIM_MAX_RANGES   16u              /* KVM_MSR_FILTER_MAX_RANGES */
+#define SHIM_BITMAP_BYTES 0x600u           /* KVM_MSR_FILTER_MAX_BITMAP_SIZE: 0x3000 MSRs */
+#define SHIM_NAME_BYTES   256u
+#define SHIM_TABLE_MAX    (1u << 20)       /* engine table bytes the mailbox holds */
+
+struct shim_range {                        /* one kvm_msr_filter_range with its bitmap inline */
+    uint32_t flags;                        /* KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE */
+    uint32_t base;
+    uint32_t nmsrs;                        /* 0: unused */
+    uint32_t reserved;
+    uint8_t  bitmap[SHIM_BITMAP_BYTES];    /* bit set = allowed */
+};
+
+struct shim_filter {                       /* a whole kvm_msr_filter */
+    uint32_t flags;                        /* KVM_MSR_FILTER_DEFAULT_ALLOW / _DENY */
+    uint32_t nranges;
+    struct shim_range ranges[SHIM_MAX_RANGES];
+};
+
+struct shim_mailbox {
+    uint32_t seq;                          /* the parent bumps it with every policy it writes */
+    uint32_t exit_mask;                    /* the policy's KVM_CAP_X86_USER_SPACE_MSR reasons */
+    uint32_t table_len;                    /* bytes of table[] used */
+    uint32_t reserved;
+    char     name[SHIM_NAME_BYTES];        /* the policy's file, for messages */
+    struct shim_filter filter;             /* the policy's own kernel filter */
+    uint64_t table[SHIM_TABLE_MAX / 8];    /* the engine table (engine.h), 8-byte aligned */
+};
+
+struct shim_header {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t max_vcpus;                    /* rings available */
+    uint32_t ring_capacity;                /* records per ring, power of two */
+    uint64_t mailbox_off;
+    uint64_t rings_off;
+    uint64_t ring_stride;
+    uint64_t total_size;
+    uint64_t stats_off;                    /* struct shim_stats[max_vcpus] */
+    uint32_t vcpus;                        /* shim: vCPUs created so far */
+    uint32_t shim_pid;                     /* shim: the VMM's pid once a VM exists */
+    uint64_t counts_off;                   /* struct shim_count[max_vcpus][counts_slots] */
+    uint32_t counts_slots;                 /* per vCPU, power of two */
+    uint32_t applied_seq;                  /* shim: mailbox seq of the policy in force (set just
+                                              before vCPUs can see it: a VMM that exits before
+                                              the status line still tells the reload's fate) */
+    uint64_t options;                      /* parent: SHIM_OPT_* */
+    uint64_t reserved[1];
+};
+
+#define SHIM_OPT_LEARN 1u                  /* record the MSR exits QEMU answers (action NONE) and
+                                              wait at KVM_CREATE_VM for 'G' on the ctl pipe (the
+                                              parent starts its kvm:kvm_msr recording first) */
+
+/* Decisions that are only counted (not logged) are summed here by their vCPU instead of
+ * taking a ring record each: open addressing on (MSR, direction, action, result, value);
+ * a full table falls back to the ring.  key 0 = free slot. */
+struct shim_count {
+    uint64_t key;                          /* index << 32 | would_deny << 25 | write << 24 |
+                                              action << 16 | result << 8 | 1 */
+    uint64_t value;                        /* KG_RES_VALUE: the value read, else 0 */
+    uint64_t count;
+    uint64_t reserved;
+};
+
+struct shim_stats {                        /* per vCPU, written by its thread only */
+    uint64_t policy;                       /* MSR exits the policy answered */
+    uint64_t vmm;                          /* MSR exits handed to the VMM */
+    uint64_t gp;                           /* MSR exits nobody asked for: #GP */
+    uint64_t host;                         /* exits only a replaced filter sent: done as KVM would */
+    uint64_t reserved[4];
+};
+
+#endif

@@ -1,0 +1,29 @@
+"""Machine.set_policy() with the C engine answering the policy's exits.
+
+    m.set_policy(EnginePolicy(cp), audit)            # instead of m.set_policy(cp, audit)
+
+bind() has CompiledPolicy.bind's contract: (filter, exit mask, on_msr handler, what the machine
+keeps as machine.policy).  The emulated registers live in machine.state["engine.state"], so they
+carry over policy swaps like the Python path's machine.state["policy.registers"]."""
+from __future__ import annotations
+
+from ..msr.model import EXIT_REASON_FILTER
+from .binding import Engine, State
+from .handler import make_engine_handler
+from .table import mode_of
+
+
+class EnginePolicy:
+    def __init__(self, cp, mode: str | None = None):
+        self.cp = cp
+        self.mode = mode_of(cp, mode)
+
+    def bind(self, machine, audit=None):
+        state = machine.state.setdefault("engine.state", State())
+        engine = Engine(self.cp, self.mode, state)
+        mask = self.cp.exit_mask
+        if self.mode == "audit":
+            # permissive: every access the filter denies must reach the engine to be logged
+            # and carried out, also where enforce mode would let KVM inject the #GP itself
+            mask |= EXIT_REASON_FILTER
+        return self.cp.filter, mask, make_engine_handler(engine, machine, audit), self.cp
