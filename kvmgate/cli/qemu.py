@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"kvmgate-qemu: domain {name}: {e}; QEMU is not started", file=sys.stderr)
         return 1
+    except OSError as e:                  # e.g. the audit file the QEMU user may not write
+        print(f"kvmgate-qemu: domain {name}: {e.filename}: {e.strerror} (uid {os.getuid()}); "
+              "QEMU is not started", file=sys.stderr)
+        return 1
     print(f"kvmgate-qemu: domain {name}: policy {cfg.policy} (settings {cfg.source})",
           file=sys.stderr, flush=True)
     w.exec_vmm(pidfile)

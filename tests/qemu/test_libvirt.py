@@ -95,3 +95,18 @@ def test_start_fails_without_settings_and_reload_says_why(domain):
     assert virsh("domstate", d.name).stdout.strip() == "shut off"
     r = d.reload()
     assert r.returncode == 2 and "no kvmgate settings" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_start_fails_when_the_qemu_user_cannot_write_the_audit(domain):
+    """The audit file is opened as the QEMU user before QEMU starts: no silent run without
+    audit."""
+    d = domain()
+    locked = d.dir / "root-only"
+    locked.mkdir(mode=0o700)
+    d.audit = locked / "audit.jsonl"
+    d.define([(0xCE, 0, 0)], CONST.format(1))
+    r = virsh("start", d.name, check=False)
+    assert r.returncode != 0
+    assert f"{d.audit}: Permission denied" in r.stderr and "QEMU is not started" in r.stderr
+    assert "Traceback" not in d.log_text()
+    assert d.serial_text() == ""                                  # the guest never ran
