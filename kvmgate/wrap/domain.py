@@ -109,13 +109,31 @@ def check_readable(path: str, what: str) -> None:
         raise UserError(f"{what} is not readable by uid {os.getuid()}", path)
 
 
+def check_keeper(pid: int, pidfile: str) -> None:
+    """The pidfile is written by QEMU's user (libvirt-qemu), and `kvmgate reload` runs as root:
+    signal only a kvmgate-qemu keeper owned by the pidfile's owner, never a process a
+    compromised QEMU named (SIGHUP ends many processes)."""
+    try:
+        owner = os.stat(pidfile).st_uid
+        uid = os.stat(f"/proc/{pid}").st_uid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
+    except FileNotFoundError:
+        raise UserError(f"its kvmgate process {pid} is gone", pidfile) from None
+    if uid != owner or not any(b"kvmgate" in a for a in argv):
+        raise UserError(f"process {pid} is not a kvmgate-qemu process of uid {owner}; not "
+                        "signalled", pidfile)
+
+
 def reload_domain(name: str, domains_dir: str = DOMAINS_DIR, run_dir: str = RUN_DIR) -> int:
-    """SIGHUP to the domain's kvmgate keeper (pidfile); returns its pid."""
+    """SIGHUP to the domain's kvmgate keeper (pidfile, checked by check_keeper); returns its pid."""
     cfg = load_domain(name, domains_dir, run_dir)
     try:
         pid = int(Path(cfg.pidfile).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         raise UserError(f"domain {name!r} is not running under kvmgate (no pidfile)", cfg.pidfile) from None
+    if pid <= 0:
+        raise UserError(f"pid {pid} is not a process", cfg.pidfile)
+    check_keeper(pid, cfg.pidfile)
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
