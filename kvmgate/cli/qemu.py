@@ -12,7 +12,7 @@ from ..errors import UserError
 
 def main(argv: list[str] | None = None) -> int:
     from ..wrap import Wrap
-    from ..wrap.domain import QEMU, check_readable, domain_name, load_domain
+    from ..wrap.domain import QEMU, check_loadable, check_readable, domain_name, load_domain
     from ..wrap.library import shim_path
     args = sys.argv[1:] if argv is None else list(argv)
     domains = os.environ.get("KVMGATE_DOMAINS", "/etc/kvmgate/domains")   # tests; libvirt clears it
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_domain(name, domains, run_dir)
         shim = shim_path()
         check_readable(str(shim), "the kvmgate shim library")
+        check_loadable(str(shim), "the kvmgate shim library")
         check_readable(cfg.policy, "the domain's policy")
         w = Wrap([cfg.qemu, *args], policy=cfg.policy, audit=cfg.audit, mode=cfg.mode)
         pidfile = cfg.pidfile

@@ -13,6 +13,7 @@ doubled: `guest=a,,b`) and clears the environment; its capability probes (`-mach
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import tomllib
@@ -122,6 +123,19 @@ def check_keeper(pid: int, pidfile: str) -> None:
     if uid != owner or not any(b"kvmgate" in a for a in argv):
         raise UserError(f"process {pid} is not a kvmgate-qemu process of uid {owner}; not "
                         "signalled", pidfile)
+
+
+def check_loadable(path: str, what: str) -> None:
+    """Map the library the way ld.so will map it for QEMU: as this user, under this process's
+    LSM profile (libvirt applies the domain's AppArmor/SELinux label to the emulator, i.e. to
+    kvmgate-qemu itself), with exec permission on its file system.  A readable file on a
+    `noexec` mount, or one the profile does not let QEMU map, passes os.access but is silently
+    skipped by ld.so ("cannot be preloaded ... ignored").  The shim's constructor does nothing
+    without its KVMGATE_SHIM channel, and RTLD_LOCAL keeps its ioctl() out of this process."""
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_LOCAL | os.RTLD_NOW)
+    except OSError as e:
+        raise UserError(f"{what} cannot be loaded by uid {os.getuid()}: {e}", path) from None
 
 
 def reload_domain(name: str, domains_dir: str = DOMAINS_DIR, run_dir: str = RUN_DIR) -> int:

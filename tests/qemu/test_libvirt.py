@@ -8,6 +8,8 @@ Skips without libvirt unless KVMGATE_REQUIRE_LIBVIRT=1 (.ci/run sets it)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import uuid
 
 import pytest
@@ -110,3 +112,31 @@ def test_start_fails_when_the_qemu_user_cannot_write_the_audit(domain):
     assert f"{d.audit}: Permission denied" in r.stderr and "QEMU is not started" in r.stderr
     assert "Traceback" not in d.log_text()
     assert d.serial_text() == ""                                  # the guest never ran
+
+
+def test_start_fails_when_the_shim_cannot_be_mapped(domain):
+    """A shim the QEMU user can read but not map (here: on a noexec mount; with AppArmor: a
+    profile without `m`) passes a readability check, and ld.so would skip it silently and run
+    the guest without a policy.  kvmgate-qemu maps it first, so QEMU is not started."""
+    d = domain()
+    mnt = d.dir / "noexec"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=16m,mode=0755", "tmpfs", str(mnt)],
+                       check=False, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a noexec tmpfs here: {r.stderr.strip()}")
+    try:
+        shim = mnt / "shim.so"
+        shutil.copy(d.shim, shim)
+        shim.chmod(0o644)
+        d.emulator.write_text(d.emulator.read_text().replace(f"KVMGATE_SHIM_LIBRARY={d.shim} ",
+                                                             f"KVMGATE_SHIM_LIBRARY={shim} "))
+        d.define([(0xCE, 0, 0)], CONST.format(1))
+        r = virsh("start", d.name, check=False)
+        assert r.returncode != 0
+        assert "cannot be loaded by uid" in r.stderr and "QEMU is not started" in r.stderr
+        assert "cannot be preloaded" not in d.log_text()
+        assert d.serial_text() == ""                              # the guest never ran
+    finally:
+        virsh("destroy", d.name, check=False)
+        subprocess.run(["umount", str(mnt)], check=False)
