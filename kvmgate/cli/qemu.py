@@ -12,7 +12,13 @@ from ..errors import UserError
 
 def main(argv: list[str] | None = None) -> int:
     from ..wrap import Wrap
-    from ..wrap.domain import QEMU, check_loadable, check_readable, domain_name, load_domain
+    from ..wrap.domain import (
+        QEMU,
+        check_loadable,
+        check_readable,
+        domain_name,
+        load_domain,
+    )
     from ..wrap.library import shim_path
     args = sys.argv[1:] if argv is None else list(argv)
     domains = os.environ.get("KVMGATE_DOMAINS", "/etc/kvmgate/domains")   # tests; libvirt clears it
@@ -28,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         check_loadable(str(shim), "the kvmgate shim library")
         check_readable(cfg.policy, "the domain's policy")
         w = Wrap([cfg.qemu, *args], policy=cfg.policy, audit=cfg.audit, mode=cfg.mode)
+        w.announce = {"domain": name}
         pidfile = cfg.pidfile
         try:
             os.makedirs(os.path.dirname(pidfile), exist_ok=True)

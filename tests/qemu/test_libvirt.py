@@ -1,5 +1,5 @@
 """libvirt for real, beyond tests/qemu/test_wrap_libvirt.py: a domain whose name has a comma
-(libvirt passes `-name guest=a,,b`), QEMU's own answer for MSR 0x35 from the domain's
+(libvirt passes `-name guest=a,,b`), the audit's first record saying the shim is active, QEMU's own answer for MSR 0x35 from the domain's
 <topology> kept under a policy that does not name it, a bad policy refused by
 `kvmgate reload DOMAIN` while the guest keeps the old one, and `virsh start` failing for a
 domain that has no kvmgate settings.
@@ -13,7 +13,9 @@ import subprocess
 import uuid
 
 import pytest
+from jsonschema import Draft202012Validator
 
+from kvmgate.schemas import schema
 from kvmgate.wrap import pvhguest
 
 from .libvirt_host import EFER, Domain, needs_libvirt, virsh, wait_for
@@ -57,6 +59,14 @@ def test_comma_name_topology_answer_and_audit(domain):
         assert res[(cpu, 0x40001234, 0)] == (7, 0)
         assert res[(cpu, 0x35, 0)] == (CORE_THREAD_COUNT, 0)
     recs = [json.loads(x) for x in d.audit.read_text().splitlines()]
+    first = recs[0]                                             # the shim said it is active
+    assert (first["event"], first["domain"], first["policy"]) == ("active", d.name, str(d.policy))
+    assert f"active in VMM pid {first['pid']}" in log
+    validator = Draft202012Validator(schema("audit"))
+    for r in recs:
+        validator.validate(r)
+    recs = recs[1:]
+    assert not any("event" in r for r in recs)
     mine = [r for r in recs if r["msr"] == "0x40001234"]
     assert sorted(r["vcpu"] for r in mine) == [0, 1]
     assert {r["action"] for r in mine} == {"constant"} and {r["value"] for r in mine} == {"0x0"}
