@@ -1,7 +1,7 @@
 """`kvmgate-qemu`: a libvirt domain's `<emulator>`.  It execs QEMU with the kvmgate shim and the
 domain's policy (kvmgate.wrap.domain), or refuses to start QEMU with the reason on stderr (the
-domain log, which `virsh start` shows).  libvirt's capability probes (no `-name`) run the real
-QEMU untouched."""
+domain log, which `virsh start` shows).  libvirt's capability probes (no `-name`, `-machine
+none`) run the real QEMU untouched; any other command line without `-name` is refused."""
 from __future__ import annotations
 
 import os
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         check_loadable,
         check_readable,
         domain_name,
+        is_probe,
         load_domain,
     )
     from ..wrap.library import shim_path
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = os.environ.get("KVMGATE_RUN_DIR", "/run/kvmgate")
     name = domain_name(args)
     if name is None:
+        if not is_probe(args):
+            print("kvmgate-qemu: no -name guest=NAME: which domain's policy applies is unknown; "
+                  "QEMU is not started", file=sys.stderr)
+            return 1
         qemu = os.environ.get("KVMGATE_QEMU", QEMU)
         os.execv(qemu, [qemu, *args])
     try:

@@ -59,6 +59,22 @@ def domain_name(argv: list[str]) -> str | None:
     return None
 
 
+INFO_ONLY = {"-version", "--version", "-help", "--help", "-h"}
+
+
+def is_probe(argv: list[str]) -> bool:
+    """A QEMU command line that runs no guest: libvirt's capability probes (`-machine
+    none,accel=...` with `-qmp`) or `-version`/`-help`.  Only these run without a policy;
+    anything else without `-name` is refused (fail closed)."""
+    if argv and all(a in INFO_ONLY for a in argv):
+        return True
+    for i, a in enumerate(argv[:-1]):
+        if a in ("-machine", "--machine", "-M"):
+            parts = split_option(argv[i + 1])
+            return parts[0] in ("none", "type=none") or "type=none" in parts
+    return False
+
+
 @dataclass(frozen=True)
 class DomainConfig:
     name: str
