@@ -142,28 +142,51 @@ def python_for_qemu_user() -> str:
     pytest.fail(f"no Python >= 3.11 that {QEMU_USER} can run")
 
 
-class Domain:
-    """A throwaway domain (unique name) whose <emulator> is kvmgate-qemu, in a directory the
-    QEMU user can read; destroyed and undefined by the fixture whatever happens."""
+class Emulator:
+    """kvmgate-qemu as libvirt sees it: a script in a directory the QEMU user can read, with
+    kvmgate, the shim, the domains' settings and pidfiles.  One per test session: libvirt
+    probes each new <emulator> path (twice) at define time, so domains share it."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self):
         self.dir = d = Path(tempfile.mkdtemp(prefix="kvmgate-libvirt-", dir="/tmp"))
         d.chmod(0o755)
         shutil.copytree(ROOT / "kvmgate", d / "kvmgate", ignore=shutil.ignore_patterns("__pycache__"))
         self.shim = d / "shim.so"
         shutil.copy(shim_path(), self.shim)
         self.shim.chmod(0o644)
-        for sub in ("domains", "run", "log"):
+        for sub in ("domains", "run"):
             (d / sub).mkdir()
             (d / sub).chmod(0o777)
         self.env = {"KVMGATE_DOMAINS": str(d / "domains"), "KVMGATE_RUN_DIR": str(d / "run")}
-        self.emulator = d / "kvmgate-qemu"
-        self.emulator.write_text(
-            "#!/bin/sh\n" + "".join(f"{k}={v} " for k, v in self.env.items()) +
-            f"KVMGATE_SHIM_LIBRARY={self.shim} PYTHONPATH={d} "
-            f'exec {python_for_qemu_user()} -m kvmgate.cli.qemu "$@"\n')
-        self.emulator.chmod(0o755)
+        self.path = d / "kvmgate-qemu"
+        self.write(self.path, self.shim)
+
+    def write(self, path: Path, shim: Path) -> Path:
+        """An emulator script at `path` preloading `shim`."""
+        path.write_text("#!/bin/sh\n" + "".join(f"{k}={v} " for k, v in self.env.items()) +
+                        f"KVMGATE_SHIM_LIBRARY={shim} PYTHONPATH={self.dir} "
+                        f'exec {python_for_qemu_user()} -m kvmgate.cli.qemu "$@"\n')
+        path.chmod(0o755)
+        return path
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Domain:
+    """A throwaway domain (unique name) whose <emulator> is the session's kvmgate-qemu, its
+    guest, policy and logs in its own directory; destroy and undefine it with cleanup()."""
+
+    def __init__(self, name: str, emulator: Emulator):
+        self.name = name
+        self.dir = d = Path(tempfile.mkdtemp(prefix="dom-", dir=emulator.dir))
+        d.chmod(0o755)
+        (d / "log").mkdir()
+        (d / "log").chmod(0o777)
+        self.shim = emulator.shim
+        self.env = emulator.env
+        self.emulator = emulator.path
+        self.settings = emulator.dir / "domains" / f"{name}.toml"
         self.policy = d / "policy.toml"
         self.audit = d / "log" / "audit.jsonl"
         self.serial = d / "log" / "serial.txt"
@@ -176,7 +199,7 @@ class Domain:
         self.policy.write_text(policy_text)
         self.policy.chmod(0o644)
         if settings:
-            (self.dir / "domains" / f"{self.name}.toml").write_text(
+            self.settings.write_text(
                 f'policy = "{self.policy}"\naudit = "{self.audit}"\n')
         xml = self.dir / "dom.xml"
         xml.write_text(f"""<domain type='kvm'>
@@ -216,4 +239,6 @@ class Domain:
         if self.defined:
             virsh("destroy", self.name, check=False)
             virsh("undefine", self.name, check=False)
+        self.shim.chmod(0o644)                      # a test may have taken it from QEMU's user
+        self.settings.unlink(missing_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -29,11 +29,11 @@ pytestmark = needs_libvirt
 
 
 @pytest.fixture
-def domain(libvirt):
+def domain(emulator):
     made = []
 
     def make(suffix: str = "") -> Domain:
-        d = Domain(f"kvmgate-lv-{uuid.uuid4().hex[:8]}{suffix}")
+        d = Domain(f"kvmgate-lv-{uuid.uuid4().hex[:8]}{suffix}", emulator)
         made.append(d)
         return d
     yield make
@@ -124,7 +124,7 @@ def test_start_fails_when_the_qemu_user_cannot_write_the_audit(domain):
     assert d.serial_text() == ""                                  # the guest never ran
 
 
-def test_start_fails_when_the_shim_cannot_be_mapped(domain):
+def test_start_fails_when_the_shim_cannot_be_mapped(domain, emulator):
     """A shim the QEMU user can read but not map (here: on a noexec mount; with AppArmor: a
     profile without `m`) passes a readability check, and ld.so would skip it silently and run
     the guest without a policy.  kvmgate-qemu maps it first, so QEMU is not started."""
@@ -139,8 +139,7 @@ def test_start_fails_when_the_shim_cannot_be_mapped(domain):
         shim = mnt / "shim.so"
         shutil.copy(d.shim, shim)
         shim.chmod(0o644)
-        d.emulator.write_text(d.emulator.read_text().replace(f"KVMGATE_SHIM_LIBRARY={d.shim} ",
-                                                             f"KVMGATE_SHIM_LIBRARY={shim} "))
+        d.emulator = emulator.write(d.dir / "kvmgate-qemu-noexec", shim)
         d.define([(0xCE, 0, 0)], CONST.format(1))
         r = virsh("start", d.name, check=False)
         assert r.returncode != 0

@@ -21,8 +21,8 @@ pytestmark = needs_libvirt
 
 
 @pytest.fixture
-def world(libvirt):
-    d = Domain(f"kvmgate-test-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+def world(emulator):
+    d = Domain(f"kvmgate-test-{os.getpid()}-{uuid.uuid4().hex[:6]}", emulator)
     yield d
     d.cleanup()
 
