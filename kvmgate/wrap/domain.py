@@ -13,6 +13,7 @@ doubled: `guest=a,,b`) and clears the environment; its capability probes (`-mach
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import tomllib
@@ -56,6 +57,22 @@ def domain_name(argv: list[str]) -> str | None:
                     return p[len("guest="):]
             return parts[0] if parts and "=" not in parts[0] else None
     return None
+
+
+INFO_ONLY = {"-version", "--version", "-help", "--help", "-h"}
+
+
+def is_probe(argv: list[str]) -> bool:
+    """A QEMU command line that runs no guest: libvirt's capability probes (`-machine
+    none,accel=...` with `-qmp`) or `-version`/`-help`.  Only these run without a policy;
+    anything else without `-name` is refused (fail closed)."""
+    if argv and all(a in INFO_ONLY for a in argv):
+        return True
+    for i, a in enumerate(argv[:-1]):
+        if a in ("-machine", "--machine", "-M"):
+            parts = split_option(argv[i + 1])
+            return parts[0] in ("none", "type=none") or "type=none" in parts
+    return False
 
 
 @dataclass(frozen=True)
@@ -109,13 +126,44 @@ def check_readable(path: str, what: str) -> None:
         raise UserError(f"{what} is not readable by uid {os.getuid()}", path)
 
 
+def check_keeper(pid: int, pidfile: str) -> None:
+    """The pidfile is written by QEMU's user (libvirt-qemu), and `kvmgate reload` runs as root:
+    signal only a kvmgate-qemu keeper owned by the pidfile's owner, never a process a
+    compromised QEMU named (SIGHUP ends many processes)."""
+    try:
+        owner = os.stat(pidfile).st_uid
+        uid = os.stat(f"/proc/{pid}").st_uid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
+    except FileNotFoundError:
+        raise UserError(f"its kvmgate process {pid} is gone", pidfile) from None
+    if uid != owner or not any(b"kvmgate" in a for a in argv):
+        raise UserError(f"process {pid} is not a kvmgate-qemu process of uid {owner}; not "
+                        "signalled", pidfile)
+
+
+def check_loadable(path: str, what: str) -> None:
+    """Map the library the way ld.so will map it for QEMU: as this user, under this process's
+    LSM profile (libvirt applies the domain's AppArmor/SELinux label to the emulator, i.e. to
+    kvmgate-qemu itself), with exec permission on its file system.  A readable file on a
+    `noexec` mount, or one the profile does not let QEMU map, passes os.access but is silently
+    skipped by ld.so ("cannot be preloaded ... ignored").  The shim's constructor does nothing
+    without its KVMGATE_SHIM channel, and RTLD_LOCAL keeps its ioctl() out of this process."""
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_LOCAL | os.RTLD_NOW)
+    except OSError as e:
+        raise UserError(f"{what} cannot be loaded by uid {os.getuid()}: {e}", path) from None
+
+
 def reload_domain(name: str, domains_dir: str = DOMAINS_DIR, run_dir: str = RUN_DIR) -> int:
-    """SIGHUP to the domain's kvmgate keeper (pidfile); returns its pid."""
+    """SIGHUP to the domain's kvmgate keeper (pidfile, checked by check_keeper); returns its pid."""
     cfg = load_domain(name, domains_dir, run_dir)
     try:
         pid = int(Path(cfg.pidfile).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         raise UserError(f"domain {name!r} is not running under kvmgate (no pidfile)", cfg.pidfile) from None
+    if pid <= 0:
+        raise UserError(f"pid {pid} is not a process", cfg.pidfile)
+    check_keeper(pid, cfg.pidfile)
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:

@@ -116,6 +116,7 @@ class Wrap:
         self.active = threading.Event()
         self.failures: list[str] = []
         self.reloads = {"done": 0, "refused": 0}
+        self.announce: dict | None = None     # set: an audit `event` record when the shim is active
         self._seq = 0
         self._rules = self.compiled.table.rules
         self._replies: dict[int, str] = {}
@@ -235,6 +236,9 @@ class Wrap:
                 if word == "active":
                     print(f"kvmgate: policy {self.compiled.source} active in VMM pid "
                           f"{rest.split()[0]}", file=self.err, flush=True)
+                    if self.announce is not None:         # kvmgate-qemu: the audit's first record
+                        self.audit.event("active", policy=str(self.compiled.source),
+                                         pid=int(rest.split()[0]), **self.announce)
                     self.active.set()
                 elif word in ("reloaded", "refused"):
                     seq, _, why = rest.partition(" ")

@@ -59,7 +59,8 @@ def test_domain_runs_under_its_policy_with_audit(domain):
     assert res[(0, 0xCE, 0)] == (0x99, 0) and res[(1, 0xCE, 0)] == (0x99, 0)
     assert "domain a,b: policy" in err and "active in VMM" in err
     recs = [json.loads(x) for x in audit.read_text().splitlines()]
-    assert sorted(r["vcpu"] for r in recs if r["msr"] == "0xce") == [0, 1]
+    assert recs[0]["event"] == "active"                        # then the decisions
+    assert sorted(r["vcpu"] for r in recs[1:] if r["msr"] == "0xce") == [0, 1]
     assert not (domain["run"] / "a,b.pid").exists()          # the keeper cleaned up
 
 
