@@ -66,12 +66,15 @@ class Regs:
 class VcpuResult:
     """What one vCPU did in a run."""
 
-    def __init__(self, vcpu: int, regs: Regs, gp_faults: list, msr_exits: list, exits: int):
+    def __init__(self, vcpu: int, regs: Regs | None, gp_faults: list, msr_exits: list, exits: int,
+                 msr_exit_count: int | None = None, gp_fault_count: int | None = None):
         self.vcpu = vcpu
-        self.regs = regs
+        self.regs = regs          # None only when the registers could not be read
         self.gp_faults = gp_faults
-        self.msr_exits = msr_exits
+        self.msr_exits = msr_exits    # empty when the Machine has keep_exits=False
         self.exits = exits        # every KVM_RUN return, MSR or not
+        self.msr_exit_count = len(msr_exits) if msr_exit_count is None else msr_exit_count
+        self.gp_fault_count = len(gp_faults) if gp_fault_count is None else gp_fault_count
 
 
 class RunResult:
@@ -85,6 +88,8 @@ class RunResult:
             [f for v in vcpus for f in v.gp_faults]
         self.msr_exits = vcpus[0].msr_exits if len(vcpus) == 1 else \
             [e for v in vcpus for e in v.msr_exits]
+        self.msr_exit_count = sum(v.msr_exit_count for v in vcpus)   # also with keep_exits=False
+        self.gp_fault_count = sum(v.gp_fault_count for v in vcpus)
 
 
 class GuestError(RuntimeError):

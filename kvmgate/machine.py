@@ -65,8 +65,8 @@ def marshal_filter(flt: MsrFilter) -> tuple[u.kvm_msr_filter, list]:
 
 
 class _VcpuState:
-    __slots__ = ("index", "vcpu", "msr_exits", "gp_faults", "exits", "ident", "alive", "error",
-                 "parked")
+    __slots__ = ("index", "vcpu", "msr_exits", "gp_faults", "exits", "msr_count", "gp_count",
+                 "ident", "alive", "error", "parked")
 
     def __init__(self, index: int, vcpu):
         self.index = index
@@ -80,6 +80,8 @@ class _VcpuState:
         self.msr_exits = []
         self.gp_faults = []
         self.exits = 0
+        self.msr_count = 0
+        self.gp_count = 0
         self.error = None
 
 
@@ -88,16 +90,22 @@ class Machine:
 
     Every vCPU starts at the program with its index in RDI and its own stack.  Handlers may be
     called from several vCPU threads at once when vcpus > 1.
+
+    `keep_exits=True` (the default, for short runs and tests) keeps every MsrExit and GpFault of
+    a run in `r.msr_exits` / `r.gp_faults`; `keep_exits=False` keeps only their counts
+    (`r.msr_exit_count`, `r.gp_fault_count`), so a long run's memory stays flat.
     """
 
     def __init__(self, asm: str | bytes = "hlt", *, vcpus: int = 1, mem_size: int = 4 << 20,
-                 cpuid: bool = True, kvm: Kvm | None = None):
+                 cpuid: bool = True, kvm: Kvm | None = None, keep_exits: bool = True):
         if mem_size < guest.DATA + 0x100000 + vcpus * guest.STACK_SIZE:
             raise ValueError(f"mem_size {mem_size:#x} too small")
         if not 1 <= vcpus <= 64:
             raise ValueError(f"vcpus={vcpus}: 1..64")
         program = asm if isinstance(asm, (bytes, bytearray)) else assemble(asm, guest.CODE)
         self._own_kvm = kvm is None
+        self.keep_exits = keep_exits
+        self.last_result: RunResult | None = None
         self.kvm = kvm or Kvm()
         self.vm = None
         self._mem = None
@@ -133,7 +141,9 @@ class Machine:
         self._park = threading.Condition(self._lock)
         self._pause_req = False
         self._pause_gen = 0
+        self._quiesce_lock = threading.RLock()   # one quiescer at a time (a swap is whole)
         self._running = False
+        self._ran = False         # a run has started since construction (for wait_running)
         self.policy = None
         self.state: dict = {}     # per-VM state of higher layers (e.g. emulated MSR registers)
         self.kick_hook: Callable[[int], None] | None = None   # fn(vcpu index) after a kick
@@ -149,6 +159,7 @@ class Machine:
                 pass
         if self._states and getattr(self, "_running", False):
             self.stop()
+            self._wait_threads_gone()
         for st in self._states:
             st.vcpu.close()
         self._states = []
@@ -162,6 +173,18 @@ class Machine:
         if self._own_kvm and self.kvm is not None:
             self.kvm.close()
             self.kvm = None
+
+    def _wait_threads_gone(self, timeout: float = 10.0) -> None:
+        """After stop(): wait until no vCPU thread but the caller's runs, so no fd or mapping
+        is closed under a thread still in KVM_RUN."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        with self._park:
+            while any(st.alive and st.ident != me for st in self._states):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._park.wait(left)
 
     def __enter__(self):
         return self
@@ -191,12 +214,13 @@ class Machine:
         self._gp_handler = fn
         return fn
 
-    def on_port(self, port: int) -> Callable:
-        """Decorator: fn(machine, value) for guest OUT to `port` (its return value answers IN)."""
+    def on_port(self, port: int, fn: Callable | None = None) -> Callable:
+        """fn(machine, value) for guest OUT to `port` (its return value answers IN):
+        `m.on_port(0x80, fn)`, or as a decorator `@m.on_port(0x80)`."""
         def register(fn):
             self._port_handlers[port] = fn
             return fn
-        return register
+        return register if fn is None else register(fn)
 
     def enable_user_space_msr(self, mask: int) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): which failure reasons exit to user space."""
@@ -243,6 +267,7 @@ class Machine:
             if self._running:
                 raise RuntimeError("this Machine is already running")
             self._running = True
+            self._ran = True
         self._stop = self._timed_out = False
         started = time.monotonic()
         timer = None
@@ -263,7 +288,10 @@ class Machine:
         finally:
             if timer is not None:
                 timer.cancel()
-            self._running = False
+            with self._park:
+                self._running = False
+                self._park.notify_all()
+        result = self.last_result = self._result(time.monotonic() - started)
         for st in self._states:
             if st.error is not None:
                 raise st.error
@@ -271,9 +299,35 @@ class Machine:
             raise TimeoutError(f"guest did not halt within {timeout} s")
         if self._stop:
             raise Stopped("run stopped by Machine.stop() or close() before every vCPU halted")
-        return RunResult([VcpuResult(st.index, Regs(st.vcpu.get_regs()), st.gp_faults,
-                                     st.msr_exits, st.exits) for st in self._states],
-                         time.monotonic() - started)
+        return result
+
+    def _result(self, seconds: float) -> RunResult:
+        """What every vCPU did in the run that just ended (also kept as `last_result`, so a run
+        that ends with an exception still has its counts)."""
+        out = []
+        for st in self._states:
+            try:
+                regs = Regs(st.vcpu.get_regs())
+            except KvmError:
+                regs = None
+            out.append(VcpuResult(st.index, regs, st.gp_faults, st.msr_exits, st.exits,
+                                  st.msr_count, st.gp_count))
+        return RunResult(out, seconds)
+
+    def wait_running(self, timeout: float | None = None) -> bool:
+        """Block until every vCPU thread of a run has started (True), or no run is in progress
+        any more or `timeout` passed (False).  For supervisors that must know the guest runs."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._park:
+            while True:
+                if self._running and self._states and all(st.alive for st in self._states):
+                    return True
+                if not self._running and self._ran:
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._park.wait(left)
 
     def stop(self) -> None:
         """Ask every vCPU to stop (immediate_exit, then a signal to its thread); returns at once."""
@@ -346,11 +400,37 @@ class Machine:
 
     @contextlib.contextmanager
     def quiesced(self, timeout: float = 10.0):
-        """Hold every vCPU except the caller's outside KVM_RUN for the duration of the block."""
+        """Hold every vCPU except the caller's outside KVM_RUN for the duration of the block.
+
+        One quiescer at a time (a reload thread and an introspection thread may both swap): a
+        vCPU thread waiting for its turn counts as parked meanwhile."""
+        mine = self._current_state()
+        if not self._quiesce_lock.acquire(blocking=False):
+            if mine is None:
+                self._quiesce_lock.acquire()
+            else:
+                with self.blocked(mine.index):
+                    self._quiesce_lock.acquire()
+        try:
+            with self._pause_others(timeout):
+                yield
+        finally:
+            self._quiesce_lock.release()
+
+    def _current_state(self) -> _VcpuState | None:
+        me = threading.get_ident()
+        with self._lock:
+            for st in self._states:
+                if st.alive and st.ident == me:
+                    return st
+        return None
+
+    @contextlib.contextmanager
+    def _pause_others(self, timeout: float):
         me = threading.get_ident()
         with self._lock:
             others = [st for st in self._states if st.alive and st.ident != me]
-            if not others:
+            if not others or self._pause_req:      # none, or the caller's own pause is on
                 yield
                 return
             self._pause_req = True
@@ -468,9 +548,10 @@ class Machine:
         st.reset()
 
     def _thread_main(self, st: _VcpuState) -> None:
-        with self._lock:
+        with self._park:
             st.ident = threading.get_ident()
             st.alive = True
+            self._park.notify_all()
         try:
             self._loop(st)
         except BaseException as e:  # noqa: BLE001 - carried to run()'s caller
@@ -486,9 +567,9 @@ class Machine:
         vcpu = st.vcpu
         run32, run64, runb = vcpu.run32, vcpu.run64, vcpu.run_bytes
         fd = vcpu.fd
-        append = st.msr_exits.append
+        append = st.msr_exits.append if self.keep_exits else None
         vid = st.index
-        n = 0
+        n = m = 0
         try:
             while True:
                 try:
@@ -508,9 +589,11 @@ class Machine:
                 n += 1
                 reason = run32[2]
                 if reason == _RDMSR or reason == _WRMSR:
+                    m += 1
                     is_write = reason == _WRMSR
                     ex = MsrExit(run32[11], is_write, run64[6], run32[10], vid)
-                    append(ex)
+                    if append is not None:
+                        append(ex)
                     handler = self._msr_handler
                     if handler is None:
                         ex.reply = "gp"
@@ -536,12 +619,15 @@ class Machine:
                     raise self._unexpected_exit(st, reason)
         finally:
             st.exits = n
+            st.msr_count = m
 
     def _port_exit(self, st: _VcpuState, port: int) -> None:
         if port == guest.GP_PORT:
             regs = st.vcpu.get_regs()
             fault = GpFault(regs.rax, regs.rcx & U32, st.index)
-            st.gp_faults.append(fault)
+            st.gp_count += 1
+            if self.keep_exits:
+                st.gp_faults.append(fault)
             if self._gp_handler is not None:
                 self._gp_handler(fault)
             return

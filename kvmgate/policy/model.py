@@ -51,6 +51,7 @@ class Policy:
     host_ignore_msrs: str = "error"  # reliance on UNKNOWN exits under kvm.ignore_msrs=Y: error|warn
     audit_rate: float = 20.0        # audit records per second per MSR and direction
     audit_burst: int = 20
+    audit_failure: str = "stop"     # a failed audit write: stop the guest | warn and go on
     source: str = "<policy>"
 
     def bind(self, machine, audit=None):

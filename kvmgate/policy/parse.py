@@ -12,7 +12,8 @@ from .model import ACCESS_WORDS, ACTIONS, FAILURE_ACTIONS, FailureRule, Policy, 
 
 U64 = (1 << 64) - 1
 TOP_KEYS = {"policy", "rule", "unknown", "invalid"}
-POLICY_KEYS = {"name", "default", "log", "x2apic", "host_ignore_msrs", "audit_rate", "audit_burst"}
+POLICY_KEYS = {"name", "default", "log", "x2apic", "host_ignore_msrs", "audit_rate", "audit_burst",
+               "audit_failure"}
 RULE_KEYS = {"msr", "msrs", "range", "access", "action", "log", "value", "writes", "initial",
              "write_mask", "allowed", "comment"}
 FAILURE_KEYS = {"action", "log"}
@@ -75,6 +76,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError("must be a positive number of records per second",
                           L.where(L.key(hl, "audit_rate"), "policy.audit_rate"))
     burst = _int(head.get("audit_burst", 20), 1, 1 << 20, L, L.key(hl, "audit_burst"), "policy.audit_burst")
+    audit_failure = _choice(head.get("audit_failure", "stop"), ("stop", "warn"), L,
+                            L.key(hl, "audit_failure"), "policy.audit_failure")
     name = head.get("name", Path(source).stem)
     if not isinstance(name, str):
         raise PolicyError("must be a string", L.where(L.key(hl, "name"), "policy.name"))
@@ -89,7 +92,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                   unknown=_failure(doc.get("unknown", {}), "unknown", L),
                   invalid=_failure(doc.get("invalid", {}), "invalid", L),
                   x2apic=x2apic, host_ignore_msrs=him, audit_rate=float(rate), audit_burst=burst,
-                  source=source)
+                  audit_failure=audit_failure, source=source)
 
 
 def _failure(d, name: str, L: _Lines) -> FailureRule:

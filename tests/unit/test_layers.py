@@ -8,7 +8,7 @@ LAYERS = [
     {"kvm", "asm", "hostinfo"},                                # fds and ioctls; the assembler
     {"msr"},                                                   # the pure MSR model
     {"guest", "exits", "machine"},                             # guests and the exit loop
-    {"policy", "audit", "probe", "trace", "introspection", "learn", "demo"},
+    {"policy", "audit", "probe", "trace", "introspection", "learn", "demo", "supervise"},
     {"cli", "bench", "__main__", "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
