@@ -13,7 +13,7 @@ SIGNAL_EXIT = 128
 def cmd_run(a) -> int:
     from ..audit import AuditFailure, AuditLog
     from ..exits import Stopped
-    from ..machine import Machine
+    from ..vm import Machine
     from ..policy import load_policy
     from ..guest import load_guest
     from ..supervise import Supervisor

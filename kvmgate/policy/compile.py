@@ -10,6 +10,7 @@ from ..msr import names
 from ..msr.model import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
                          EXIT_REASON_UNKNOWN, MAX_NMSRS, MAX_RANGES, READ, WRITE, X2APIC_FIRST,
                          X2APIC_LAST, KernelMsr, MsrFilter, MsrRange, outcome, windows)
+from ..vm import PolicyBinding
 from .model import FailureRule, Policy, Rule
 
 U64 = (1 << 64) - 1
@@ -43,12 +44,12 @@ class CompiledPolicy:
     invalid: Action | None              # INVAL exits
     warnings: list[str] = field(default_factory=list)
 
-    def bind(self, machine, audit=None):
-        """What Machine.set_policy installs: (filter, exit mask, handler, self).  Emulated
-        registers live in machine.state, so they carry over policy swaps."""
+    def bind(self, machine, audit=None, carry=None):
+        """What Machine.set_policy installs (vm.PolicyBinding).  `carry` is the emulated
+        registers of the policy installed before (so they carry over policy swaps)."""
         from .handlers import Registers, make_handler
-        regs = machine.state.setdefault("policy.registers", Registers())
-        return self.filter, self.exit_mask, make_handler(self, machine, audit, regs), self
+        regs = carry if isinstance(carry, Registers) else Registers()
+        return PolicyBinding(self.filter, self.exit_mask, make_handler(self, audit, regs), self, regs)
 
     def action_for(self, index: int, write: bool, reason: int) -> Action | None:
         """The user-space action for an exit; None means #GP without a record."""

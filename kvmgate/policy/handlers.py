@@ -8,7 +8,7 @@ from ..errors import InjectGP
 from ..msr.model import EXIT_REASON_FILTER, EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN
 from .compile import Action, CompiledPolicy
 
-M64 = (1 << 64) - 1
+from ..uapi import U64 as M64
 
 
 class Registers:
@@ -19,7 +19,7 @@ class Registers:
         self.lock = threading.Lock()
 
 
-def perform(act: Action, exit, regs: Registers, machine) -> tuple[object, str]:
+def perform(act: Action, exit, regs: Registers) -> tuple[object, str]:
     """Carry out one action: (reply for the exit path, result text for the audit log)."""
     kind, write = act.kind, exit.is_write
     if kind == "deny":
@@ -41,14 +41,14 @@ def perform(act: Action, exit, regs: Registers, machine) -> tuple[object, str]:
             regs.values[exit.index] = new
             return None, "written"
     if kind == "forward":    # allow + log: carried out host-initiated, so it can be recorded
-        done = machine.vcpus[exit.vcpu].host_msr_access(exit.index, write, exit.data)
+        done = exit.host_access()
         if done is None:
             return InjectGP, "#GP"
         return (None, "written") if write else (done, f"read {done:#x}")
     return InjectGP, "#GP"
 
 
-def make_handler(cp: CompiledPolicy, machine, audit=None, regs: Registers | None = None):
+def make_handler(cp: CompiledPolicy, audit=None, regs: Registers | None = None):
     """on_msr handler for `cp`; `regs` carries emulated registers across policy swaps."""
     actions_get = cp.actions.get
     default, unknown, invalid = cp.default_action, cp.unknown, cp.invalid
@@ -68,10 +68,10 @@ def make_handler(cp: CompiledPolicy, machine, audit=None, regs: Registers | None
             act = None
         if act is None:
             return InjectGP
-        reply, result = perform(act, exit, regs, machine)
+        reply, result = perform(act, exit, regs)
         if act.log and record is not None:
             try:
-                rip = machine.vcpus[exit.vcpu].get_regs().rip
+                rip = exit.regs().rip
             except Exception:
                 rip = None
             record(vcpu=exit.vcpu, rip=rip, index=exit.index, write=exit.is_write, value=exit.data,

@@ -54,8 +54,8 @@ class Policy:
     audit_failure: str = "stop"     # a failed audit write: stop the guest | warn and go on
     source: str = "<policy>"
 
-    def bind(self, machine, audit=None):
+    def bind(self, machine, audit=None, carry=None):
         """Compile (against this host's kvm.ignore_msrs) and bind: see CompiledPolicy.bind."""
         from ..hostinfo import ignore_msrs
         from .compile import compile_policy
-        return compile_policy(self, ignore_msrs()).bind(machine, audit)
+        return compile_policy(self, ignore_msrs()).bind(machine, audit, carry)

@@ -5,9 +5,9 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "kvmgate"
 LAYERS = [
     {"uapi", "errors", "report"},                              # ABI facts, errors, table output
-    {"kvm", "asm", "hostinfo"},                                # fds and ioctls; the assembler
+    {"kvm", "vcpu_exit", "asm", "hostinfo"},                   # fds, ioctls, decoded exits; the assembler
     {"msr"},                                                   # the pure MSR model
-    {"guest", "exits", "machine"},                             # guests and the exit loop
+    {"guest", "exits", "vm", "machine"},                       # guests, the machine and its exit loop
     {"policy", "audit", "probe", "trace", "introspection", "learn", "demo", "supervise"},
     {"cli", "bench", "__main__", "__init__"},
 ]
