@@ -28,6 +28,7 @@ import struct
 import threading
 from typing import Callable, NamedTuple
 
+from ..uapi import U64
 from . import ids
 from .backend import Backend
 from .ids import CONTINUE, Action
@@ -48,7 +49,6 @@ SUPPORTED_VM_EVENTS = frozenset({ids.VM_EVENT_UNHOOK})
 SUPPORTED_VCPU_EVENTS = frozenset({ids.VCPU_EVENT_PAUSE, ids.VCPU_EVENT_MSR})
 SUPPORTED_EVENTS = SUPPORTED_VM_EVENTS | SUPPORTED_VCPU_EVENTS
 KVM_CODES = frozenset(ids.ERROR_NAMES)
-U64 = (1 << 64) - 1
 _ACTIONS = tuple(Action)
 
 EINVAL, EPERM, ENOENT = -ids.KVM_EINVAL, -ids.KVM_EPERM, -ids.KVM_ENOENT

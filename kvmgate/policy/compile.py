@@ -10,10 +10,10 @@ from ..msr import names
 from ..msr.model import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
                          EXIT_REASON_UNKNOWN, MAX_NMSRS, MAX_RANGES, READ, WRITE, X2APIC_FIRST,
                          X2APIC_LAST, KernelMsr, MsrFilter, MsrRange, outcome, windows)
+from ..uapi import U64
 from ..vm import PolicyBinding
 from .model import FailureRule, Policy, Rule
 
-U64 = (1 << 64) - 1
 
 
 class PolicyWarning(UserWarning):

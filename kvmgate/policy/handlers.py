@@ -6,9 +6,8 @@ import threading
 
 from ..errors import InjectGP
 from ..msr.model import EXIT_REASON_FILTER, EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN
-from .compile import Action, CompiledPolicy
-
 from ..uapi import U64 as M64
+from .compile import Action, CompiledPolicy
 
 
 class Registers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..msr.model import READ, WRITE
+from ..uapi import U64
 
 ACTIONS = ("allow", "deny", "ignore", "constant", "emulate")
 FAILURE_ACTIONS = ("gp", "ignore")          # what [unknown] / [invalid] may do
@@ -22,7 +23,7 @@ class Rule:
     value: int = 0                  # constant: the value reads return
     writes: str = "ignore"          # constant: "ignore" (drop) or "gp"
     initial: int = 0                # emulate: initial register value
-    write_mask: int = (1 << 64) - 1  # emulate: bits the guest may change
+    write_mask: int = U64           # emulate: bits the guest may change
     allowed: tuple[int, ...] | None = None  # emulate: the only values the guest may write
     label: str = ""                 # how the rule named its MSRs
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from ..errors import PolicyError
 from ..msr import names
-from ..msr.model import U32
+from ..uapi import U32, U64
 from .model import ACCESS_WORDS, ACTIONS, FAILURE_ACTIONS, FailureRule, Policy, Rule
 
-U64 = (1 << 64) - 1
 TOP_KEYS = {"policy", "rule", "unknown", "invalid"}
 POLICY_KEYS = {"name", "default", "log", "x2apic", "host_ignore_msrs", "audit_rate", "audit_burst",
                "audit_failure"}

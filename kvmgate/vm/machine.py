@@ -230,9 +230,10 @@ class Machine(Extensions, VcpuControl):
                 timer.cancel()
                 if timer.is_alive():
                     timer.join()
-            threads.end()
-        result = self.last_result = self._result(time.monotonic() - started)
-        for st in threads.states:
+            states = list(threads.states)
+            result = self.last_result = self._result(time.monotonic() - started)
+            threads.end()                 # close() from another thread waits for this
+        for st in states:
             if st.error is not None:
                 raise st.error
         if self._timed_out:

@@ -140,11 +140,14 @@ class VcpuThreads:
                 self._park.wait(left)
 
     def wait_gone(self, timeout: float = 10.0) -> None:
-        """Until no vCPU thread but the caller's runs (so nothing is closed under KVM_RUN)."""
+        """Until the run is over (when the caller is not one of its vCPU threads) and no vCPU
+        thread but the caller's runs, so nothing is closed under KVM_RUN or under run()."""
         me = threading.get_ident()
         deadline = time.monotonic() + timeout
         with self._park:
-            while any(st.alive and st.ident != me for st in self.states):
+            inside = any(st.alive and st.ident == me for st in self.states)
+            while (self.running and not inside) or \
+                    any(st.alive and st.ident != me for st in self.states):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return

@@ -256,3 +256,33 @@ def test_info_reports_capabilities_and_ignore_msrs():
     assert out["api_version"] == 12
     assert out["KVM_CAP_X86_USER_SPACE_MSR"] == 1 and out["KVM_CAP_X86_MSR_FILTER"] == 1
     assert out["ignore_msrs"] in (True, False, None)
+
+
+@pytest.mark.kvm
+def test_sigusr1_reopens_the_audit_log_for_logrotate(tmp_path):
+    pol = tmp_path / "p.toml"
+    pol.write_text("[policy]\ndefault='allow'\naudit_rate=1e12\naudit_burst=1000000\n"
+                   "[[rule]]\nmsr=0x1a0\naccess='read'\naction='deny'\nlog=true\n")
+    guest = tmp_path / "g.S"
+    guest.write_text("again:\nmov ecx, 0x1a0\nrdmsr\njmp again\n")
+    audit, rotated = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl.1"
+    with Child("--policy", str(pol), str(guest), "--audit", str(audit), "--timeout", "120") as c:
+        c.wait_line(READY)
+        wait_for(lambda: audit.exists() and audit.stat().st_size > 0, "audit records")
+        audit.rename(rotated)                          # what logrotate does, then postrotate:
+        c.p.send_signal(signal.SIGUSR1)
+        assert str(audit) in c.wait_line("audit log reopened")
+        wait_for(lambda: audit.exists() and audit.stat().st_size > 0, "records in the new file")
+        c.p.send_signal(signal.SIGTERM)
+        rc, out, err = c.finish()
+    assert rc == 143 and "Traceback" not in err, err
+    for f in (rotated, audit):
+        recs = [json.loads(line) for line in f.read_text().splitlines()]
+        assert recs and all(r["schema"] == 1 and r["msr"] == "0x1a0" for r in recs)
+
+
+def test_audit_failure_must_be_stop_or_warn(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text("[policy]\ndefault = 'allow'\naudit_failure = 'ignore'\n")
+    r = kvmgate("policy", "check", str(f))
+    assert r.returncode == 2 and "p.toml:3" in r.stderr and "audit_failure" in r.stderr
