@@ -105,11 +105,17 @@ class VcpuThreads:
             self._park.notify_all()
 
     def enter(self, st: VcpuState) -> None:
-        """On the vCPU's own thread, before its first KVM_RUN."""
+        """On the vCPU's own thread, before its first KVM_RUN.  A vCPU that starts while a
+        pause is on parks first: the quiescer did not count it, and it must not run half a
+        swap (one policy's filter with the other's handlers)."""
         with self._park:
             st.ident = threading.get_ident()
             st.alive = True
             self._park.notify_all()
+            if self._pause_req:
+                st.parked = True
+                self._await_pause_end()
+                st.parked = False
 
     def leave(self, st: VcpuState) -> None:
         with self._park:
@@ -226,12 +232,14 @@ class VcpuThreads:
     def _pause_others(self, timeout: float):
         me = threading.get_ident()
         with self._lock:
-            others = [st for st in self.states if st.alive and st.ident != me]
-            if not others or self._pause_req:      # none, or the caller's own pause is on
-                yield
-                return
-            self._pause_req = True
-            self._pause_gen += 1
+            nested = self._pause_req               # the caller's own pause is on (RLock)
+            if not nested:
+                others = [st for st in self.states if st.alive and st.ident != me]
+                self._pause_req = True             # also holds vCPUs that start meanwhile
+                self._pause_gen += 1
+        if nested:
+            yield
+            return
         try:
             for st in others:
                 self.kick(st)

@@ -183,3 +183,38 @@ def test_stop_or_close_while_running_stops_and_releases(how):
         assert not t.is_alive() and [type(e) for e in errors] == [Stopped], errors
         m.close()
         assert m.vm is None and m.vcpus == []
+
+
+def test_a_vcpu_that_starts_during_a_swap_waits_for_its_end():
+    """A swap in progress when run() starts its vCPU threads: they must not run half of it
+    (B's filter with A's handler would #GP the read of 0x10)."""
+    a, b = (compile_policy(parse_policy(t)) for t in (POLICY_A, POLICY_B))
+    swapping, release, faulted = threading.Event(), threading.Event(), threading.Event()
+    guest = "mov ecx, 0x10\nrdmsr\nmov r8, rax\nhlt"
+    with Machine(guest, vcpus=2) as m:
+        m.set_policy(a)
+        m.on_gp(lambda f: faulted.set())
+        out = {}
+
+        def swap_by_halves():
+            with m.quiesced():
+                m.set_msr_filter(b.filter)             # B's filter, A's handler still
+                swapping.set()
+                release.wait(60)
+                m.set_policy(b)                        # nested: completes the swap
+
+        def run():
+            out["r"] = m.run(timeout=60)
+
+        s = threading.Thread(target=swap_by_halves)
+        s.start()
+        assert swapping.wait(30)
+        t = threading.Thread(target=run)
+        t.start()
+        assert m.wait_running(30)       # both vCPU threads started (False: they ran to HLT)
+        assert not faulted.wait(0.5)                   # parked, not running into the half swap
+        release.set()
+        s.join(30)
+        t.join(30)
+    r = out["r"]
+    assert r.gp_faults == [] and [v.regs.r8 for v in r.vcpus] == [0xB1, 0xB1]
