@@ -115,6 +115,13 @@ class AuditLog:
             self.unlogged[row] += 1
             return False
 
+    def configure(self, rate: float, burst: int, on_failure: str) -> None:
+        """New rate, burst and failure mode (a reloaded policy's); counters and buckets stay."""
+        if on_failure not in FAILURE_MODES:
+            raise ValueError(f"on_failure={on_failure!r}: one of {FAILURE_MODES}")
+        with self._lock:
+            self.rate, self.burst, self.on_failure = rate, burst, on_failure
+
     def count(self, index: int, write: bool, action: str, result: str) -> None:
         """Count a decision that is not logged (it still shows in the summary)."""
         with self._lock:

@@ -4,7 +4,8 @@ The Python handlers of SIGHUP, SIGINT, SIGTERM and SIGUSR1 do nothing; CPython's
 handler writes each signal's number to a pipe (`signal.set_wakeup_fd`), whichever thread the
 kernel delivered it to.  One ordinary thread reads that pipe and acts:
 
-* SIGHUP: load, compile and swap the policy file (`Machine.set_policy`).  Any failure is
+* SIGHUP: load, compile and swap the policy file (`Machine.set_policy`; the audit log takes
+  its audit_rate, audit_burst and audit_failure).  Any failure is
   reported as ``reload refused: <why>`` and the old policy stays; the guest keeps running.
   Signals that arrive during a reload coalesce into one more reload.
 * SIGINT / SIGTERM: `Machine.stop()`; the caller then ends the run the same clean way for
@@ -131,7 +132,10 @@ class Supervisor:
         if self.policy_path is None or self.load is None:
             return False
         try:
-            self.machine.set_policy(self.load(self.policy_path), self.audit)
+            policy = self.load(self.policy_path)
+            self.machine.set_policy(policy, self.audit)
+            if self.audit is not None and hasattr(policy, "audit_failure"):
+                self.audit.configure(policy.audit_rate, policy.audit_burst, policy.audit_failure)
         except Exception as e:   # noqa: BLE001 - whatever a bad file causes, the guest goes on
             self.refused += 1
             why = str(e) or type(e).__name__
