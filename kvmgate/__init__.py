@@ -1,7 +1,7 @@
 """kvmgate: put a VM's MSR accesses under its owner's control, on real Linux KVM."""
 from .errors import FilterError, InjectGP, KvmError, PolicyError, UserError
 from .exits import GpFault, GuestError, MsrExit, RunResult, Stopped
-from .machine import Machine
+from .vm import Machine
 from .msr.model import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
                         EXIT_REASON_UNKNOWN, READ, WRITE, MsrFilter, MsrRange)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from . import guest
 from .asm import assemble
 from .errors import InjectGP
-from .machine import Machine
+from .vm import Machine
 from .msr.model import EXIT_REASON_VALID_MASK, WRITE, MsrFilter, MsrRange, reason_name
 
 

@@ -4,29 +4,43 @@ from __future__ import annotations
 from . import uapi as u
 from .msr.model import reason_name
 
-EXIT_NAMES = {getattr(u, n): n for n in dir(u) if n.startswith("KVM_EXIT_")
-              and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
-
-
 def exit_name(reason) -> str:
     """KVM_EXIT_* name of an exit reason, e.g. 'KVM_EXIT_HLT'; unknown values are shown raw."""
     try:
-        return EXIT_NAMES.get(reason) or f"KVM_EXIT_{int(reason)}(unknown)"
+        return u.ExitReason(reason).name
+    except Exception:
+        pass
+    try:
+        return f"KVM_EXIT_{int(reason)}(unknown)"
     except Exception:
         return f"exit({reason!r})"
 
 
 class MsrExit:
-    """One KVM_EXIT_X86_RDMSR/WRMSR: what the guest asked for and what user space answered."""
-    __slots__ = ("index", "is_write", "data", "reason", "vcpu", "reply")
+    """One KVM_EXIT_X86_RDMSR/WRMSR as a handler sees it: what the guest asked for, what user
+    space answered, and the vCPU it came from (its registers on demand, a host-initiated
+    access), so a handler never reaches into the machine's vCPU list."""
+    __slots__ = ("index", "is_write", "data", "reason", "vcpu", "reply", "_cpu")
 
-    def __init__(self, index, is_write, data, reason, vcpu=0, reply=None):
+    def __init__(self, index, is_write, data, reason, vcpu=0, reply=None, cpu=None):
         self.index = index
         self.is_write = is_write
         self.data = data          # value written (0 for reads)
         self.reason = reason      # KVM_MSR_EXIT_REASON_*
-        self.vcpu = vcpu
+        self.vcpu = vcpu          # the vCPU's index
         self.reply = reply        # value returned to a read, "gp" or None (write completed)
+        self._cpu = cpu           # the kvm.Vcpu (None for exits made by hand)
+
+    def regs(self):
+        """The vCPU's registers now (KVM_GET_REGS; `.rip` is the RDMSR/WRMSR's)."""
+        return self._cpu.get_regs()
+
+    def host_access(self, value: int | None = None) -> int | None:
+        """Carry this access out host-initiated (KVM_GET_MSRS / KVM_SET_MSRS, which KVM checks
+        less strictly than the guest's own): the value read or written, None if KVM refused.
+        A write stores `value` (default: the guest's)."""
+        return self._cpu.host_msr_access(self.index, self.is_write,
+                                         self.data if value is None else value)
 
     def __repr__(self) -> str:
         try:
@@ -66,12 +80,15 @@ class Regs:
 class VcpuResult:
     """What one vCPU did in a run."""
 
-    def __init__(self, vcpu: int, regs: Regs, gp_faults: list, msr_exits: list, exits: int):
+    def __init__(self, vcpu: int, regs: Regs | None, gp_faults: list, msr_exits: list, exits: int,
+                 msr_exit_count: int | None = None, gp_fault_count: int | None = None):
         self.vcpu = vcpu
-        self.regs = regs
+        self.regs = regs          # None only when the registers could not be read
         self.gp_faults = gp_faults
-        self.msr_exits = msr_exits
+        self.msr_exits = msr_exits    # empty when the Machine has keep_exits=False
         self.exits = exits        # every KVM_RUN return, MSR or not
+        self.msr_exit_count = len(msr_exits) if msr_exit_count is None else msr_exit_count
+        self.gp_fault_count = len(gp_faults) if gp_fault_count is None else gp_fault_count
 
 
 class RunResult:
@@ -85,6 +102,8 @@ class RunResult:
             [f for v in vcpus for f in v.gp_faults]
         self.msr_exits = vcpus[0].msr_exits if len(vcpus) == 1 else \
             [e for v in vcpus for e in v.msr_exits]
+        self.msr_exit_count = sum(v.msr_exit_count for v in vcpus)   # also with keep_exits=False
+        self.gp_fault_count = sum(v.gp_fault_count for v in vcpus)
 
 
 class GuestError(RuntimeError):

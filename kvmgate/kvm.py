@@ -14,6 +14,7 @@ from typing import Iterable
 
 from . import uapi as u
 from .errors import KvmError  # noqa: F401  (re-exported: kvm.KvmError)
+from .vcpu_exit import INTERRUPTED, Exit, ExitDecoder
 
 _IOCTL_NAMES = {getattr(u, n): n for n in (
     "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION",
@@ -187,8 +188,8 @@ class Vm(_Fd):
 class Vcpu(_Fd):
     """A vCPU fd and its mmap'd kvm_run area (vCPU ioctls).
 
-    `run32`/`run64` are word views of kvm_run for the hot exit path; `run_struct()` copies it
-    into a ctypes struct kvm_run for the rare exits worth decoding in full.
+    `run()` is KVM_RUN returning the decoded exit (kvmgate.vcpu_exit); `run_struct()` copies
+    kvm_run into a ctypes struct kvm_run.
     """
 
     def __init__(self, vm: Vm, vcpu_id: int, fd: int):
@@ -202,9 +203,8 @@ class Vcpu(_Fd):
             self.close()
             raise KvmError(e.errno, "mmap", self) from None
         self.run_addr = C.addressof(C.c_char.from_buffer(self._mm))
-        self.run_bytes = memoryview(self._mm)
-        self.run32 = self.run_bytes.cast("I")
-        self.run64 = self.run_bytes.cast("Q")
+        self._run_view = memoryview(self._mm)
+        self.exits = ExitDecoder(self._run_view)
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} fd={self.fd}>"
@@ -212,25 +212,33 @@ class Vcpu(_Fd):
     def close(self) -> None:
         mm = getattr(self, "_mm", None)
         if mm is not None:
-            for v in (self.run32, self.run64, self.run_bytes):
-                v.release()
+            self.exits.release()
+            self._run_view.release()
             self._mm = None
             mm.close()
         super().close()
 
+    def run(self) -> Exit:
+        """KVM_RUN, then the exit it left in kvm_run (vcpu_exit.Rdmsr, Wrmsr, PortIo, Hlt,
+        Other), or vcpu_exit.INTERRUPTED for -EINTR (immediate_exit or a signal).
+
+        The hot path: ioctl(2) with no argument (an int third argument makes CPython try the
+        buffer protocols first, several times slower), no allocation for the reused exits."""
+        try:
+            _ioctl(self.fd, _KVM_RUN)
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return INTERRUPTED
+            raise KvmError(e.errno, "KVM_RUN", self) from None
+        return self.exits.decode()
+
+    def set_immediate_exit(self, on: bool = True) -> None:
+        """kvm_run.immediate_exit (KVM_CAP_IMMEDIATE_EXIT): KVM_RUN returns -EINTR at once."""
+        self.exits.set_immediate_exit(on)
+
     def run_struct(self) -> u.kvm_run:
         """A copy of the kvm_run area as struct kvm_run."""
         return u.kvm_run.from_buffer_copy(self._mm)
-
-    def kvm_run(self) -> int:
-        """KVM_RUN; returns 0, or -EINTR when interrupted (immediate_exit or a signal): an
-        outcome, not an error."""
-        try:
-            return ioctl(self.fd, _KVM_RUN, 0, self)
-        except KvmError as e:
-            if e.errno == errno.EINTR:
-                return -errno.EINTR
-            raise
 
     def get_regs(self) -> u.kvm_regs:
         regs = u.kvm_regs()

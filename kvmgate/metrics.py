@@ -76,6 +76,21 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RunCollector(audit, exits, self.reloads))
         self._server = None
+        self._writer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def write_every(self, path: str, seconds: float) -> None:
+        """Write the textfile now and then every `seconds` until close() (a daemon thread)."""
+        def loop():
+            while True:
+                try:
+                    self.write_textfile(path)
+                except OSError:
+                    pass                     # the next round, or close(), tries again
+                if self._stop.wait(seconds):
+                    return
+        self._writer = threading.Thread(target=loop, name="kvmgate-metrics", daemon=True)
+        self._writer.start()
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve /metrics on addr:port (port 0: any free port); returns the port."""
@@ -87,6 +102,10 @@ class Metrics:
         write_to_textfile(path, self.registry)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

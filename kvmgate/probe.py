@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass
 
 from . import guest
-from .machine import Machine
+from .vm import Machine
 from .msr.model import (EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN, EXIT_REASON_VALID_MASK,
                         KernelMsr, READ, WRITE)
 

@@ -3,6 +3,7 @@ include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h.  No logic lives he
 from __future__ import annotations
 
 import ctypes as C
+from enum import IntEnum
 
 # include/uapi/asm-generic/ioctl.h
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
@@ -32,6 +33,8 @@ KVMIO = 0xAE
 KVM_API_VERSION = 12
 
 u8, u16, u32, u64, s32 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64, C.c_int32
+U32 = 0xFFFFFFFF             # the one home of the __u32 / __u64 value masks
+U64 = 0xFFFFFFFFFFFFFFFF
 
 
 class kvm_userspace_memory_region(C.Structure):
@@ -138,7 +141,7 @@ KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
 
 
-class _kvm_run_io(C.Structure):
+class kvm_run_io(C.Structure):
     _fields_ = [("direction", u8), ("size", u8), ("port", u16), ("count", u32),
                 ("data_offset", u64)]
 
@@ -162,14 +165,14 @@ KVM_MSR_EXIT_REASON_VALID_MASK = (KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASO
                                   | KVM_MSR_EXIT_REASON_FILTER)
 
 
-class _kvm_run_msr(C.Structure):
+class kvm_run_msr(C.Structure):
     _fields_ = [("error", u8), ("pad", u8 * 7), ("reason", u32), ("index", u32), ("data", u64)]
 
 
 class _kvm_run_exit(C.Union):
     _fields_ = [("hw", _kvm_run_hw), ("fail_entry", _kvm_run_fail_entry), ("ex", _kvm_run_ex),
-                ("io", _kvm_run_io), ("mmio", _kvm_run_mmio), ("internal", _kvm_run_internal),
-                ("system_event", _kvm_run_system_event), ("msr", _kvm_run_msr),
+                ("io", kvm_run_io), ("mmio", _kvm_run_mmio), ("internal", _kvm_run_internal),
+                ("system_event", _kvm_run_system_event), ("msr", kvm_run_msr),
                 ("padding", C.c_char * 256)]
 
 
@@ -183,33 +186,42 @@ class kvm_run(C.Structure):
                 ("s", C.c_char * 2048)]
 
 
-# exit reasons (KVM_EXIT_*)
-KVM_EXIT_UNKNOWN = 0
-KVM_EXIT_EXCEPTION = 1
-KVM_EXIT_IO = 2
-KVM_EXIT_HYPERCALL = 3
-KVM_EXIT_DEBUG = 4
-KVM_EXIT_HLT = 5
-KVM_EXIT_MMIO = 6
-KVM_EXIT_IRQ_WINDOW_OPEN = 7
-KVM_EXIT_SHUTDOWN = 8
-KVM_EXIT_FAIL_ENTRY = 9
-KVM_EXIT_INTR = 10
-KVM_EXIT_SET_TPR = 11
-KVM_EXIT_TPR_ACCESS = 12
-KVM_EXIT_NMI = 16
-KVM_EXIT_INTERNAL_ERROR = 17
-KVM_EXIT_SYSTEM_EVENT = 24
-KVM_EXIT_IOAPIC_EOI = 26
-KVM_EXIT_HYPERV = 27
-KVM_EXIT_X86_RDMSR = 29
-KVM_EXIT_X86_WRMSR = 30
-KVM_EXIT_DIRTY_RING_FULL = 31
-KVM_EXIT_AP_RESET_HOLD = 32
-KVM_EXIT_X86_BUS_LOCK = 33
-KVM_EXIT_XEN = 34
-KVM_EXIT_NOTIFY = 37
-KVM_EXIT_MEMORY_FAULT = 39
+# exit reasons (KVM_EXIT_*), also as module names (u.KVM_EXIT_HLT)
+class ExitReason(IntEnum):
+    KVM_EXIT_UNKNOWN = 0
+    KVM_EXIT_EXCEPTION = 1
+    KVM_EXIT_IO = 2
+    KVM_EXIT_HYPERCALL = 3
+    KVM_EXIT_DEBUG = 4
+    KVM_EXIT_HLT = 5
+    KVM_EXIT_MMIO = 6
+    KVM_EXIT_IRQ_WINDOW_OPEN = 7
+    KVM_EXIT_SHUTDOWN = 8
+    KVM_EXIT_FAIL_ENTRY = 9
+    KVM_EXIT_INTR = 10
+    KVM_EXIT_SET_TPR = 11
+    KVM_EXIT_TPR_ACCESS = 12
+    KVM_EXIT_NMI = 16
+    KVM_EXIT_INTERNAL_ERROR = 17
+    KVM_EXIT_SYSTEM_EVENT = 24
+    KVM_EXIT_IOAPIC_EOI = 26
+    KVM_EXIT_HYPERV = 27
+    KVM_EXIT_X86_RDMSR = 29
+    KVM_EXIT_X86_WRMSR = 30
+    KVM_EXIT_DIRTY_RING_FULL = 31
+    KVM_EXIT_AP_RESET_HOLD = 32
+    KVM_EXIT_X86_BUS_LOCK = 33
+    KVM_EXIT_XEN = 34
+    KVM_EXIT_NOTIFY = 37
+    KVM_EXIT_MEMORY_FAULT = 39
+
+
+KVM_EXIT_UNKNOWN, KVM_EXIT_EXCEPTION, KVM_EXIT_IO, KVM_EXIT_HYPERCALL, KVM_EXIT_DEBUG, \
+    KVM_EXIT_HLT, KVM_EXIT_MMIO, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_SHUTDOWN, \
+    KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTR, KVM_EXIT_SET_TPR, KVM_EXIT_TPR_ACCESS, KVM_EXIT_NMI, \
+    KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_IOAPIC_EOI, KVM_EXIT_HYPERV, \
+    KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_AP_RESET_HOLD, \
+    KVM_EXIT_X86_BUS_LOCK, KVM_EXIT_XEN, KVM_EXIT_NOTIFY, KVM_EXIT_MEMORY_FAULT = ExitReason
 
 # capabilities (KVM_CAP_*)
 KVM_CAP_USER_MEMORY = 3

@@ -98,12 +98,6 @@ class FakeVcpu:
         return R()
 
 
-class FakeMachine:
-    def __init__(self):
-        self.vcpus = [FakeVcpu(i) for i in range(4)]
-        self.state = {}
-
-
 class CallLog:
     """AuditLog's interface, listing calls."""
 
@@ -119,8 +113,18 @@ class CallLog:
 
 
 class Exit:
+    """An MSR exit made by hand, with the handler context of kvmgate.exits.MsrExit (registers on
+    demand, a host-initiated access) answered by a FakeVcpu."""
+
     def __init__(self, index, is_write, data, reason, vcpu):
         self.index, self.is_write, self.data, self.reason, self.vcpu = index, is_write, data, reason, vcpu
+        self._cpu = FakeVcpu(vcpu)
+
+    def regs(self):
+        return self._cpu.get_regs()
+
+    def host_access(self, value=None):
+        return self._cpu.host_msr_access(self.index, self.is_write, self.data if value is None else value)
 
 
 def python_reply(reply):

@@ -38,15 +38,14 @@ def time_c(m: Machine, n: int) -> float:
     """Wall seconds per MSR exit of the C loop on every vCPU of `m` (one thread each), each
     vCPU reset to the program's start and expected to make `n` exits."""
     lib = c_loop()
-    states = m._states              # no public per-vCPU reset on Machine yet
-    for st in states:
-        m._reset_vcpu(st)
+    m.reset()
     got: dict[int, int] = {}
 
-    def loop(st):
-        got[st.index] = lib.kvmgate_bench_loop(st.vcpu.fd, st.vcpu.run_addr)
+    def loop(i, fd, run_addr):
+        got[i] = lib.kvmgate_bench_loop(fd, run_addr)
 
-    threads = [threading.Thread(target=loop, args=(st,)) for st in states]
+    threads = [threading.Thread(target=loop, args=(i, fd, addr))
+               for i, (fd, addr) in enumerate(m.vcpu_fds())]
     t = time.perf_counter()
     for th in threads:
         th.start()

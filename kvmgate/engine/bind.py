@@ -2,12 +2,14 @@
 
     m.set_policy(EnginePolicy(cp), audit)            # instead of m.set_policy(cp, audit)
 
-bind() has CompiledPolicy.bind's contract: (filter, exit mask, on_msr handler, what the machine
-keeps as machine.policy).  The emulated registers live in machine.state["engine.state"], so they
-carry over policy swaps like the Python path's machine.state["policy.registers"]."""
+bind() has CompiledPolicy.bind's contract (a vm.PolicyBinding: filter, exit mask, on_msr handler,
+what the machine shows as machine.policy, and the carry): the engine's emulated-register State is
+the carry, so it passes to the next EnginePolicy bound on the same machine, as the Python path's
+Registers do."""
 from __future__ import annotations
 
 from ..msr.model import EXIT_REASON_FILTER
+from ..vm import PolicyBinding
 from .binding import Engine, State
 from .handler import make_engine_handler
 from .table import mode_of
@@ -18,12 +20,12 @@ class EnginePolicy:
         self.cp = cp
         self.mode = mode_of(cp, mode)
 
-    def bind(self, machine, audit=None):
-        state = machine.state.setdefault("engine.state", State())
+    def bind(self, machine, audit=None, carry=None):
+        state = carry if isinstance(carry, State) else State()
         engine = Engine(self.cp, self.mode, state)
         mask = self.cp.exit_mask
         if self.mode == "audit":
             # permissive: every access the filter denies must reach the engine to be logged
             # and carried out, also where enforce mode would let KVM inject the #GP itself
             mask |= EXIT_REASON_FILTER
-        return self.cp.filter, mask, make_engine_handler(engine, machine, audit), self.cp
+        return PolicyBinding(self.cp.filter, mask, make_engine_handler(engine, audit), self.cp, state)

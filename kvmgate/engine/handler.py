@@ -12,7 +12,7 @@ from .binding import DF_COUNT, DF_LOG, RES_GP, RES_HOST, RES_VALUE, Engine, _eng
 from .ring import decode, deliver
 
 
-def make_engine_handler(engine: Engine, machine, audit=None, rings=None):
+def make_engine_handler(engine: Engine, audit=None, rings=None):
     """on_msr handler deciding with `engine`; `rings[vcpu]` (optional) receives the records."""
     decide = engine.decide_raw
     rules = engine.table.rules
@@ -23,14 +23,14 @@ def make_engine_handler(engine: Engine, machine, audit=None, rings=None):
         index, write, data, reason, vcpu = exit.index, exit.is_write, exit.data, exit.reason, exit.vcpu
         d = decide(index, write, reason, data)
         if d[0] == RES_HOST:
-            done = machine.vcpus[vcpu].host_msr_access(index, write, data)
+            done = exit.host_access()
             d = host_done(d, write, done is not None, done or 0)
         flags = d[4]
         if report and flags & DF_COUNT:
             rip = None
             if flags & DF_LOG:
                 try:
-                    rip = machine.vcpus[vcpu].get_regs().rip
+                    rip = exit.regs().rip
                 except Exception:
                     rip = None
             rec = record_fill(d, vcpu, rip or 0, rip is not None, index, write, reason, data)

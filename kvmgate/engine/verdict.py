@@ -67,7 +67,7 @@ def _python_verdict(cp, index: int, is_write: bool, reason: int, data: int) -> V
     dep = act.kind == "emulate" and is_write
     if act.kind == "forward":
         return Verdict("forward", "host", 0, act.rule, act.log, False, False)
-    reply, text = perform(act, _Exit(index, is_write, data, reason), Registers(), None)
+    reply, text = perform(act, _Exit(index, is_write, data, reason), Registers())
     if reply is InjectGP:
         return Verdict(act.kind, "#GP", 0, act.rule, act.log, False, dep)
     if reply is None:

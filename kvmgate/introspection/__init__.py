@@ -35,6 +35,9 @@ __all__ = ["Action", "Backend", "CONTINUE", "CRASH", "Client", "Crash", "Dialect
            "MachineBackend", "Permissions", "ProtocolError", "RETRY", "V7", "V12", "attach",
            "serve"]
 
-from ..machine import Machine as _Machine
+from ..vm import Machine as _Machine
+from .machine_backend import new_introspection as _new
 
-_Machine.introspection_factory = attach      # Machine.introspection, without Machine importing us
+# The documented Machine extension point: `machine.introspection` / machine.extension(
+# "introspection") is made by new_introspection() on first use and unhooked on close().
+_Machine.register_extension("introspection", _new, lambda intro: intro.unhook())

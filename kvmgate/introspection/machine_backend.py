@@ -22,7 +22,7 @@ How each part maps onto the Machine:
   KVM_RUN holds its mutex, so the vCPU is kicked (immediate_exit + signal) until the ioctl
   gets through.
 * VM_PAUSE_VCPU: the vCPU is kicked and sends its PAUSE event from its own thread (through
-  `Machine.kick_hook`); if its thread is not running, a worker thread sends the event while
+  `Machine.add_kick_hook`); if its thread is not running, a worker thread sends the event while
   every vCPU is held outside KVM_RUN (`quiesced()`).
 
 * GET_CPUID answers from KVM_GET_SUPPORTED_CPUID, which Machine installs on every vCPU;
@@ -31,7 +31,7 @@ How each part maps onto the Machine:
   GET_MAX_GFN is the last page of guest RAM.
 
 Only Machine's public API is used: kick(), blocked(), quiesced(), vcpu_thread(), fail_run(),
-kick_hook, intercept_msr_writes(), vcpus, memory, mem_size and kvm.
+add_kick_hook(), intercept_msr_writes(), vcpus, memory, mem_size and kvm.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class MachineBackend(Backend):
         self.msr_events = 0          # of which sent to the tool
         self.pause_events = 0
         self.crashes: list[IntrospectionCrash] = []
-        machine.kick_hook = self._on_kick
+        machine.add_kick_hook(self._on_kick)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -264,8 +264,7 @@ class MachineBackend(Backend):
     def owner_denies(self, msr: int) -> bool:
         """The owner's filter or policy denies guest writes to `msr`."""
         m = self.machine
-        policy = getattr(m, "policy", None)
-        for flt in (m.msr_filter, getattr(policy, "filter", None)):
+        for flt in (m.msr_filter, getattr(m.policy, "filter", None)):
             if flt is not None and not flt.allows(msr, WRITE):
                 return True
         return False
@@ -382,7 +381,7 @@ class MachineBackend(Backend):
         return 0
 
     def _on_kick(self, vid: int) -> None:
-        """Machine.kick_hook: on vCPU `vid`'s thread after each kick (KVM_RUN returned EINTR)."""
+        """A Machine kick hook: on vCPU `vid`'s thread after each kick (KVM_RUN returned EINTR)."""
         self._kicked[vid].set()
         intro = self.intro
         if intro is None or not intro.pending_pauses(vid):
@@ -471,21 +470,19 @@ class MachineBackend(Backend):
             self.machine.fail_run(vid, exc)
 
 
+def new_introspection(machine) -> Introspection:
+    """The factory registered as Machine extension "introspection"."""
+    backend = MachineBackend(machine)
+    intro = Introspection(backend, obj=machine.vm)
+    backend.intro = intro
+    return intro
+
+
 def attach(machine, **opts) -> Introspection:
     """The machine's `Introspection` (created once, then returned again): sets
     `machine.introspection`.  `opts`: Introspection's keywords (enabled, on_close,
     event_timeout); given again later, they update the existing object."""
-    intro = machine.__dict__.get("introspection") or machine.__dict__.get("_kvmgate_introspection")
-    if intro is None:
-        backend = MachineBackend(machine)
-        intro = Introspection(backend, obj=machine.vm, **opts)
-        backend.intro = intro
-        machine.__dict__["_kvmgate_introspection"] = intro
-        try:
-            machine.introspection = intro
-        except AttributeError:      # a read-only property: it must call attach() itself
-            pass
-        return intro
+    intro = machine.extension("introspection")      # new_introspection() on first use
     for key, value in opts.items():
         if key not in ("enabled", "on_close", "event_timeout"):
             raise TypeError(f"attach() got an unexpected keyword argument {key!r}")

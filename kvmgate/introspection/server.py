@@ -42,6 +42,7 @@ import struct
 import threading
 from typing import Callable, NamedTuple
 
+from ..uapi import U64
 from . import ids
 from .abi import V12, V7_CMD_RESPONSE_REQ, V7_MAX_GFN_RPL, Dialect, Op
 from .backend import Backend
@@ -62,7 +63,6 @@ SUPPORTED_VM_EVENTS = frozenset({Event.UNHOOK})
 SUPPORTED_VCPU_EVENTS = frozenset({Event.PAUSE, Event.MSR})
 SUPPORTED_EVENTS = SUPPORTED_VM_EVENTS | SUPPORTED_VCPU_EVENTS
 KVM_CODES = frozenset(ids.ERROR_NAMES)
-U64 = (1 << 64) - 1
 _ACTIONS = tuple(Action)
 
 EINVAL, EPERM, ENOENT = -ids.KVM_EINVAL, -ids.KVM_EPERM, -ids.KVM_ENOENT

@@ -68,7 +68,7 @@ class _Forwarder:
             return InjectGP
         self.keys.add((ex.index, bool(ex.is_write)))
         try:
-            done = self.machine.vcpus[ex.vcpu].host_msr_access(ex.index, ex.is_write, ex.data)
+            done = ex.host_access()
         except KvmError:
             done = None
         value = done if done is not None else (ex.data if ex.is_write else 0)

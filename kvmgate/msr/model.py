@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import FilterError
+from ..uapi import U32
 
 READ = 1            # KVM_MSR_FILTER_READ
 WRITE = 2           # KVM_MSR_FILTER_WRITE
@@ -25,7 +26,6 @@ MAX_RANGES = 16           # KVM_MSR_FILTER_MAX_RANGES
 MAX_BITMAP_SIZE = 0x600   # KVM_MSR_FILTER_MAX_BITMAP_SIZE (bytes)
 MAX_NMSRS = MAX_BITMAP_SIZE * 8
 X2APIC_FIRST, X2APIC_LAST = 0x800, 0x8FF
-U32 = 0xFFFFFFFF
 
 REASON_NAMES = {EXIT_REASON_INVAL: "INVAL", EXIT_REASON_UNKNOWN: "UNKNOWN",
                 EXIT_REASON_FILTER: "FILTER"}

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Iterator
 
+from ..uapi import U32
+
 GROUPS = frozenset({"arch", "intel", "amd", "kvm", "hyperv", "x2apic"})
 DATA_FILE = "msr_names.tsv"
 KERNEL_FILE = "msr_index.tsv"
-U32 = 0xFFFFFFFF
 
 _HEX = re.compile(r"0[xX][0-9a-fA-F]+(?:_[0-9a-fA-F]+)*")
 _DEC = re.compile(r"[0-9]+")

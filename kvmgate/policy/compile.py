@@ -32,6 +32,7 @@ from ..msr.model import (
     MsrRange,
     outcome,
 )
+from ..vm import PolicyBinding
 from .handlers import Registers, make_handler
 from .model import Action, ActionKind, FailureRule, Rule
 from .plan import ActionTable, Interval, merge, plan_ranges
@@ -55,11 +56,13 @@ class Policy:
     host_ignore_msrs: str = "error"  # reliance on UNKNOWN exits under kvm.ignore_msrs=Y: error|warn
     audit_rate: float = 20.0        # audit records per second per MSR and direction
     audit_burst: int = 20
+    audit_failure: str = "stop"     # a failed audit write: stop the guest | warn and go on
+    mode: str = "enforce"           # enforce | audit (permissive: log what would be denied, allow it)
     source: str = "<policy>"
 
-    def bind(self, machine, audit=None):
+    def bind(self, machine, audit=None, carry=None):
         """Compile (against this host's kvm.ignore_msrs) and bind: see CompiledPolicy.bind."""
-        return compile_policy(self, ignore_msrs()).bind(machine, audit)
+        return compile_policy(self, ignore_msrs()).bind(machine, audit, carry)
 
 
 @dataclass
@@ -73,11 +76,11 @@ class CompiledPolicy:
     invalid: Action | None              # INVAL exits
     warnings: list[str] = field(default_factory=list)
 
-    def bind(self, machine, audit=None):
-        """What Machine.set_policy installs: (filter, exit mask, handler, self).  Emulated
-        registers live in machine.state, so they carry over policy swaps."""
-        regs = machine.state.setdefault("policy.registers", Registers())
-        return self.filter, self.exit_mask, make_handler(self, machine, audit, regs), self
+    def bind(self, machine, audit=None, carry=None):
+        """What Machine.set_policy installs (vm.PolicyBinding).  `carry` is the emulated
+        registers of the policy installed before (so they carry over policy swaps)."""
+        regs = carry if isinstance(carry, Registers) else Registers()
+        return PolicyBinding(self.filter, self.exit_mask, make_handler(self, audit, regs), self, regs)
 
     def action_for(self, index: int, write: bool, reason: int) -> Action | None:
         """The user-space action for an exit; None means #GP without a record."""

@@ -17,7 +17,7 @@ class Registers:
         self.lock = threading.Lock()
 
 
-def perform(act: Action, exit, regs: Registers, machine) -> tuple[object, str]:
+def perform(act: Action, exit, regs: Registers) -> tuple[object, str]:
     """Carry out one action: (reply for the exit path, result text for the audit log)."""
     kind, write = act.kind, exit.is_write
     if kind is ActionKind.DENY:
@@ -39,14 +39,14 @@ def perform(act: Action, exit, regs: Registers, machine) -> tuple[object, str]:
             regs.values[exit.index] = new
             return None, "written"
     if kind is ActionKind.FORWARD:    # allow + log: carried out host-initiated, so it can be recorded
-        done = machine.vcpus[exit.vcpu].host_msr_access(exit.index, write, exit.data)
+        done = exit.host_access()
         if done is None:
             return InjectGP, "#GP"
         return (None, "written") if write else (done, f"read {done:#x}")
     return InjectGP, "#GP"
 
 
-def make_handler(cp, machine, audit=None, regs: Registers | None = None):
+def make_handler(cp, audit=None, regs: Registers | None = None):
     """on_msr handler for CompiledPolicy `cp`; `regs` carries emulated registers across policy
     swaps.  Per-MSR actions are one dict lookup unless the policy has wide ranges."""
     actions_get = cp.actions.get if cp.actions.has_spans else cp.actions.points.get
@@ -67,10 +67,10 @@ def make_handler(cp, machine, audit=None, regs: Registers | None = None):
             act = None
         if act is None:
             return InjectGP
-        reply, result = perform(act, exit, regs, machine)
+        reply, result = perform(act, exit, regs)
         if act.log and record is not None:
             try:
-                rip = machine.vcpus[exit.vcpu].get_regs().rip
+                rip = exit.regs().rip
             except OSError:                  # KvmError: the record goes out without a RIP
                 rip = None
             record(vcpu=exit.vcpu, rip=rip, index=exit.index, write=exit.is_write, value=exit.data,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..msr.model import READ, WRITE
 
-M64 = (1 << 64) - 1
+from ..uapi import U64 as M64  # noqa: E402 (one home for the 64-bit mask)
 
 
 class RuleAction(enum.StrEnum):

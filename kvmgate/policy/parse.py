@@ -30,7 +30,8 @@ MAX_POLICY_BYTES = 4 * MiB
 MAX_AUDIT_RATE = 1e6          # records per second per MSR and direction
 MAX_NAME = 200                # characters of an MSR name or a policy name
 TOP_KEYS = {"policy", "rule", "unknown", "invalid"}
-POLICY_KEYS = {"name", "default", "log", "x2apic", "host_ignore_msrs", "audit_rate", "audit_burst"}
+POLICY_KEYS = {"name", "default", "log", "x2apic", "host_ignore_msrs", "audit_rate", "audit_burst",
+               "audit_failure", "mode"}
 RULE_KEYS = {"msr", "msrs", "range", "access", "action", "log", "value", "writes", "initial",
              "write_mask", "allowed", "comment"}
 FAILURE_KEYS = {"action", "log"}
@@ -118,6 +119,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                   L.key(hl, "host_ignore_msrs"), "policy.host_ignore_msrs")
     rate = _rate(head.get("audit_rate", 20.0), L, L.key(hl, "audit_rate"), "policy.audit_rate")
     burst = _int(head.get("audit_burst", 20), 1, 1 << 20, L, L.key(hl, "audit_burst"), "policy.audit_burst")
+    audit_failure = _choice(head.get("audit_failure", "stop"), ("stop", "warn"), L,
+                            L.key(hl, "audit_failure"), "policy.audit_failure")
+    mode = _choice(head.get("mode", "enforce"), ("enforce", "audit"), L, L.key(hl, "mode"), "policy.mode")
     name = head.get("name", Path(source).stem)
     if not isinstance(name, str) or len(name) > MAX_NAME:
         raise PolicyError(f"must be a string of at most {MAX_NAME} characters",
@@ -134,7 +138,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                   unknown=_failure(doc.get("unknown", {}), "unknown", L),
                   invalid=_failure(doc.get("invalid", {}), "invalid", L),
                   x2apic=x2apic, host_ignore_msrs=him, audit_rate=rate, audit_burst=burst,
-                  source=source)
+                  audit_failure=audit_failure, mode=mode, source=source)
 
 
 def _table(d, L: _Lines, line: int, what: str) -> dict:

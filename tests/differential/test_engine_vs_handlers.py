@@ -11,7 +11,7 @@ from kvmgate.engine.ring import deliver
 from kvmgate.policy.handlers import Registers, make_handler
 
 from ..conftest import SLOW
-from ..engine_policies import CallLog, Exit, FakeMachine, exits, policies, python_reply, require_engine
+from ..engine_policies import CallLog, Exit, exits, policies, python_reply, require_engine
 
 pytestmark = pytest.mark.differential
 STATS = {"policies": 0, "exits": 0, "host": 0, "emulate_writes": 0, "records": 0}
@@ -34,13 +34,12 @@ def _summary():
 def test_engine_equals_python_handlers(data):
     cp = data.draw(policies())
     seq = data.draw(st.lists(exits(cp), min_size=5, max_size=60))
-    machine = FakeMachine()
     py_log, c_log = CallLog(), CallLog()
     regs = Registers()
-    py = make_handler(cp, machine, py_log, regs)
+    py = make_handler(cp, py_log, regs)
     eng = Engine(cp)
-    rings = [Ring(capacity=64) for _ in machine.vcpus]
-    c = make_engine_handler(eng, machine, c_log, rings)
+    rings = [Ring(capacity=64) for _ in range(4)]
+    c = make_engine_handler(eng, c_log, rings)
     for index, write, reason, value, vcpu in seq:
         ex = Exit(index, write, value if write else 0, reason, vcpu)
         want = python_reply(py(ex))

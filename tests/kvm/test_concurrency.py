@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from kvmgate import GuestError, Machine, MsrFilter, MsrRange, READ
+from kvmgate import EXIT_REASON_FILTER, GuestError, Machine, MsrFilter, MsrRange, READ
 from kvmgate.audit import AuditLog
 from kvmgate.policy import compile_policy, parse_policy
 
@@ -157,22 +157,64 @@ def test_hundreds_of_vms_leave_no_fds_or_memory_behind():
     assert threading.active_count() <= 2
 
 
-def test_close_while_running_stops_and_releases():
+@pytest.mark.parametrize("how", ["stop", "close"])
+def test_stop_or_close_while_running_stops_and_releases(how):
+    """From another thread, while run() is in progress: run() raises Stopped, never an error
+    from fds or mappings closed under it (close() waits for the run to end)."""
     from kvmgate import Stopped
-    m = Machine("spin: jmp spin", vcpus=2)
-    errors = []
+    for _ in range(10 if how == "close" else 1):
+        m = Machine("again:\nmov ecx, 0x1a0\nrdmsr\njmp again", vcpus=2)
+        m.enable_user_space_msr(EXIT_REASON_FILTER)
+        m.set_msr_filter(MsrFilter([MsrRange.all(READ, 0x1a0, 1, allow=False)]))
+        m.on_msr(lambda e: 1)
+        errors = []
 
-    def run():
-        try:
-            m.run(timeout=30)
-        except Exception as e:
-            errors.append(e)
+        def run():
+            try:
+                m.run(timeout=60)
+            except Exception as e:
+                errors.append(e)
 
-    t = threading.Thread(target=run)
-    t.start()
-    time.sleep(0.3)
-    m.stop()
-    t.join(10)
-    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], Stopped)
-    m.close()
-    assert m.vm is None
+        t = threading.Thread(target=run)
+        t.start()
+        assert m.wait_running(30)
+        getattr(m, how)()
+        t.join(30)
+        assert not t.is_alive() and [type(e) for e in errors] == [Stopped], errors
+        m.close()
+        assert m.vm is None and m.vcpus == []
+
+
+def test_a_vcpu_that_starts_during_a_swap_waits_for_its_end():
+    """A swap in progress when run() starts its vCPU threads: they must not run half of it
+    (B's filter with A's handler would #GP the read of 0x10)."""
+    a, b = (compile_policy(parse_policy(t)) for t in (POLICY_A, POLICY_B))
+    swapping, release, faulted = threading.Event(), threading.Event(), threading.Event()
+    guest = "mov ecx, 0x10\nrdmsr\nmov r8, rax\nhlt"
+    with Machine(guest, vcpus=2) as m:
+        m.set_policy(a)
+        m.on_gp(lambda f: faulted.set())
+        out = {}
+
+        def swap_by_halves():
+            with m.quiesced():
+                m.set_msr_filter(b.filter)             # B's filter, A's handler still
+                swapping.set()
+                release.wait(60)
+                m.set_policy(b)                        # nested: completes the swap
+
+        def run():
+            out["r"] = m.run(timeout=60)
+
+        s = threading.Thread(target=swap_by_halves)
+        s.start()
+        assert swapping.wait(30)
+        t = threading.Thread(target=run)
+        t.start()
+        assert m.wait_running(30)       # both vCPU threads started (False: they ran to HLT)
+        assert not faulted.wait(0.5)                   # parked, not running into the half swap
+        release.set()
+        s.join(30)
+        t.join(30)
+    r = out["r"]
+    assert r.gp_faults == [] and [v.regs.r8 for v in r.vcpus] == [0xB1, 0xB1]

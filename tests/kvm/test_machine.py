@@ -259,3 +259,34 @@ def test_missing_capability_is_named(monkeypatch):
     with pytest.raises(KvmError, match="missing capabilities: KVM_CAP_FROM_THE_FUTURE") as ei:
         K.Kvm()
     assert ei.value.ioctl == "KVM_CHECK_EXTENSION"
+
+
+def test_on_port_direct_form_like_on_gp():
+    seen = []
+    with Machine("mov al, 7\nout 0x80, al\nin al, 0x81\nmov r8, rax\nhlt") as m:
+        assert m.on_port(0x80, lambda mach, v: seen.append(v)) is not None
+        m.on_port(0x81, lambda mach, v: 0x5a)
+        r = m.run(timeout=10)
+    assert seen == [7] and r.regs.r8 & 0xff == 0x5a
+
+
+FLOOD = "mov rbx, {n}\nagain:\nmov ecx, 0x1a0\nrdmsr\ndec rbx\njnz again\nhlt\n"
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_exits_false_keeps_counts_not_lists(keep):
+    """Memory under an exit flood: with keep_exits=False nothing per exit is kept (the lists
+    stay empty however many exits there are), the counts are exact."""
+    n = 5000
+    with Machine(FLOOD.format(n=n), vcpus=2, keep_exits=keep) as m:
+        m.enable_user_space_msr(EXIT_REASON_FILTER)
+        m.set_msr_filter(MsrFilter([MsrRange.all(READ, 0x1a0, 1, allow=False)]))
+        m.on_msr(lambda e: InjectGP)
+        r = m.run(timeout=60)
+    assert r.msr_exit_count == r.gp_fault_count == 2 * n
+    assert [v.msr_exit_count for v in r.vcpus] == [n, n]
+    if keep:
+        assert len(r.msr_exits) == len(r.gp_faults) == 2 * n
+    else:
+        assert r.msr_exits == [] and r.gp_faults == [] and all(not v.msr_exits for v in r.vcpus)
+    assert m.last_result.msr_exit_count == 2 * n

@@ -4,12 +4,12 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "kvmgate"
 LAYERS = [
-    {"uapi", "errors", "report", "schemas", "inputs"},          # ABI facts, errors, table output, user files
-    {"kvm", "asm", "hostinfo"},                                # fds and ioctls; the assembler
+    {"uapi", "errors", "report", "schemas", "inputs"},         # ABI facts, errors, table output, user files
+    {"kvm", "vcpu_exit", "asm", "hostinfo"},                   # fds, ioctls, decoded exits; the assembler
     {"msr"},                                                   # the pure MSR model
-    {"guest", "exits", "machine"},                             # guests and the exit loop
-    {"policy", "audit", "probe", "trace", "introspection", "learn", "demo", "metrics", "image",
-     "engine", "wrap"},
+    {"guest", "exits", "vm", "machine"},                       # guests, the machine and its exit loop
+    {"policy", "audit", "probe", "trace", "introspection", "learn", "demo", "supervise", "metrics",
+     "image", "engine", "wrap"},
     {"cli", "bench", "__main__", "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

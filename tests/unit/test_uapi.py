@@ -11,7 +11,7 @@ from kvmgate import uapi as u
     (u.kvm_dtable, 16), (u.kvm_sregs, 312), (u.kvm_msr_entry, 16), (u.kvm_msrs, 8),
     (u.kvm_msr_list, 4), (u.kvm_cpuid_entry2, 40), (u.kvm_cpuid2, 8), (u.kvm_enable_cap, 104),
     (u.kvm_msr_filter_range, 24), (u.kvm_msr_filter, 0x188), (u.kvm_run, 2352),
-    (u._kvm_run_exit, 256), (u._kvm_run_msr, 24), (u._kvm_run_io, 16),
+    (u._kvm_run_exit, 256), (u.kvm_run_msr, 24), (u.kvm_run_io, 16),
 ])
 def test_struct_sizes(struct, size):
     assert C.sizeof(struct) == size
@@ -26,10 +26,10 @@ def test_struct_sizes(struct, size):
     (u.kvm_run, "if_flag", 13), (u.kvm_run, "flags", 14), (u.kvm_run, "cr8", 16),
     (u.kvm_run, "apic_base", 24), (u.kvm_run, "u", 32), (u.kvm_run, "kvm_valid_regs", 288),
     (u.kvm_run, "kvm_dirty_regs", 296), (u.kvm_run, "s", 304),
-    (u._kvm_run_msr, "error", 0), (u._kvm_run_msr, "pad", 1), (u._kvm_run_msr, "reason", 8),
-    (u._kvm_run_msr, "index", 12), (u._kvm_run_msr, "data", 16),
-    (u._kvm_run_io, "direction", 0), (u._kvm_run_io, "size", 1), (u._kvm_run_io, "port", 2),
-    (u._kvm_run_io, "count", 4), (u._kvm_run_io, "data_offset", 8),
+    (u.kvm_run_msr, "error", 0), (u.kvm_run_msr, "pad", 1), (u.kvm_run_msr, "reason", 8),
+    (u.kvm_run_msr, "index", 12), (u.kvm_run_msr, "data", 16),
+    (u.kvm_run_io, "direction", 0), (u.kvm_run_io, "size", 1), (u.kvm_run_io, "port", 2),
+    (u.kvm_run_io, "count", 4), (u.kvm_run_io, "data_offset", 8),
     (u.kvm_enable_cap, "cap", 0), (u.kvm_enable_cap, "flags", 4), (u.kvm_enable_cap, "args", 8),
     (u.kvm_enable_cap, "pad", 40),
     (u.kvm_userspace_memory_region, "guest_phys_addr", 8),
@@ -51,8 +51,8 @@ def test_field_offsets(struct, field, offset):
 def test_msr_member_of_kvm_run_matches_spec():
     # spec §1: error @32, pad @33, reason @40, index @44, data @48 within kvm_run
     base = u.kvm_run.u.offset
-    assert (base + u._kvm_run_msr.error.offset, base + u._kvm_run_msr.reason.offset,
-            base + u._kvm_run_msr.index.offset, base + u._kvm_run_msr.data.offset) == (32, 40, 44, 48)
+    assert (base + u.kvm_run_msr.error.offset, base + u.kvm_run_msr.reason.offset,
+            base + u.kvm_run_msr.index.offset, base + u.kvm_run_msr.data.offset) == (32, 40, 44, 48)
 
 
 @pytest.mark.parametrize("name,number", [
