@@ -1,0 +1,263 @@
+"""What a policy means once parsed and compiled, and what its actions do, against hand-written
+expectations (the README's policy section and docs/kvm-msr.md): results, not "no exception"."""
+import io
+import json
+
+import pytest
+
+from kvmgate.errors import InjectGP
+from kvmgate.audit import AuditLog
+from kvmgate.msr.model import (EXIT_REASON_FILTER, EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN, READ,
+                               WRITE)
+from kvmgate.policy import compile_policy, parse_policy
+from kvmgate.policy.handlers import make_handler
+
+M64 = (1 << 64) - 1
+
+
+def compiled(text: str, **kw):
+    return compile_policy(parse_policy(text, "p.toml"), **kw)
+
+
+def verdicts(cp, msrs):
+    """{(msr, 'r'|'w'): filter allows} for the given MSRs."""
+    return {(i, a): cp.filter.allows(i, {"r": READ, "w": WRITE}[a]) for i in msrs for a in "rw"}
+
+
+# ---- [policy] default ---------------------------------------------------------------------
+
+def test_missing_default_means_deny():
+    p = parse_policy("[[rule]]\nmsr = 0x10\naction = 'allow'\n", "p.toml")
+    assert p.default == "deny"
+    cp = compile_policy(p)
+    assert cp.filter.default_deny
+    assert verdicts(cp, [0x10, 0x1A0, 0xC0000080]) == {
+        (0x10, "r"): True, (0x10, "w"): True, (0x1A0, "r"): False, (0x1A0, "w"): False,
+        (0xC0000080, "r"): False, (0xC0000080, "w"): False}
+    assert cp.exit_mask == EXIT_REASON_FILTER            # denials are logged by default
+    assert cp.default_action.kind == "deny" and cp.default_action.log
+
+
+def test_empty_policy_file_denies_everything_but_x2apic():
+    cp = compiled("")
+    assert cp.filter.default_deny
+    assert not cp.filter.allows(0x10, READ) and not cp.filter.allows(0xFFFFFFFF, WRITE)
+    assert cp.filter.allows(0x830, WRITE)                 # docs/kvm-msr.md §3.1
+    cp.filter.validate()                                  # DEFAULT_DENY needs a non-empty range
+
+
+def test_default_allow_without_rules_installs_no_exits():
+    cp = compiled("[policy]\ndefault = 'allow'\n")
+    assert not cp.filter.default_deny and cp.exit_mask == 0 and cp.actions == {}
+    assert cp.default_action is None
+    assert all(cp.filter.allows(i, a) for i in (0, 0x10, 0x1A0, 0xC0000082) for a in (READ, WRITE))
+
+
+def test_default_log_false_turns_filter_exits_off_for_plain_denials():
+    cp = compiled("[policy]\ndefault = 'deny'\nlog = false\n[[rule]]\nmsr = 0x10\naction = 'allow'\n")
+    assert cp.exit_mask == 0 and not cp.default_action.log
+
+
+# ---- rules ----------------------------------------------------------------------------------
+
+def test_one_msr_range_is_accepted_as_that_msr():
+    p = parse_policy("[[rule]]\nrange = [0x10, 0x10]\naction = 'allow'\n", "p.toml")
+    assert [(r.lo, r.hi) for r in p.rules] == [(0x10, 0x10)]
+    cp = compile_policy(p)
+    assert verdicts(cp, [0xF, 0x10, 0x11]) == {
+        (0xF, "r"): False, (0xF, "w"): False, (0x10, "r"): True, (0x10, "w"): True,
+        (0x11, "r"): False, (0x11, "w"): False}
+
+
+def test_inclusive_range_covers_both_ends():
+    cp = compiled("[policy]\ndefault='allow'\n[[rule]]\nrange = [0x186, 0x189]\naccess='write'\naction='deny'\n")
+    assert [cp.filter.allows(i, WRITE) for i in range(0x185, 0x18B)] == [True, False, False, False, False, True]
+    assert all(cp.filter.allows(i, READ) for i in range(0x185, 0x18B))
+
+
+def test_identical_overlap_compiles_to_one_denial():
+    cp = compiled("[policy]\ndefault='allow'\n[[rule]]\nrange=[0x10,0x20]\naction='deny'\n"
+                  "[[rule]]\nmsr=0x18\naction='deny'")
+    assert [cp.filter.allows(i, READ) for i in (0xF, 0x10, 0x18, 0x20, 0x21)] == [True, False, False, False, True]
+    assert set(cp.actions) == {i << 1 | w for i in range(0x10, 0x21) for w in (0, 1)}
+    assert {a.kind for a in cp.actions.values()} == {"deny"}
+
+
+def test_allowing_an_x2apic_msr_is_a_no_op():
+    base = "[policy]\ndefault='deny'\n[[rule]]\nmsr=0x10\naction='allow'\n"
+    with_x2apic = compiled(base + "[[rule]]\nmsr=0x830\naction='allow'\n")
+    without = compiled(base)
+    assert with_x2apic.filter == without.filter
+    assert with_x2apic.actions == without.actions == {}
+    assert with_x2apic.warnings == []
+
+
+def test_access_words_pick_directions():
+    cp = compiled("[policy]\ndefault='allow'\n"
+                  "[[rule]]\nmsr=0x10\naccess='read'\naction='deny'\n"
+                  "[[rule]]\nmsr=0x11\naccess='write'\naction='deny'\n"
+                  "[[rule]]\nmsr=0x12\naction='deny'\n")
+    assert verdicts(cp, [0x10, 0x11, 0x12]) == {
+        (0x10, "r"): False, (0x10, "w"): True, (0x11, "r"): True, (0x11, "w"): False,
+        (0x12, "r"): False, (0x12, "w"): False}
+
+
+def test_allow_with_log_goes_to_user_space_as_a_forward():
+    cp = compiled("[policy]\ndefault='allow'\n[[rule]]\nmsr=0x10\naccess='read'\naction='allow'\nlog=true\n")
+    assert not cp.filter.allows(0x10, READ) and cp.filter.allows(0x10, WRITE)
+    assert cp.actions[0x10 << 1].kind == "forward" and cp.actions[0x10 << 1].log
+    assert cp.exit_mask == EXIT_REASON_FILTER
+
+
+# ---- [unknown] / [invalid] ----------------------------------------------------------------
+
+@pytest.mark.parametrize("table,bit", [("unknown", EXIT_REASON_UNKNOWN), ("invalid", EXIT_REASON_INVAL)])
+def test_failure_tables(table, bit):
+    allow = "[policy]\ndefault='allow'\n"
+    plain = compiled(allow + f"[{table}]\naction='gp'\n")
+    assert plain.exit_mask == 0 and getattr(plain, table) is None          # the kernel's #GP
+    logged = compiled(allow + f"[{table}]\naction='gp'\nlog=true\n")
+    act = getattr(logged, table)
+    assert logged.exit_mask == bit and (act.kind, act.log, act.rule) == ("deny", True, f"[{table}]")
+    ignored = compiled(allow + f"[{table}]\naction='ignore'\n")
+    act = getattr(ignored, table)
+    assert ignored.exit_mask == bit and (act.kind, act.log) == ("ignore", False)
+
+
+def test_unknown_ignore_compiles_on_a_host_without_ignore_msrs():
+    cp = compiled("[policy]\ndefault='allow'\n[unknown]\naction='ignore'\n", host_ignore_msrs=False)
+    assert cp.unknown.kind == "ignore" and cp.exit_mask == EXIT_REASON_UNKNOWN and cp.warnings == []
+
+
+def test_unknown_ignore_on_ignore_msrs_host_with_warn_keeps_the_action():
+    with pytest.warns(UserWarning, match="ignore_msrs=Y"):
+        cp = compiled("[policy]\ndefault='allow'\nhost_ignore_msrs='warn'\n[unknown]\naction='ignore'\n",
+                      host_ignore_msrs=True)
+    assert cp.unknown.kind == "ignore" and len(cp.warnings) == 1
+
+
+# ---- what the actions do to one exit (the handler the policy installs) ---------------------
+
+class Exit:
+    def __init__(self, index, is_write, data=0, reason=EXIT_REASON_FILTER, vcpu=0):
+        self.index, self.is_write, self.data, self.reason, self.vcpu = index, is_write, data, reason, vcpu
+
+
+class FakeVcpu:
+    """Host-initiated access that succeeds for 0x10 (reads 0x5555) and fails for others."""
+
+    def __init__(self):
+        self.done = []
+
+    def host_msr_access(self, index, write, value=0):
+        self.done.append((index, write, value))
+        if index != 0x10:
+            return None
+        return value if write else 0x5555
+
+    def get_regs(self):
+        class R:
+            rip = 0x10042
+        return R()
+
+
+class FakeMachine:
+    def __init__(self):
+        self.vcpus = [FakeVcpu()]
+
+
+def handler_for(text, audit=None):
+    m = FakeMachine()
+    return make_handler(compiled(text), m, audit), m
+
+
+ALLOW = "[policy]\ndefault='allow'\nlog=false\n"
+
+
+def test_deny_and_default_deny_inject_gp():
+    h, _ = handler_for("[policy]\ndefault='deny'\n[[rule]]\nmsr=0x10\naction='deny'\n")
+    assert h(Exit(0x10, False)) is InjectGP
+    assert h(Exit(0x1A0, True, 5)) is InjectGP
+
+
+def test_ignore_reads_zero_and_drops_writes():
+    h, _ = handler_for(ALLOW + "[[rule]]\nmsr=0x10\naction='ignore'\n")
+    assert h(Exit(0x10, False)) == 0
+    assert h(Exit(0x10, True, 7)) is None
+
+
+@pytest.mark.parametrize("writes,expect", [("ignore", None), ("gp", InjectGP)])
+def test_constant(writes, expect):
+    h, _ = handler_for(ALLOW + f"[[rule]]\nmsr=0x35\naction='constant'\nvalue=0x10001\nwrites='{writes}'\n")
+    assert h(Exit(0x35, False)) == 0x10001
+    assert h(Exit(0x35, True, 3)) is expect
+    assert h(Exit(0x35, False)) == 0x10001        # a write never changes a constant
+
+
+def test_emulate_write_mask_and_store():
+    h, _ = handler_for(ALLOW + "[[rule]]\nmsr=0x10\naction='emulate'\ninitial=0x100\nwrite_mask=0xff\n")
+    assert h(Exit(0x10, False)) == 0x100
+    assert h(Exit(0x10, True, 0x1AB)) is None          # bit 8 unchanged, low byte may change
+    assert h(Exit(0x10, False)) == 0x1AB
+    assert h(Exit(0x10, True, 0x0AB)) is InjectGP      # clears bit 8: outside write_mask
+    assert h(Exit(0x10, True, 0x1AB | 1 << 63)) is InjectGP
+    assert h(Exit(0x10, False)) == 0x1AB               # a refused write stores nothing
+
+
+def test_emulate_allowed_values():
+    h, _ = handler_for(ALLOW + "[[rule]]\nmsr=0x10\naction='emulate'\nallowed=[1, 3]\n")
+    assert h(Exit(0x10, False)) == 0
+    assert h(Exit(0x10, True, 3)) is None
+    assert h(Exit(0x10, True, 2)) is InjectGP
+    assert h(Exit(0x10, False)) == 3
+
+
+def test_emulated_registers_are_per_msr():
+    h, _ = handler_for(ALLOW + "[[rule]]\nmsrs=[0x10, 0x11]\naction='emulate'\ninitial=4\n")
+    assert h(Exit(0x10, True, 9)) is None
+    assert (h(Exit(0x10, False)), h(Exit(0x11, False))) == (9, 4)
+
+
+def test_forward_carries_out_the_access_host_initiated():
+    h, m = handler_for(ALLOW + "[[rule]]\nmsrs=[0x10, 0x11]\naction='allow'\nlog=true\n")
+    assert h(Exit(0x10, False)) == 0x5555
+    assert h(Exit(0x10, True, 0x77)) is None
+    assert h(Exit(0x11, False)) is InjectGP            # KVM refused the host-initiated access
+    assert m.vcpus[0].done == [(0x10, False, 0), (0x10, True, 0x77), (0x11, False, 0)]
+
+
+def test_exit_reasons_pick_their_table():
+    h, _ = handler_for(ALLOW + "[[rule]]\nmsr=0x10\naction='constant'\nvalue=1\n"
+                       "[unknown]\naction='ignore'\n[invalid]\naction='gp'\nlog=true\n")
+    assert h(Exit(0x10, False)) == 1
+    assert h(Exit(0x10, False, reason=EXIT_REASON_UNKNOWN)) == 0      # not the 0x10 rule
+    assert h(Exit(0x10, False, reason=EXIT_REASON_INVAL)) is InjectGP
+    assert h(Exit(0x10, False, reason=0x80)) is InjectGP              # no such reason
+
+
+def test_unlisted_reason_without_table_is_gp():
+    h, _ = handler_for(ALLOW + "[[rule]]\nmsr=0x10\naction='constant'\nvalue=1\n")
+    assert h(Exit(0x99, False, reason=EXIT_REASON_UNKNOWN)) is InjectGP
+    assert h(Exit(0x99, False, reason=EXIT_REASON_INVAL)) is InjectGP
+
+
+def test_logged_actions_are_recorded_and_unlogged_ones_counted():
+    buf = io.StringIO()
+    audit = AuditLog(buf, clock=lambda: 5.0)
+    h, _ = handler_for("[policy]\ndefault='deny'\n"
+                       "[[rule]]\nmsr=0x35\naccess='read'\naction='constant'\nvalue=2\n"
+                       "[[rule]]\nmsr=0x186\naction='ignore'\nlog=false\n"
+                       "[unknown]\naction='gp'\nlog=true\n", audit)
+    h(Exit(0x35, False))
+    h(Exit(0x186, True, 4))
+    h(Exit(0x1A0, False))
+    h(Exit(0x4B564D00, True, 1, reason=EXIT_REASON_UNKNOWN))
+    recs = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert [(r["msr"], r["access"], r["value"], r["reason"], r["action"], r["result"], r["rip"], r["rule"])
+            for r in recs] == [
+        ("0x35", "read", "0x0", "FILTER", "constant", "read 0x2", "0x10042", "p.toml:3 (rule 1)"),
+        ("0x1a0", "read", "0x0", "FILTER", "deny", "#GP", "0x10042", "[policy] default"),
+        ("0x4b564d00", "write", "0x1", "UNKNOWN", "deny", "#GP", "0x10042", "[unknown]")]
+    assert {(s["msr"], s["action"], s["result"]): s["count"] for s in audit.summary()} == {
+        ("0x35", "constant", "read 0x2"): 1, ("0x186", "ignore", "dropped"): 1,
+        ("0x1a0", "deny", "#GP"): 1, ("0x4b564d00", "deny", "#GP"): 1}
