@@ -5,7 +5,15 @@ not something for user space to fill in; an access the owner's filter denies whi
 has no FILTER exits must end in #GP exactly as the kernel alone would do it."""
 import pytest
 
-from kvmgate import EXIT_REASON_FILTER, DEFAULT_ALLOW, READ, WRITE, Machine, MsrFilter, MsrRange
+from kvmgate import (
+    DEFAULT_ALLOW,
+    EXIT_REASON_FILTER,
+    READ,
+    WRITE,
+    Machine,
+    MsrFilter,
+    MsrRange,
+)
 
 pytestmark = pytest.mark.kvm
 LSTAR = 0xC0000082

@@ -5,10 +5,15 @@ import json
 
 import pytest
 
-from kvmgate.errors import InjectGP
 from kvmgate.audit import AuditLog
-from kvmgate.msr.model import (EXIT_REASON_FILTER, EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN, READ,
-                               WRITE)
+from kvmgate.errors import InjectGP
+from kvmgate.msr.model import (
+    EXIT_REASON_FILTER,
+    EXIT_REASON_INVAL,
+    EXIT_REASON_UNKNOWN,
+    READ,
+    WRITE,
+)
 from kvmgate.policy import compile_policy, parse_policy
 from kvmgate.policy.handlers import make_handler
 
