@@ -114,3 +114,49 @@ def test_file_sink_appends_and_closes(tmp_path):
     audit.close()
     got = [json.loads(line) for line in path.read_text().splitlines()]
     assert got[0] == {"old": 1} and got[1]["msr"] == "0x10" and len(got) == 2
+
+
+def test_defaults_are_20_per_second_burst_20():
+    clock = Clock()
+    audit = AuditLog(None, clock=clock)
+    assert [rec(audit) for _ in range(21)] == [True] * 20 + [False]
+    clock.t += 49 / 1024                 # 0.957 tokens at 20/s (1.005 at 21/s)
+    assert rec(audit) is False
+    clock.t += 3 / 1024                  # 52/1024 s * 20/s = 1.016 tokens
+    assert rec(audit) is True
+
+
+def test_time_is_rounded_to_microseconds_and_names_are_given():
+    clock, buf = Clock(12.123456789), io.StringIO()
+    audit = AuditLog(buf, rate=1.0, burst=1, clock=clock)
+    rec(audit, write=True), rec(audit, write=True)
+    audit.close()
+    first, last = lines(buf)
+    assert first["time"] == 12.123457 and first["name"] == "IA32_TSC"
+    assert last == {"time": 12.123457, "msr": "0x10", "name": "IA32_TSC", "access": "write",
+                    "suppressed": 1}
+    assert audit.summary()[0]["name"] == "IA32_TSC"
+
+
+def test_count_adds_up():
+    audit = AuditLog(None)
+    for _ in range(3):
+        audit.count(0x10, False, "ignore", "read 0x0")
+    assert [r["count"] for r in audit.summary()] == [3]
+
+
+def test_after_close_records_are_counted_not_written():
+    buf = io.StringIO()
+    audit = AuditLog(buf, clock=Clock())
+    audit.close()
+    assert rec(audit) is True and buf.getvalue() == ""
+    audit.close()                        # twice is fine
+    assert audit.summary()[0]["count"] == 1
+
+
+def test_file_sink_is_line_buffered(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(str(path), clock=Clock())
+    rec(audit)
+    assert len(path.read_text().splitlines()) == 1     # readable before close (tail -f)
+    audit.close()
