@@ -9,7 +9,8 @@ mutmut plants one small bug at a time (an operator, a constant, a condition, a d
 call...) in the modules below and runs the unit tests that cover the mutated function; a
 mutant no test notices "survives".  The work happens in a scratch copy of the repository
 (--workdir, default a temporary directory), so the worktree is never touched; re-running with
-the same --workdir only re-tests what changed.  Prints the score per module and overall
+the same --workdir reuses the copy but re-tests every mutant (mutmut's cache does not notice
+every change, e.g. edited tests).  Prints the score per module and overall
 (killed / (killed + survived); mutants no test reaches count as survivors) and lists every
 survivor.  Exit status 1 when the overall score is under --min-score.
 
@@ -72,6 +73,9 @@ def prepare(work: Path, modules: list[str], tests: list[str]) -> None:
     cfg += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
             "timeout_multiplier = 10.0", "timeout_constant = 20.0", ""]
     (work / "setup.cfg").write_text("\n".join(cfg))
+    # mutmut 3 keeps mutants and verdicts in mutants/ and does not notice every change (a new
+    # module list, edited tests): start from scratch each time
+    shutil.rmtree(work / "mutants", ignore_errors=True)
 
 
 def mutmut(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
