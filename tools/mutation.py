@@ -45,6 +45,12 @@ MODULES = [
     "kvmgate/introspection/protocol.py",
 ]
 TESTS = ["tests/unit"]
+# Unit test files that exercise none of MODULES directly and are slow (subprocess CLI runs,
+# big traces, AST walks, fuzz streams); --all-tests runs them too.
+SLOW_TESTS = ["tests/unit/test_cli_trace.py", "tests/unit/test_trace.py", "tests/unit/test_learn.py",
+              "tests/unit/test_layers.py", "tests/unit/test_names.py",
+              "tests/unit/test_introspection_fuzz.py"]
+MUTATION_EXAMPLES = 30        # hypothesis examples per property test while mutating
 
 KILLED = {"killed", "timeout", "caught by type check"}
 NOT_COUNTED = {"skipped", "not checked"}
@@ -56,7 +62,7 @@ def repo_files() -> list[str]:
     return [f for f in out.splitlines() if (ROOT / f).is_file()]
 
 
-def prepare(work: Path, modules: list[str], tests: list[str]) -> None:
+def prepare(work: Path, modules: list[str], tests: list[str], ignore: list[str]) -> None:
     """Copy the repository into `work` (keeping mutmut's state there) and configure mutmut."""
     work.mkdir(parents=True, exist_ok=True)
     for f in repo_files():
@@ -70,12 +76,17 @@ def prepare(work: Path, modules: list[str], tests: list[str]) -> None:
     cfg = ["[mutmut]", "source_paths = kvmgate", "only_mutate ="]
     cfg += [f"    {m}" for m in modules]
     cfg += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
-    cfg += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q",
-            "timeout_multiplier = 10.0", "timeout_constant = 20.0", ""]
+    cfg += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q"]
+    cfg += [f"    --ignore={t}" for t in ignore]
+    cfg += ["timeout_multiplier = 10.0", "timeout_constant = 20.0", ""]
     (work / "setup.cfg").write_text("\n".join(cfg))
     # mutmut 3 keeps mutants and verdicts in mutants/ and does not notice every change (a new
     # module list, edited tests): start from scratch each time
     shutil.rmtree(work / "mutants", ignore_errors=True)
+    # fewer hypothesis examples per property (still derandomized): in the scratch copy only
+    with open(work / "tests" / "conftest.py", "a") as f:
+        f.write(f"\n\nsettings.register_profile('mutation', parent=settings.get_profile('ci'), "
+                f"max_examples={MUTATION_EXAMPLES})\nsettings.load_profile('mutation')\n")
 
 
 def mutmut(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -94,6 +105,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("modules", nargs="*", default=MODULES, help="files to mutate")
     ap.add_argument("--tests", nargs="+", default=TESTS, help="test paths to run")
+    ap.add_argument("--all-tests", action="store_true", help=f"do not skip {', '.join(SLOW_TESTS)}")
     ap.add_argument("--workdir", type=Path, help="scratch copy (kept; reused to resume)")
     ap.add_argument("--max-children", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--min-score", type=float, default=90.0)
@@ -109,7 +121,7 @@ def main(argv=None) -> int:
           f"at {commit}{' (+ uncommitted changes)' if dirty else ''}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; work in {work}",
           flush=True)
-    prepare(work, a.modules, a.tests)
+    prepare(work, a.modules, a.tests, [] if a.all_tests else SLOW_TESTS)
     run = mutmut(work, "run", "--max-children", str(a.max_children), check=False)
     if run.returncode not in (0, 1):
         sys.stdout.write(run.stdout[-4000:])
