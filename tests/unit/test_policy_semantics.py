@@ -15,7 +15,7 @@ from kvmgate.msr.model import (
     WRITE,
 )
 from kvmgate.policy import compile_policy, parse_policy
-from kvmgate.policy.handlers import make_handler
+from kvmgate.policy.handlers import Registers, make_handler, perform
 
 M64 = (1 << 64) - 1
 
@@ -266,3 +266,43 @@ def test_logged_actions_are_recorded_and_unlogged_ones_counted():
     assert {(s["msr"], s["action"], s["result"]): s["count"] for s in audit.summary()} == {
         ("0x35", "constant", "read 0x2"): 1, ("0x186", "ignore", "dropped"): 1,
         ("0x1a0", "deny", "#GP"): 1, ("0x4b564d00", "deny", "#GP"): 1}
+
+
+# ---- the result text each action gives the audit log ---------------------------------------
+
+PERFORM_POLICY = (ALLOW + "[[rule]]\nmsr=0x20\naction='ignore'\n"
+                  "[[rule]]\nmsr=0x21\naction='constant'\nvalue=0x2a\nwrites='gp'\n"
+                  "[[rule]]\nmsr=0x22\naction='constant'\nvalue=0x2b\n"
+                  "[[rule]]\nmsr=0x23\naction='emulate'\ninitial=0x7\nwrite_mask=0xf0\n"
+                  "[[rule]]\nmsr=0x24\naction='emulate'\nallowed=[0x1]\n"
+                  "[[rule]]\nmsrs=[0x10, 0x11]\naction='allow'\nlog=true\n"
+                  "[[rule]]\nmsr=0x25\naction='deny'\n")
+
+
+@pytest.mark.parametrize("index,write,data,reply,result", [
+    (0x20, False, 0, 0, "read 0x0"),
+    (0x20, True, 5, None, "dropped"),
+    (0x21, False, 0, 0x2A, "read 0x2a"),
+    (0x21, True, 5, InjectGP, "#GP"),
+    (0x22, True, 5, None, "dropped"),
+    (0x23, False, 0, 0x7, "read 0x7"),
+    (0x23, True, 0x37, None, "written"),
+    (0x23, True, 0x38, InjectGP, "#GP"),          # bit 3 is outside write_mask
+    (0x24, True, 0x2, InjectGP, "#GP"),           # not an allowed value
+    (0x24, True, 0x1, None, "written"),
+    (0x10, False, 0, 0x5555, "read 0x5555"),
+    (0x10, True, 9, None, "written"),
+    (0x11, True, 9, InjectGP, "#GP"),             # KVM refused the host-initiated write
+    (0x25, False, 0, InjectGP, "#GP"),
+])
+def test_perform_reply_and_result(index, write, data, reply, result):
+    cp = compiled(PERFORM_POLICY)
+    act = cp.actions[index << 1 | write]
+    got = perform(act, Exit(index, write, data), Registers(), FakeMachine())
+    assert got == (reply, result)
+
+
+def test_perform_unknown_kind_is_gp():
+    from dataclasses import replace
+    act = replace(compiled(PERFORM_POLICY).actions[0x25 << 1], kind="no-such-action")
+    assert perform(act, Exit(0x25, False), Registers(), FakeMachine()) == (InjectGP, "#GP")
