@@ -160,3 +160,12 @@ def test_file_sink_is_line_buffered(tmp_path):
     rec(audit)
     assert len(path.read_text().splitlines()) == 1     # readable before close (tail -f)
     audit.close()
+
+
+def test_file_sink_is_closed_by_close(tmp_path):
+    import os
+    before = len(os.listdir("/proc/self/fd"))
+    audit = AuditLog(str(tmp_path / "a.jsonl"), clock=Clock())
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    audit.close()
+    assert len(os.listdir("/proc/self/fd")) == before
