@@ -306,3 +306,80 @@ def test_perform_unknown_kind_is_gp():
     from dataclasses import replace
     act = replace(compiled(PERFORM_POLICY).actions[0x25 << 1], kind="no-such-action")
     assert perform(act, Exit(0x25, False), Registers(), FakeMachine()) == (InjectGP, "#GP")
+
+
+# ---- compile errors say what and where; limits are exact -----------------------------------
+
+from kvmgate.errors import PolicyError  # noqa: E402
+from kvmgate.msr.model import DEFAULT_ALLOW, MsrFilter, MsrRange  # noqa: E402
+
+
+def compile_error(text: str) -> str:
+    with pytest.raises(PolicyError) as ei:
+        compiled(text)
+    return str(ei.value)
+
+
+def test_range_size_limit_is_2_to_the_20():
+    assert compile_error("[[rule]]\nrange=[0,0x100000]\naction='deny'") == (
+        "p.toml:1 (rule 1): range 0x0..0x100000 covers 1048577 MSRs; the kernel filter holds "
+        "at most 0x30000: narrow it or change the default instead")
+
+
+@pytest.mark.parametrize("access,word", [("write", "writes"), ("read", "reads")])
+def test_contradiction_message(access, word):
+    text = (f"[[rule]]\nmsr=0x10\naccess='{access}'\naction='deny'\n"
+            "[[rule]]\nrange=[0x10,0x11]\naction='allow'")
+    assert compile_error(text) == (
+        f"p.toml:5 (rule 2): contradicts p.toml:1 (rule 1) for {word} of IA32_TSC (deny vs allow); "
+        "remove one or split the ranges")
+
+
+@pytest.mark.parametrize("msr", [0x800, 0x8FF])
+def test_x2apic_bounds_and_message(msr):
+    assert compile_error(f"[[rule]]\nmsr={msr}\naction='deny'\nlog=true") == (
+        f"p.toml:1 (rule 1): {names_describe(msr)} is an x2APIC MSR (0x800-0x8ff): KVM never "
+        "filters those, so action 'deny' with log cannot be enforced; drop the rule or set "
+        "[policy] x2apic = \"warn\"")
+    assert "action 'ignore' cannot" in compile_error(f"[[rule]]\nmsr={msr}\naction='ignore'\nlog=false")
+    assert compiled(f"[[rule]]\nmsr={msr - 1 if msr == 0x800 else msr + 1}\naction='deny'").filter
+
+
+def names_describe(i):
+    from kvmgate.msr import names
+    return names.describe(i)
+
+
+def test_x2apic_warning_keeps_the_rules_after_it():
+    with pytest.warns(UserWarning, match="x2APIC"):
+        cp = compiled("[policy]\ndefault='allow'\nx2apic='warn'\n[[rule]]\nmsr=0x830\naction='deny'\n"
+                      "[[rule]]\nmsr=0x10\naction='deny'\n")
+    assert not cp.filter.allows(0x10, READ) and not cp.filter.allows(0x10, WRITE)
+
+
+def test_sixteen_ranges_fit_seventeen_do_not():
+    rules = "".join(f"[[rule]]\nmsr = {i * 0x10000:#x}\naction = 'deny'\n" for i in range(16))
+    assert len(compiled("[policy]\ndefault='allow'\n" + rules).filter.ranges) == 16
+    msg = compile_error("[policy]\ndefault='allow'\n" + rules + "[[rule]]\nmsr=0x100000\naction='deny'\n")
+    assert msg.startswith("p.toml: needs 17 filter ranges") and "(now 'allow')" in msg
+
+
+def test_planned_ranges_exactly():
+    cp = compiled("[policy]\ndefault='allow'\n[[rule]]\nrange=[0x10,0x12]\naction='deny'\n")
+    assert cp.filter == MsrFilter([MsrRange(READ | WRITE, 0x10, 3, b"\x00")], DEFAULT_ALLOW)
+    # reads and writes in different windows: separate READ and WRITE ranges are fewer
+    cp = compiled("[policy]\ndefault='allow'\n"
+                  "[[rule]]\nmsrs=[0x0, 0x2fff]\naccess='read'\naction='deny'\n"
+                  "[[rule]]\nmsrs=[0x1000, 0x3fff]\naccess='write'\naction='deny'\n")
+    bits = bytearray(b"\xff" * 0x600)
+    bits[0] &= 0xFE
+    bits[0x5FF] &= 0x7F
+    assert cp.filter == MsrFilter([MsrRange(READ, 0x0, 0x3000, bytes(bits)),
+                                   MsrRange(WRITE, 0x1000, 0x3000, bytes(bits))], DEFAULT_ALLOW)
+
+
+def test_action_for_invalid_only_for_inval():
+    cp = compiled(ALLOW + "[invalid]\naction='ignore'\n")
+    assert cp.action_for(0x10, False, EXIT_REASON_INVAL).kind == "ignore"
+    assert cp.action_for(0x10, False, 8) is None
+    assert cp.action_for(0x10, False, EXIT_REASON_UNKNOWN) is None
