@@ -6,14 +6,10 @@ import json
 import pytest
 
 from kvmgate.audit import AuditLog
-from kvmgate.errors import InjectGP
-from kvmgate.msr.model import (
-    EXIT_REASON_FILTER,
-    EXIT_REASON_INVAL,
-    EXIT_REASON_UNKNOWN,
-    READ,
-    WRITE,
-)
+from kvmgate.errors import InjectGP, PolicyError
+from kvmgate.msr import names
+from kvmgate.msr.model import (DEFAULT_ALLOW, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
+                               EXIT_REASON_UNKNOWN, READ, WRITE, MsrFilter, MsrRange)
 from kvmgate.policy import compile_policy, parse_policy
 from kvmgate.policy.handlers import Registers, make_handler, perform
 
@@ -310,8 +306,6 @@ def test_perform_unknown_kind_is_gp():
 
 # ---- compile errors say what and where; limits are exact -----------------------------------
 
-from kvmgate.errors import PolicyError  # noqa: E402
-from kvmgate.msr.model import DEFAULT_ALLOW, MsrFilter, MsrRange  # noqa: E402
 
 
 def compile_error(text: str) -> str:
@@ -346,7 +340,6 @@ def test_x2apic_bounds_and_message(msr):
 
 
 def names_describe(i):
-    from kvmgate.msr import names
     return names.describe(i)
 
 
