@@ -2,7 +2,6 @@
 import socket
 import struct
 import threading
-import time
 
 import pytest
 
@@ -471,9 +470,7 @@ def test_serve_loop_reverts_lstar_changes(rig):
     assert Spawn(rig.intro.msr_event, 0, LSTAR, 0x1000, 0x2000, STATE).result() == (CONTINUE, 0x1000)
     assert Spawn(rig.intro.msr_event, 0, SYSENTER_EIP, 1, 2, STATE).result() == (CONTINUE, 2)
     assert Spawn(rig.intro.msr_event, 0, SYSENTER_EIP, 1, 0xBAD, STATE).result() == (CRASH, 1)
-    t0 = time.monotonic()
     assert rig.intro.unhook(wait=TIMEOUT)       # the tool gets UNHOOK and closes its end
-    assert time.monotonic() - t0 < TIMEOUT / 2
     assert tool.result() == "unhook"
     assert seen == [(LSTAR, 0x2000), (SYSENTER_EIP, 2), (SYSENTER_EIP, 0xBAD)]
 
@@ -590,9 +587,8 @@ def test_event_timeout_releases_the_vcpu():
     r = Rig(event_timeout=0.2)
     try:
         r.controlled_msr_on_vcpu0()
-        t0 = time.monotonic()
-        assert r.intro.msr_event(0, LSTAR, 1, 2, STATE) == (CONTINUE, 2)
-        assert time.monotonic() - t0 < TIMEOUT
+        # nobody answers: the event timeout, not the test's hang guard, releases the vCPU
+        assert Spawn(r.intro.msr_event, 0, LSTAR, 1, 2, STATE).result() == (CONTINUE, 2)
         assert r.server.join(TIMEOUT) and "no reply" in r.closes[0]
     finally:
         r.close()
