@@ -1,10 +1,18 @@
-"""Replay throughput on a synthetic trace, against per-event Python in the same run.
+"""Replay throughput from a Parquet trace in the page cache, side by side with DuckDB.
 
-`python -m kvmgate.trace bench [--events N]` or bench/trace_replay.py.  Trace generation,
-encoding and writing are not timed.  Figures: replay of chunks already in memory; replay from
-the file with its pages in the page cache; replay from the file after its pages were dropped
-(posix_fadvise DONTNEED on that file only), which includes the disk.  The Python baseline calls
-MsrFilter.allows for every event of a sample and counts per (index, write, verdict).
+`python -m kvmgate.trace bench [--events N] [--rounds R]` (or bench/trace_replay.py).  One
+synthetic trace file (a realistic skew: ~300 MSRs, 90% on six) is written (not timed), read once
+to bring it into the page cache, then R interleaved rounds time, each on one CPU (the process is
+pinned to one core; DuckDB runs with threads=1):
+
+  kvmgate       replay of the file against a 16-range filter: the key columns' page checksums
+                checked, the stored key summaries merged, one verdict per distinct key;
+  kvmgate-full  the same from every decoded event (what replay does with --full-check or a
+                file written by another tool);
+  duckdb        SELECT index, direction, exception, count(*) ... GROUP BY ALL over the file.
+
+The medians (of >= 7 rounds) are printed with the load average; the counts of all three are
+checked equal.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -22,7 +31,8 @@ import numpy as np
 
 from ..msr.model import DEFAULT_DENY, READ, WRITE, MsrFilter, MsrRange
 from .replay import filter_decider, replay, report_counts
-from .store import DEFAULT_CHUNK_EVENTS, Trace, TraceReader
+from .schema import ROW_GROUP_EVENTS
+from .store import Trace
 
 # the handful of MSRs a Linux guest touches most, with the share of writes
 HOT = [(0x10, 0.0), (0x6E0, 0.9), (0x1B, 0.0), (0xC0000080, 0.01), (0x48, 0.2), (0x3B, 0.0)]
@@ -56,11 +66,11 @@ def synthetic_columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
             "value": rng.integers(0, np.iinfo(np.uint64).max, n, dtype=np.uint64, endpoint=True),
             "exception": rng.random(n) < gp[which],
             "pid": tids[rng.integers(0, tids.size, n)],
-            "time_ns": np.uint64(10**12) + np.cumsum(rng.integers(50, 2000, n, dtype=np.uint64))}
+            "time_ns": np.int64(10**12) + np.cumsum(rng.integers(50, 2000, n, dtype=np.int64))}
 
 
-def synthetic_trace(n: int, seed: int = 0, chunk_events: int = DEFAULT_CHUNK_EVENTS) -> Trace:
-    return Trace.from_arrays(**synthetic_columns(n, seed), chunk_events=chunk_events,
+def synthetic_trace(n: int, seed: int = 0, host: str = "bench-host") -> Trace:
+    return Trace.from_arrays(**synthetic_columns(n, seed), host=host,
                              meta={"source": "synthetic", "seed": seed})
 
 
@@ -79,108 +89,127 @@ def sixteen_range_filter(seed: int = 1) -> MsrFilter:
     return flt
 
 
-def python_baseline(index: np.ndarray, write: np.ndarray, flt: MsrFilter) -> tuple[dict, float]:
-    """Per event: MsrFilter.allows and a dict count per (index, write, verdict); (counts, s)."""
-    idx, wr = index.tolist(), write.tolist()
-    counts: dict = {}
-    allows = flt.allows
-    t = time.perf_counter()
-    for i, w in zip(idx, wr):
-        k = (i, w, "allow" if allows(i, WRITE if w else READ) else "deny")
-        counts[k] = counts.get(k, 0) + 1
-    return counts, time.perf_counter() - t
+def _warm(path: Path) -> None:
+    with open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
 
 
-def _best(fn, repeat: int) -> float:
-    return min(fn() for _ in range(repeat))
+def _duckdb_counts(con, path: Path) -> dict:
+    rows = con.execute(f"SELECT index, direction, exception, count(*) FROM read_parquet('{path}') "
+                       "GROUP BY ALL").fetchall()
+    return {(int(i), d == "write", bool(e)): int(n) for i, d, e, n in rows}
 
 
-def _drop_cache(path: Path) -> bool:
-    """Evict one file's pages from the page cache (posix_fadvise DONTNEED); nothing else."""
+def _key_counts(report) -> dict:
+    return {k: n for k, n in _rows_by_key(report).items()}
+
+
+def _rows_by_key(report) -> dict:
+    out: dict = {}
+    for r in report.rows:
+        for v, n in r.verdicts.items():
+            out[(r.index, r.write, v)] = out.get((r.index, r.write, v), 0) + n
+    return out
+
+
+def _pin_one_cpu() -> int | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        return True
-    except (OSError, AttributeError):
-        return False
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[-1]})
+        return cpus[-1]
+    except (AttributeError, OSError):
+        return None
 
 
-def bench_replay(n: int = 10_000_000, *, sample: int = 200_000, chunk_events: int = DEFAULT_CHUNK_EVENTS,
-                 repeat: int = 3, seed: int = 0, workdir: str | None = None, out=sys.stdout) -> dict:
-    """Replay events/s (memory, warm file, cold file) vs per-event Python; prints and returns them."""
-    say = (lambda *a: print(*a, file=out)) if out is not None else (lambda *a: None)
+def bench_replay(n: int = 20_000_000, *, rounds: int = 7, seed: int = 0, workdir: str | None = None,
+                 full: bool = True, out=sys.stdout) -> dict:
+    """Median events/s of kvmgate replay (and its full decode) vs DuckDB over one Parquet file."""
+    say = (lambda *a: print(*a, file=out, flush=True)) if out is not None else (lambda *a: None)
+    if rounds < 1:
+        raise ValueError("rounds >= 1")
+    try:
+        import duckdb
+    except ImportError:
+        duckdb = None
     flt = sixteen_range_filter(seed + 1)
     decide = filter_decider(flt)
-    t = time.perf_counter()
-    cols = synthetic_columns(n, seed)
-    trace = Trace.from_arrays(**cols, chunk_events=chunk_events)
-    say(f"built {n:,} events in {len(trace.chunks)} chunks of <= {chunk_events:,} "
-        f"({time.perf_counter() - t:.1f} s, not timed)")
-
-    first = replay(trace, decide)
-    mem = _best(lambda: replay(trace, decide).seconds, repeat)
-
     tmp = Path(workdir or tempfile.mkdtemp(prefix="kvmgate-trace-bench-"))
-    path = tmp / "bench.kvmtrace"
+    path = tmp / "bench.parquet"
     try:
-        trace.save(path)
+        t = time.perf_counter()
+        synthetic_trace(n, seed).save(path, row_group_events=ROW_GROUP_EVENTS)
         size = path.stat().st_size
-
-        def from_file() -> float:
-            t0 = time.perf_counter()
-            with TraceReader(path) as r:
-                rep = replay(r, decide)
-            assert rep.totals == first.totals
-            return time.perf_counter() - t0
-
-        warm = _best(from_file, repeat)
-        cold = from_file() if _drop_cache(path) else None
+        say(f"wrote {n:,} events to {path} ({size / n:.2f} B/event, {time.perf_counter() - t:.1f} s, not timed)")
+        _warm(path)
+        cpu = _pin_one_cpu()
+        import pyarrow
+        pyarrow.set_cpu_count(1)
+        pyarrow.set_io_thread_count(1)
+        con = None
+        if duckdb is not None:
+            con = duckdb.connect()
+            con.execute("SET threads=1")
+        runners = {"kvmgate": lambda: replay(path, decide)}
+        if full:
+            runners["kvmgate-full"] = lambda: replay(path, decide, full=True)
+        if con is not None:
+            runners["duckdb"] = lambda: _duckdb_counts(con, path)
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        results: dict = {}
+        load = os.getloadavg()
+        for _ in range(rounds):
+            for name, fn in runners.items():            # interleaved: every runner each round
+                t0 = time.perf_counter()
+                results[name] = fn()
+                times[name].append(time.perf_counter() - t0)
+        load_end = os.getloadavg()
     finally:
         if workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    m = min(sample, n)
-    py_counts, py_s = python_baseline(cols["index"][:m], cols["write"][:m], flt)
-    check = report_counts(replay(Trace.from_arrays(cols["index"][:m], cols["write"][:m],
-                                                   exception=cols["exception"][:m]), decide))
-    if check != py_counts:
-        raise AssertionError("replay counts differ from the per-event Python count")
-
-    res = {"events": n, "chunks": len(trace.chunks), "chunk_events": chunk_events,
-           "distinct_keys": first.distinct_keys, "decide_calls": first.decide_calls,
-           "file_bytes": size, "totals": first.totals,
-           "replay_memory_eps": n / mem, "replay_file_warm_eps": n / warm,
-           "replay_file_cold_eps": n / cold if cold else None,
-           "python_sample": m, "python_eps": m / py_s, "python_extrapolated_s": n * py_s / m,
-           "ratio_memory_vs_python": (n / mem) / (m / py_s), "cpus": len(os.sched_getaffinity(0))}
-    say(f"{first.distinct_keys} distinct (index, write, exception) keys -> {first.decide_calls} "
-        f"decide() calls; totals {first.totals}")
-    say(f"replay, chunks in memory:          {res['replay_memory_eps'] / 1e6:9.1f} M events/s  ({mem * 1e3:.1f} ms)")
-    say(f"replay, file in page cache:        {res['replay_file_warm_eps'] / 1e6:9.1f} M events/s  ({warm * 1e3:.1f} ms, "
-        f"{size / 2**20:.0f} MiB file)")
-    if cold:
-        say(f"replay, file cold (fadvise DONTNEED): {res['replay_file_cold_eps'] / 1e6:6.1f} M events/s  ({cold * 1e3:.1f} ms)")
-    say(f"per-event Python (MsrFilter.allows): {res['python_eps'] / 1e6:7.2f} M events/s  "
-        f"({m:,}-event sample; {res['python_extrapolated_s']:.1f} s extrapolated to {n:,})")
-    say(f"ratio replay (memory) / Python:    {res['ratio_memory_vs_python']:9.0f} x   "
-        f"(one thread; counts checked equal on the sample)")
+    ours = _rows_by_key(results["kvmgate"])
+    if "kvmgate-full" in results and _rows_by_key(results["kvmgate-full"]) != ours:
+        raise AssertionError("replay from the key summaries and from every event differ")
+    if "duckdb" in results:
+        want = {}
+        for (i, w, e), c in results["duckdb"].items():
+            k = (i, w, decide(i, w, e))
+            want[k] = want.get(k, 0) + c
+        if want != ours:
+            raise AssertionError("kvmgate and DuckDB count differently")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    eps = {k: n / v for k, v in med.items()}
+    res = {"events": n, "file_bytes": size, "bytes_per_event": size / n, "rounds": rounds,
+           "cpu": cpu, "loadavg_start": load, "loadavg_end": load_end,
+           "median_s": med, "events_per_s": eps, "all_s": times,
+           "distinct_keys": results["kvmgate"].distinct_keys,
+           "decide_calls": results["kvmgate"].decide_calls, "totals": results["kvmgate"].totals}
+    if "duckdb" in eps:
+        res["kvmgate_vs_duckdb"] = eps["kvmgate"] / eps["duckdb"]
+    say(f"{res['distinct_keys']} distinct keys -> {res['decide_calls']} decide() calls; totals {res['totals']}")
+    say(f"median of {rounds} interleaved rounds on one CPU ({cpu}); load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start, {load_end[0]:.2f} at the end")
+    for name in runners:
+        say(f"  {name:<13} {eps[name] / 1e6:10.1f} M events/s   ({med[name] * 1e3:8.1f} ms; "
+            f"rounds {', '.join(f'{x * 1e3:.0f}' for x in times[name])} ms)")
+    if "duckdb" in eps:
+        say(f"  kvmgate / duckdb: {res['kvmgate_vs_duckdb']:.1f}x" + (
+            f"   kvmgate-full / duckdb: {eps['kvmgate-full'] / eps['duckdb']:.1f}x" if "kvmgate-full" in eps else ""))
+    else:
+        say("  duckdb: not installed (pip install duckdb) - no comparison")
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvmgate.trace bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=10_000_000)
-    ap.add_argument("--sample", type=int, default=200_000)
-    ap.add_argument("--chunk-events", type=int, default=DEFAULT_CHUNK_EVENTS)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = argparse.ArgumentParser(prog="python -m kvmgate.trace bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=20_000_000)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-full", action="store_true", help="skip the decode-every-event runner")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    res = bench_replay(a.events, sample=a.sample, chunk_events=a.chunk_events, repeat=a.repeat,
-                       out=None if a.json else sys.stdout)
+    if a.events < 1 or a.rounds < 1:
+        ap.error("--events and --rounds must be >= 1")
+    res = bench_replay(a.events, rounds=a.rounds, full=not a.no_full, out=None if a.json else sys.stdout)
     if a.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2, default=str))
     return 0

@@ -1,0 +1,241 @@
+"""Key summaries: what replay and learn need from a set of events, per distinct key.
+
+A key is (host, index, write, exception).  A Summary holds, per key (rows sorted by key): the
+event count, the first and last time, the threads (pids) seen, and up to SUMMARY_VALUES distinct
+values (the smallest).  Summaries of row groups, files and hosts merge into one (`merge`), so a
+fleet's traces reduce to one small table: the policy is then asked once per distinct key.
+
+The writer stores one summary per row group in the file (kvmgate.trace.schema); `from_json`
+checks everything it is given (types, lengths, ranges, order) and raises TraceFormatError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserError
+
+SUMMARY_VALUES = 4
+_I64_MAX = np.iinfo(np.int64).max
+_I64_MIN = np.iinfo(np.int64).min
+
+
+class TraceFormatError(UserError):
+    """A trace file that is not a kvmgate trace, or is damaged (exit code 2)."""
+
+
+def pack_keys(host, index, write, exception) -> np.ndarray:
+    """(host, index, write, exception) -> one sortable u64: host << 34 | exc << 33 | write << 32 | index."""
+    return ((np.asarray(host, np.uint64) << np.uint64(34))
+            | (np.asarray(exception, np.uint64) << np.uint64(33))
+            | (np.asarray(write, np.uint64) << np.uint64(32)) | np.asarray(index, np.uint64))
+
+
+def unpack_keys(keys: np.ndarray):
+    keys = np.asarray(keys, np.uint64)
+    return ((keys >> np.uint64(34)).astype(np.int32), (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32),
+            ((keys >> np.uint64(32)) & np.uint64(1)).astype(bool),
+            ((keys >> np.uint64(33)) & np.uint64(1)).astype(bool))
+
+
+def _group_starts(sorted_codes: np.ndarray) -> np.ndarray:
+    if not sorted_codes.shape[0]:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.concatenate([[True], sorted_codes[1:] != sorted_codes[:-1]]))
+
+
+def _distinct_pairs(rows: np.ndarray, vals: np.ndarray, limit: int | None):
+    """Distinct (row, value) pairs sorted; with `limit`, only the `limit` smallest values per row."""
+    if not rows.shape[0]:
+        return rows.astype(np.int64), vals
+    order = np.lexsort((vals, rows))
+    r, v = rows[order], vals[order]
+    keep = np.ones(r.shape[0], bool)
+    keep[1:] = (r[1:] != r[:-1]) | (v[1:] != v[:-1])
+    r, v = r[keep], v[keep]
+    if limit is not None:
+        starts = _group_starts(r)
+        rank = np.arange(r.shape[0]) - np.repeat(starts, np.diff(np.append(starts, r.shape[0])))
+        r, v = r[rank < limit], v[rank < limit]
+    return r.astype(np.int64), v
+
+
+@dataclass(eq=False)
+class Summary:
+    hosts: list[str]
+    keys: np.ndarray          # u64[k] pack_keys(...), sorted, distinct
+    count: np.ndarray         # i64[k]
+    first_ns: np.ndarray      # i64[k]
+    last_ns: np.ndarray       # i64[k]
+    pid_row: np.ndarray       # i64[m] row of keys, sorted with pid
+    pid: np.ndarray           # i32[m]
+    value_row: np.ndarray     # i64[v]
+    value: np.ndarray         # u64[v]
+
+    @property
+    def events(self) -> int:
+        return int(self.count.sum())
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def columns(self):
+        """(host, index, write, exception) arrays, one entry per key."""
+        return unpack_keys(self.keys)
+
+    @classmethod
+    def empty(cls) -> "Summary":
+        z = np.zeros(0, np.int64)
+        return cls([], np.zeros(0, np.uint64), z, z, z, z, np.zeros(0, np.int32), z, np.zeros(0, np.uint64))
+
+    @classmethod
+    def from_columns(cls, cols: dict, hosts: list[str]) -> "Summary":
+        """Summarise events: cols has index, write, exception, value, pid, time_ns, host (codes
+        into `hosts`), equal-length arrays."""
+        keys = pack_keys(cols["host"], cols["index"], cols["write"], cols["exception"])
+        if not keys.shape[0]:
+            return cls.empty()
+        if int(np.max(cols["host"])) >= len(hosts) or int(np.min(cols["host"])) < 0:
+            raise ValueError("host code without a host name")
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        starts = _group_starts(sk)
+        uniq = sk[starts]
+        row_of_sorted = np.repeat(np.arange(starts.shape[0]), np.diff(np.append(starts, sk.shape[0])))
+        t = np.asarray(cols["time_ns"], np.int64)[order]
+        count = np.diff(np.append(starts, sk.shape[0])).astype(np.int64)
+        first = np.minimum.reduceat(t, starts)
+        last = np.maximum.reduceat(t, starts)
+        pr, pv = _distinct_pairs(row_of_sorted, np.asarray(cols["pid"], np.int32)[order], None)
+        vr, vv = _distinct_pairs(row_of_sorted, np.asarray(cols["value"], np.uint64)[order], SUMMARY_VALUES)
+        raw = cls(list(hosts), uniq, count, first.astype(np.int64), last.astype(np.int64),
+                  pr, pv.astype(np.int32), vr, vv.astype(np.uint64))
+        return cls.merge([raw])
+
+    @classmethod
+    def merge(cls, parts) -> "Summary":
+        """One summary of many.  Hosts are matched by name and numbered in sorted order (names no
+        key uses are dropped), so equal events give equal summaries however they were split."""
+        parts = [p for p in parts if p is not None and len(p)]
+        names = sorted({p.hosts[h] for p in parts for h in np.unique(p.keys >> np.uint64(34)).tolist()})
+        code = {h: i for i, h in enumerate(names)}
+        keys, counts, firsts, lasts, prow, pids, vrow, vals = [], [], [], [], [], [], [], []
+        base = 0
+        for p in parts:
+            remap = np.array([code.get(h, 0) for h in p.hosts], np.uint64)
+            h = (p.keys >> np.uint64(34)).astype(np.int64)
+            keys.append((remap[h] << np.uint64(34)) | (p.keys & np.uint64((1 << 34) - 1)))
+            counts.append(p.count)
+            firsts.append(p.first_ns)
+            lasts.append(p.last_ns)
+            prow.append(p.pid_row + base)
+            pids.append(p.pid)
+            vrow.append(p.value_row + base)
+            vals.append(p.value)
+            base += len(p)
+        if not base:
+            return cls.empty()
+        uniq, inv = np.unique(np.concatenate(keys), return_inverse=True)
+        k = uniq.shape[0]
+        count = np.zeros(k, np.int64)
+        np.add.at(count, inv, np.concatenate(counts))
+        first = np.full(k, _I64_MAX, np.int64)
+        np.minimum.at(first, inv, np.concatenate(firsts))
+        last = np.full(k, _I64_MIN, np.int64)
+        np.maximum.at(last, inv, np.concatenate(lasts))
+        pr, pv = _distinct_pairs(inv[np.concatenate(prow)], np.concatenate(pids), None)
+        vr, vv = _distinct_pairs(inv[np.concatenate(vrow)], np.concatenate(vals), SUMMARY_VALUES)
+        return cls(names, uniq, count, first, last, pr, pv.astype(np.int32), vr, vv.astype(np.uint64))
+
+    def only_host(self, host: str) -> "Summary":
+        """The keys of one host."""
+        if host not in self.hosts:
+            return Summary.empty()
+        h = self.hosts.index(host)
+        sel = np.flatnonzero((self.keys >> np.uint64(34)) == np.uint64(h))
+        new = np.full(len(self), -1, np.int64)
+        new[sel] = np.arange(sel.shape[0])
+        pm = new[self.pid_row] >= 0
+        vm = new[self.value_row] >= 0
+        return Summary([host], self.keys[sel] & np.uint64((1 << 34) - 1), self.count[sel],
+                       self.first_ns[sel], self.last_ns[sel], new[self.pid_row][pm], self.pid[pm],
+                       new[self.value_row][vm], self.value[vm])
+
+    def pids_of(self) -> list[tuple[int, ...]]:
+        """Per key row, the pids seen."""
+        bounds = np.searchsorted(self.pid_row, np.arange(len(self) + 1))
+        pl = self.pid.tolist()
+        return [tuple(pl[bounds[i]:bounds[i + 1]]) for i in range(len(self))]
+
+    def values_of(self) -> list[tuple[int, ...]]:
+        bounds = np.searchsorted(self.value_row, np.arange(len(self) + 1))
+        vl = self.value.tolist()
+        return [tuple(vl[bounds[i]:bounds[i + 1]]) for i in range(len(self))]
+
+    # ---- JSON (the form stored in the file)
+
+    def to_json(self) -> dict:
+        host, index, write, exc = self.columns()
+        return {"hosts": self.hosts, "host": host.tolist(), "index": index.tolist(),
+                "write": write.astype(int).tolist(), "exception": exc.astype(int).tolist(),
+                "count": self.count.tolist(), "first_ns": self.first_ns.tolist(),
+                "last_ns": self.last_ns.tolist(), "pid_row": self.pid_row.tolist(),
+                "pid": self.pid.tolist(), "value_row": self.value_row.tolist(),
+                "value": [str(v) for v in self.value.tolist()]}
+
+    @classmethod
+    def from_json(cls, d, where: str) -> "Summary":
+        """A summary from its JSON form, every field checked (TraceFormatError names `where`)."""
+        def bad(what):
+            return TraceFormatError(f"damaged key summary: {what}", where)
+        if not isinstance(d, dict):
+            raise bad("not an object")
+        names = ("hosts", "host", "index", "write", "exception", "count", "first_ns", "last_ns",
+                 "pid_row", "pid", "value_row", "value")
+        if set(d) != set(names):
+            raise bad(f"fields {sorted(map(str, d))}")
+        hosts = d["hosts"]
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts) or len(set(hosts)) != len(hosts):
+            raise bad("hosts")
+
+        def ints(name, lo, hi, dtype, conv=None):
+            v = d[name]
+            if not isinstance(v, list):
+                raise bad(name)
+            try:
+                vals = [conv(x) if conv else x for x in v]
+            except (TypeError, ValueError):
+                raise bad(name) from None
+            if not all(type(x) is int and lo <= x <= hi for x in vals):
+                raise bad(name)
+            return np.array(vals, dtype)
+
+        k = len(d["index"]) if isinstance(d["index"], list) else -1
+        host = ints("host", 0, max(len(hosts) - 1, 0), np.int64)
+        index = ints("index", 0, 0xFFFFFFFF, np.uint64)
+        write = ints("write", 0, 1, np.uint64)
+        exc = ints("exception", 0, 1, np.uint64)
+        count = ints("count", 1, _I64_MAX, np.int64)
+        first = ints("first_ns", _I64_MIN, _I64_MAX, np.int64)
+        last = ints("last_ns", _I64_MIN, _I64_MAX, np.int64)
+        if k < 0 or any(a.shape[0] != k for a in (host, write, exc, count, first, last)):
+            raise bad("columns of different lengths")
+        if k and not hosts:
+            raise bad("keys without hosts")
+        pid_row = ints("pid_row", 0, max(k - 1, 0), np.int64)
+        pid = ints("pid", -(1 << 31), (1 << 31) - 1, np.int32)
+        value_row = ints("value_row", 0, max(k - 1, 0), np.int64)
+        value = ints("value", 0, (1 << 64) - 1, np.uint64,
+                     conv=lambda s: int(s) if isinstance(s, str) and s.isdigit() and len(s) <= 20 else None)
+        if pid_row.shape != pid.shape or value_row.shape != value.shape or (k == 0 and (pid.size or value.size)):
+            raise bad("pid/value lists")
+        keys = pack_keys(host.astype(np.uint64), index, write, exc)
+        if k > 1 and not np.all(keys[1:] > keys[:-1]):
+            raise bad("keys not sorted and distinct")
+        if np.any(first > last):
+            raise bad("first time after last time")
+        return cls(list(hosts), keys, count, first, last, pid_row, pid, value_row, value)
+
+
+__all__ = ["Summary", "TraceFormatError", "SUMMARY_VALUES", "pack_keys", "unpack_keys"]
