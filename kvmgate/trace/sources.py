@@ -5,7 +5,7 @@ work (open, check, summarise), run in this process or on a Dask cluster, and the
     got.summary            # one Summary over every file (hosts kept apart in its keys)
     got.files              # per file: events, row groups, hosts, partial
 
-A directory contributes every *.parquet file under it.  A directory with a RECORDING.json marker
+A directory contributes every *.parquet file under it.  A directory with a _RECORDING.json marker
 is an unfinished recording (its writer was killed before it merged its parts): its events are
 read and the result says it is partial (`partial` notes).  Damaged files are never skipped: the
 first one stops everything with its TraceFormatError.

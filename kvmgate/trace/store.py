@@ -7,7 +7,7 @@ row groups, or a page of a key column fails its checksum.
 
 Crash safety: a TraceWriter opened with crash_safe=True (the recorder's) writes every flush as a
 complete Parquet file PATH.parts/part-NNNNNN.parquet (written aside, then renamed) next to a
-RECORDING.json marker, and close() merges the parts into PATH.  A recording killed on the way
+_RECORDING.json marker, and close() merges the parts into PATH.  A recording killed on the way
 leaves the parts directory: every event up to the last flush, readable as it is by kvmgate
 (reported as an unfinished recording, kvmgate.trace.sources) and by DuckDB or pandas.
 """
@@ -36,7 +36,7 @@ from .schema import (COLUMNS, DIRECTIONS, FORMAT, KEY_COLUMNS, META_KEY, ROW_GRO
 from .summary import Summary, TraceFormatError
 
 PARTS_SUFFIX = ".parts"
-MARKER = "RECORDING.json"
+MARKER = "_RECORDING.json"  # "_": Arrow datasets and DuckDB globs skip it
 PART_GLOB = "part-*.parquet"
 DEFAULT_FLUSH_SECONDS = 5.0
 MAX_META_BYTES = 256 << 20

@@ -605,6 +605,8 @@ class Recording:
         rec.trace    # a Trace
 
     The event is enabled before the block starts; the buffers are drained when it ends.
+    `start()` before the `with` block starts it early (so a failure to start can be told apart
+    from a failure inside the block); entering the block then does not start it again.
     """
 
     def __init__(self, pid: int | Iterable[int] | None = None, *, event_filter: str | None = None,
@@ -623,7 +625,10 @@ class Recording:
             self._error = e
             self._ready.set()
 
-    def __enter__(self) -> "Recording":
+    def start(self) -> "Recording":
+        """Start recording; returns once the event is enabled (TracefsError if it cannot start)."""
+        if getattr(self, "_thread", None) is not None:
+            return self
         self._thread = threading.Thread(target=self._main, name="kvmgate-trace", daemon=True)
         self._thread.start()
         if not self._ready.wait(self._timeout):
@@ -633,8 +638,11 @@ class Recording:
             raise self._error
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __enter__(self) -> "Recording":
+        return self.start()
+
+    def __exit__(self, etype, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        if self._error is not None and exc[0] is None:
+        if self._error is not None and etype is None:
             raise self._error
