@@ -33,7 +33,7 @@ GUARDED_MSRS: tuple[int, ...] = tuple(sorted(
     | {0xC0000300, 0xC0000301, 0xC0000302}))                    # AMD PMU
 
 
-def _guard_filter() -> MsrFilter:
+def guard_filter() -> MsrFilter:
     points = list(GUARDED_MSRS)
     guarded = set(points)
     ranges = [MsrRange.from_bits(READ | WRITE, lo, [i not in guarded for i in range(lo, hi + 1)])
@@ -113,7 +113,7 @@ def record_with_tracefs(machine, timeout, guard: bool):
     fwd = None
     with rec:
         if guard:
-            machine.set_msr_filter(_guard_filter())
+            machine.set_msr_filter(guard_filter())
             machine.enable_user_space_msr(EXIT_REASON_FILTER)
             fwd = _Forwarder(machine)
             machine.on_msr(fwd)
