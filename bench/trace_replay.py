@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Trace replay throughput vs per-event Python (see kvmgate/trace/bench.py).
+"""Trace replay throughput from a Parquet file vs DuckDB (see kvmgate/trace/bench.py).
 
-    python3 bench/trace_replay.py [--events 10000000] [--sample 200000] [--json]
+    python3 bench/trace_replay.py [--events 20000000] [--rounds 7] [--json]
 """
 import sys
 from pathlib import Path

@@ -47,7 +47,8 @@ SCHEMA = pa.schema([
 COLUMNS = tuple(SCHEMA.names)
 
 WRITE_OPTIONS = dict(compression="zstd", use_dictionary=["index", "direction", "pid", "vcpu", "host"],
-                     write_page_checksum=True, data_page_version="1.0", write_statistics=True)
+                     write_page_checksum=True, data_page_version="1.0", write_statistics=True,
+                     data_page_size=16 << 20, max_rows_per_page=1 << 20)   # few pages: cheap to check
 
 __all__ = ["SCHEMA", "COLUMNS", "KEY_COLUMNS", "DIRECTIONS", "FORMAT", "VERSION", "META_KEY",
            "ROW_GROUP_EVENTS", "WRITE_OPTIONS"]

@@ -10,6 +10,7 @@ checks everything it is given (types, lengths, ranges, order) and raises TraceFo
 """
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,27 @@ def _distinct_pairs(rows: np.ndarray, vals: np.ndarray, limit: int | None):
     return r.astype(np.int64), v
 
 
+def _smallest_values(rows: np.ndarray, starts: np.ndarray, v: np.ndarray):
+    """(row, value) for the SUMMARY_VALUES smallest distinct values of each group (`rows` and
+    `v` sorted by group, groups starting at `starts`): SUMMARY_VALUES minimum passes."""
+    avail = np.ones(v.shape[0], bool)
+    out_r, out_v = [], []
+    u64max = np.uint64(np.iinfo(np.uint64).max)
+    for _ in range(SUMMARY_VALUES):
+        has = np.logical_or.reduceat(avail, starts)
+        if not has.any():
+            break
+        m = np.minimum.reduceat(np.where(avail, v, u64max), starts)
+        out_r.append(np.flatnonzero(has))
+        out_v.append(m[has])
+        avail &= v != m[rows]
+    if not out_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    r, vals = np.concatenate(out_r), np.concatenate(out_v)
+    o = np.lexsort((vals, r))
+    return r[o].astype(np.int64), vals[o]
+
+
 @dataclass(eq=False)
 class Summary:
     hosts: list[str]
@@ -107,8 +129,11 @@ class Summary:
         count = np.diff(np.append(starts, sk.shape[0])).astype(np.int64)
         first = np.minimum.reduceat(t, starts)
         last = np.maximum.reduceat(t, starts)
-        pr, pv = _distinct_pairs(row_of_sorted, np.asarray(cols["pid"], np.int32)[order], None)
-        vr, vv = _distinct_pairs(row_of_sorted, np.asarray(cols["value"], np.uint64)[order], SUMMARY_VALUES)
+        packed = np.unique((row_of_sorted.astype(np.uint64) << np.uint64(32))
+                           | np.asarray(cols["pid"], np.int32)[order].view(np.uint32))
+        pr = (packed >> np.uint64(32)).astype(np.int64)
+        pv = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
+        vr, vv = _smallest_values(row_of_sorted, starts, np.asarray(cols["value"], np.uint64)[order])
         raw = cls(list(hosts), uniq, count, first.astype(np.int64), last.astype(np.int64),
                   pr, pv.astype(np.int32), vr, vv.astype(np.uint64))
         return cls.merge([raw])
@@ -173,69 +198,57 @@ class Summary:
         vl = self.value.tolist()
         return [tuple(vl[bounds[i]:bounds[i + 1]]) for i in range(len(self))]
 
-    # ---- JSON (the form stored in the file)
+    # ---- JSON (the form stored in the file): host names, then each array as base64 of its
+    # little-endian bytes (JSON_ARRAYS gives the dtypes)
 
     def to_json(self) -> dict:
-        host, index, write, exc = self.columns()
-        return {"hosts": self.hosts, "host": host.tolist(), "index": index.tolist(),
-                "write": write.astype(int).tolist(), "exception": exc.astype(int).tolist(),
-                "count": self.count.tolist(), "first_ns": self.first_ns.tolist(),
-                "last_ns": self.last_ns.tolist(), "pid_row": self.pid_row.tolist(),
-                "pid": self.pid.tolist(), "value_row": self.value_row.tolist(),
-                "value": [str(v) for v in self.value.tolist()]}
+        d = {"hosts": list(self.hosts)}
+        for name, dtype in JSON_ARRAYS.items():
+            d[name] = base64.b64encode(np.ascontiguousarray(getattr(self, name), dtype).tobytes()).decode()
+        return d
 
     @classmethod
     def from_json(cls, d, where: str) -> "Summary":
         """A summary from its JSON form, every field checked (TraceFormatError names `where`)."""
         def bad(what):
             return TraceFormatError(f"damaged key summary: {what}", where)
-        if not isinstance(d, dict):
-            raise bad("not an object")
-        names = ("hosts", "host", "index", "write", "exception", "count", "first_ns", "last_ns",
-                 "pid_row", "pid", "value_row", "value")
-        if set(d) != set(names):
-            raise bad(f"fields {sorted(map(str, d))}")
+        if not isinstance(d, dict) or set(d) != {"hosts", *JSON_ARRAYS}:
+            raise bad("fields")
         hosts = d["hosts"]
-        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts) or len(set(hosts)) != len(hosts):
+        if (not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts)
+                or hosts != sorted(set(hosts)) or len(hosts) > 1 << 30):
             raise bad("hosts")
-
-        def ints(name, lo, hi, dtype, conv=None):
+        arr = {}
+        for name, dtype in JSON_ARRAYS.items():
             v = d[name]
-            if not isinstance(v, list):
+            if not isinstance(v, str):
                 raise bad(name)
             try:
-                vals = [conv(x) if conv else x for x in v]
-            except (TypeError, ValueError):
+                raw = base64.b64decode(v, validate=True)
+            except (ValueError, TypeError):
                 raise bad(name) from None
-            if not all(type(x) is int and lo <= x <= hi for x in vals):
+            if len(raw) % np.dtype(dtype).itemsize:
                 raise bad(name)
-            return np.array(vals, dtype)
-
-        k = len(d["index"]) if isinstance(d["index"], list) else -1
-        host = ints("host", 0, max(len(hosts) - 1, 0), np.int64)
-        index = ints("index", 0, 0xFFFFFFFF, np.uint64)
-        write = ints("write", 0, 1, np.uint64)
-        exc = ints("exception", 0, 1, np.uint64)
-        count = ints("count", 1, _I64_MAX, np.int64)
-        first = ints("first_ns", _I64_MIN, _I64_MAX, np.int64)
-        last = ints("last_ns", _I64_MIN, _I64_MAX, np.int64)
-        if k < 0 or any(a.shape[0] != k for a in (host, write, exc, count, first, last)):
+            arr[name] = np.frombuffer(raw, dtype).astype(np.dtype(dtype).newbyteorder("="))
+        keys, k = arr["keys"], arr["keys"].shape[0]
+        if any(arr[n].shape[0] != k for n in ("count", "first_ns", "last_ns")):
             raise bad("columns of different lengths")
-        if k and not hosts:
-            raise bad("keys without hosts")
-        pid_row = ints("pid_row", 0, max(k - 1, 0), np.int64)
-        pid = ints("pid", -(1 << 31), (1 << 31) - 1, np.int32)
-        value_row = ints("value_row", 0, max(k - 1, 0), np.int64)
-        value = ints("value", 0, (1 << 64) - 1, np.uint64,
-                     conv=lambda s: int(s) if isinstance(s, str) and s.isdigit() and len(s) <= 20 else None)
-        if pid_row.shape != pid.shape or value_row.shape != value.shape or (k == 0 and (pid.size or value.size)):
+        if arr["pid_row"].shape != arr["pid"].shape or arr["value_row"].shape != arr["value"].shape:
             raise bad("pid/value lists")
-        keys = pack_keys(host.astype(np.uint64), index, write, exc)
-        if k > 1 and not np.all(keys[1:] > keys[:-1]):
-            raise bad("keys not sorted and distinct")
-        if np.any(first > last):
-            raise bad("first time after last time")
-        return cls(list(hosts), keys, count, first, last, pid_row, pid, value_row, value)
+        if k and (int((keys[-1] >> np.uint64(34))) >= len(hosts) or np.any(keys[1:] <= keys[:-1])):
+            raise bad("keys not sorted, distinct and of known hosts")
+        if np.any(arr["count"] < 1) or np.any(arr["first_ns"] > arr["last_ns"]):
+            raise bad("counts or times")
+        for rows in (arr["pid_row"], arr["value_row"]):
+            if rows.shape[0] and (np.any(rows < 0) or np.any(rows >= k) or np.any(rows[1:] < rows[:-1])):
+                raise bad("pid/value rows")
+        return cls(list(hosts), keys, arr["count"], arr["first_ns"], arr["last_ns"],
+                   arr["pid_row"].astype(np.int64), arr["pid"], arr["value_row"].astype(np.int64),
+                   arr["value"])
+
+
+JSON_ARRAYS = {"keys": "<u8", "count": "<i8", "first_ns": "<i8", "last_ns": "<i8",
+               "pid_row": "<i8", "pid": "<i4", "value_row": "<i8", "value": "<u8"}
 
 
 __all__ = ["Summary", "TraceFormatError", "SUMMARY_VALUES", "pack_keys", "unpack_keys"]

@@ -370,11 +370,12 @@ def _fleet(tmp_path, hosts=5, per_host=2):
     """hosts directories with per_host files each, every host its own MSR mix."""
     paths, cols_all = [], []
     for h in range(hosts):
+        h_pool = 10 + h % 7
         d = tmp_path / f"host-{h}"
         d.mkdir()
         for k in range(per_host):
             path, cols = _save(d, n=400 + 37 * h + k, seed=100 * h + k, name=f"t{k}.parquet", rg=150,
-                               host=f"host-{h}", pool=10 + h)
+                               host=f"host-{h}", pool=h_pool)
             cols_all.append((f"host-{h}", cols))
         paths.append(d)
     return paths, cols_all
@@ -403,7 +404,7 @@ def test_fleet_replay_totals_and_by_host(tmp_path):
 
 def test_fleet_on_a_dask_local_cluster_equals_in_process(tmp_path):
     distributed = pytest.importorskip("distributed")
-    paths, _ = _fleet(tmp_path, hosts=6, per_host=2)
+    paths, _ = _fleet(tmp_path, hosts=50, per_host=1)            # 50 hosts' directories
     decide = lambda i, w, e: "deny" if i % 3 == 0 else "allow"  # noqa: E731
     here = replay(paths, decide, by_host=True)
     with distributed.LocalCluster(n_workers=3, threads_per_worker=1, processes=False,
