@@ -1,6 +1,7 @@
 """Pure tests of kvmgate.trace: text import, the Parquet trace format and its damage detection,
 crash-safe writing (a writer really killed), replay over many files and hosts (in process and
 on a Dask LocalCluster), ring-buffer pages."""
+import base64
 import json
 import os
 import signal
@@ -241,7 +242,9 @@ def test_random_bytes_after_magic_and_damaged_metadata_are_refused(tmp_path):
     # the kvmgate document: a changed count in it breaks its CRC
     doc = json.loads(pq.ParquetFile(path).metadata.metadata[META_KEY])
     t = pq.read_table(path)
-    doc["summaries"][0]["count"][0] += 1
+    s0 = Summary.from_json(doc["summaries"][0], "x")
+    s0.count[0] += 1
+    doc["summaries"][0] = s0.to_json()
     pq.write_table(t.replace_schema_metadata({META_KEY: json.dumps(doc)}), tmp_path / "doc.parquet",
                    row_group_size=1000)
     with pytest.raises(TraceFormatError, match="checksum"):
@@ -472,9 +475,13 @@ def test_summary_json_round_trip_and_checks():
     d = s.to_json()
     back = Summary.from_json(json.loads(json.dumps(d)), "x")
     assert np.array_equal(back.keys, s.keys) and back.values_of() == s.values_of()
-    for field, val in (("count", [0] * len(s)), ("index", [2**32] + d["index"][1:]),
-                       ("value", ["-1"] * len(d["value"])), ("pid_row", [len(s)] * len(d["pid_row"])),
-                       ("hosts", [1]), ("index", list(reversed(d["index"]))), ("write", [2] * len(s))):
+    def enc(a, dtype):
+        return base64.b64encode(np.asarray(a, dtype).tobytes()).decode()
+    for field, val in (("count", enc(np.zeros(len(s)), "<i8")), ("keys", enc(s.keys[::-1], "<u8")),
+                       ("keys", enc(s.keys | np.uint64(1 << 34), "<u8")), ("keys", d["keys"][:-4]),
+                       ("pid_row", enc(np.full(len(s.pid), len(s)), "<i8")), ("value", "not base64!"),
+                       ("hosts", [1]), ("hosts", ["b", "a"]), ("first_ns", enc(s.last_ns + 1, "<i8")),
+                       ("value", 5)):
         with pytest.raises(TraceFormatError):
             Summary.from_json(dict(d, **{field: val}), "x")
     with pytest.raises(TraceFormatError):
