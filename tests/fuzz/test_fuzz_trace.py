@@ -9,7 +9,8 @@ A mutated file that is accepted must count exactly what the original counts.  Te
 arbitrary bytes as a report file, and valid kvm_msr lines mixed with arbitrary text (every
 valid line must come back as its event).
 
-CI runs a fixed seed and a small budget; KVMGATE_SLOW=1 runs FUZZ_SLOW_EXAMPLES per input kind.
+CI runs a fixed seed and a small budget; KVMGATE_SLOW=1 runs FUZZ_SLOW_EXAMPLES per input kind
+(KVMGATE_FUZZ_EXAMPLES=N sets another budget).
 The counts are printed in the test summary (SUMMARY_LINES).
 """
 import io
@@ -26,10 +27,12 @@ from kvmgate.trace.textimport import parse_line
 
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
 FUZZ_SLOW_EXAMPLES = 50_000
-EXAMPLES = FUZZ_SLOW_EXAMPLES if SLOW else 100
+EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", 0)) or (FUZZ_SLOW_EXAMPLES if SLOW else 100)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
+
+pytestmark = pytest.mark.timeout(0 if SLOW else 300)     # the slow budget takes its time
 
 STATS: dict[str, dict[str, int]] = {}
 
