@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..msr.model import DEFAULT_DENY, READ, WRITE, MsrFilter, MsrRange
-from .replay import filter_decider, replay, report_counts
+from .replay import filter_decider, replay
 from .schema import ROW_GROUP_EVENTS
 from .store import Trace
 

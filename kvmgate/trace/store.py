@@ -23,13 +23,14 @@ import stat
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..errors import UserError
 from .pagecheck import PageError, check_column_chunk
 from .schema import (COLUMNS, DIRECTIONS, FORMAT, KEY_COLUMNS, META_KEY, ROW_GROUP_EVENTS, SCHEMA,
                      VERSION, WRITE_OPTIONS)
@@ -292,7 +293,8 @@ class TraceWriter:
         if crash_safe:
             self.parts_dir = self.path.with_name(self.path.name + PARTS_SUFFIX)
             if self.parts_dir.exists():
-                raise FileExistsError(f"{self.parts_dir} exists (an unfinished recording?)")
+                raise UserError(f"{self.parts_dir} exists (an unfinished recording? replay it with "
+                                "--accept-partial, or remove it)", str(self.path))
             self.parts_dir.mkdir()
             (self.parts_dir / MARKER).write_text(json.dumps(
                 {"format": FORMAT, "out": self.path.name, "recorder_pid": os.getpid(),

@@ -27,7 +27,7 @@ from kvmgate.trace.textimport import parse_line
 
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
 FUZZ_SLOW_EXAMPLES = 50_000
-EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", 0)) or (FUZZ_SLOW_EXAMPLES if SLOW else 100)
+EXAMPLES = int(os.environ.get("KVMGATE_FUZZ_EXAMPLES", "0")) or (FUZZ_SLOW_EXAMPLES if SLOW else 100)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])

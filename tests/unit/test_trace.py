@@ -3,7 +3,6 @@ crash-safe writing (a writer really killed), replay over many files and hosts (i
 on a Dask LocalCluster), ring-buffer pages."""
 import base64
 import json
-import os
 import signal
 import struct
 import subprocess
