@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Trace replay throughput from a Parquet file vs DuckDB (see kvmgate/trace/bench.py).
+"""Trace replay throughput from a Parquet file vs DuckDB (see kvmgate/bench/replay.py).
 
     python3 bench/trace_replay.py [--events 20000000] [--rounds 7] [--json]
 """
@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmgate.trace.bench import main  # noqa: E402
+from kvmgate.bench.replay import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

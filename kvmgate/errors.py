@@ -39,5 +39,22 @@ class PolicyError(UserError):
     """A policy file that cannot be parsed, resolved or compiled."""
 
 
+class InputFileError(UserError):
+    """A file given by a person cannot be used: missing, not a regular file, too large, or not
+    in the expected encoding (kvmgate.inputs.read_user_file)."""
+
+
+class GuestFileError(UserError):
+    """A guest program file that cannot be loaded: unknown suffix, not ASCII, too large."""
+
+
+class AsmError(GuestFileError):
+    """A guest program that does not assemble (GNU as said why), or assembles to too much."""
+
+
+class BadArgument(UserError):
+    """A command-line argument with a value kvmgate cannot use (checked before anything runs)."""
+
+
 class InjectGP(Exception):
     """Raised (or returned as a class) by an MSR handler: the guest gets #GP(0)."""

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from . import uapi as u
 from .asm import assemble
-from .errors import UserError
+from .errors import GuestFileError
+from .inputs import MiB, decode_text, read_user_file
 
 GDT = 0x1000
 IDT = 0x2000
@@ -20,7 +21,9 @@ TSS = 0x7000
 RUNTIME = 0x8000          # exception stubs and the #GP handler
 CODE = 0x10000            # the user's program starts here
 DATA = 0x100000           # free for the program's data (1 MiB)
+MAX_PROGRAM = DATA - CODE  # bytes of program that fit below DATA
 STACK_SIZE = 0x4000       # per vCPU, at the top of memory
+MAX_VCPUS = 64            # vCPUs a Machine runs (KVM_CAP_MAX_VCPUS is larger on any host)
 MAPPED = 1 << 30          # page tables map the first GiB with 2 MiB pages
 
 GP_PORT = 0xE0F0          # runtime: an RDMSR/WRMSR faulted and was skipped
@@ -55,30 +58,29 @@ _GP = "\n".join([
     "pop rdx", "pop rax", "add rsp, 8", "iretq",
 ])
 
-_STUBS = RUNTIME + 0x400   # one 16-byte stub per vector
+GP_HANDLER = RUNTIME + 0x100   # the #GP handler, after the common exception path
+_STUBS = RUNTIME + 0x400       # one 16-byte stub per vector
 
 
-def _runtime() -> list[tuple[int, bytes]]:
-    """(address, code) pieces of the runtime, and each vector's handler address."""
-    common = assemble(_EXC_COMMON, RUNTIME)
-    gp_at = RUNTIME + len(common)
-    pieces = [(RUNTIME, common), (gp_at, assemble(_GP, gp_at))]
+def _runtime_source() -> str:
+    """The whole runtime as one program at RUNTIME: `.org` puts each piece at its address."""
+    parts = [_EXC_COMMON, f".org {GP_HANDLER - RUNTIME:#x}", _GP]
     for v in range(32):
         if v != 13:
-            at = _STUBS + 16 * v
             push = "" if v in _ERRCODE_VECTORS else "push 0\n"
-            pieces.append((at, assemble(f"{push}push {v}\njmp {RUNTIME}", at)))
-    return pieces
+            parts += [f".org {_STUBS + 16 * v - RUNTIME:#x}", f"{push}push {v}\njmp {RUNTIME:#x}"]
+    return "\n".join(parts)
 
 
 def handler_address(vector: int) -> int:
-    return RUNTIME + len(assemble(_EXC_COMMON, RUNTIME)) if vector == 13 else _STUBS + 16 * vector
+    return GP_HANDLER if vector == 13 else _STUBS + 16 * vector
 
 
 def build_image(mem: memoryview, program: bytes) -> None:
     """Write page tables, GDT, TSS, IDT, runtime and program into guest memory."""
     if CODE + len(program) > DATA:
-        raise ValueError(f"guest program is {len(program)} bytes; at most {DATA - CODE} fit")
+        raise GuestFileError(f"guest program is {len(program)} bytes; at most {MAX_PROGRAM} fit "
+                             f"between {CODE:#x} and {DATA:#x}")
     struct.pack_into("<Q", mem, PML4, PDPT | 3)
     struct.pack_into("<Q", mem, PDPT, PD | 3)
     for i in range(MAPPED >> 21):
@@ -86,8 +88,8 @@ def build_image(mem: memoryview, program: bytes) -> None:
     struct.pack_into("<QQQ", mem, GDT, 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
     lo = 0x67 | ((TSS & 0xFFFFFF) << 16) | (0x8B << 40) | (((TSS >> 24) & 0xFF) << 56)
     struct.pack_into("<QQ", mem, GDT + SEL_TSS, lo, TSS >> 32)
-    for at, code in _runtime():
-        mem[at:at + len(code)] = code
+    runtime = assemble(_runtime_source(), RUNTIME, "<kvmgate guest runtime>")
+    mem[RUNTIME:RUNTIME + len(runtime)] = runtime
     for vec in range(32):
         addr = handler_address(vec)
         struct.pack_into("<HHBBHII", mem, IDT + 16 * vec,
@@ -126,20 +128,26 @@ def entry_regs(regs: u.kvm_regs, vcpu_index: int, mem_size: int) -> None:
     regs.rflags = 0x2
 
 
-BINARY_SUFFIXES = {".bin", ".img", ".raw"}
+BINARY_SUFFIXES = (".bin", ".img", ".raw")
+SOURCE_SUFFIXES = (".s", ".asm")
+MAX_SOURCE_BYTES = 4 * MiB
 
 
-def load_guest(path) -> str | bytes:
-    """A guest program file: assembly text (.S or anything that decodes) or a flat binary
-    (.bin/.img/.raw, or anything that is not UTF-8).  UserError if it cannot be read."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read guest: {e.strerror}", str(path)) from None
-    if p.suffix.lower() in BINARY_SUFFIXES:
+def load_guest(path) -> bytes:
+    """A guest program file as machine code for CODE: assembly (.S/.s/.asm, ASCII, assembled
+    here so errors name this file and line) or a flat binary (.bin/.img/.raw) of at most
+    MAX_PROGRAM bytes.  GuestFileError/AsmError/InputFileError (all UserError) otherwise."""
+    name = str(path)
+    suffix = Path(name).suffix.lower()
+    if suffix in BINARY_SUFFIXES:
+        data = read_user_file(path, "guest program", MAX_PROGRAM)
+        if not data:
+            raise GuestFileError("flat binary guest is empty", name)
         return data
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return data
+    if suffix not in SOURCE_SUFFIXES:
+        raise GuestFileError(f"unknown guest file suffix {suffix or '(none)'!r}: use "
+                             ".S/.s/.asm for assembly, "
+                             f"{'/'.join(BINARY_SUFFIXES)} for a flat binary", name)
+    text = decode_text(read_user_file(path, "guest program", MAX_SOURCE_BYTES), name,
+                       "guest program", "ascii")
+    return assemble(text, CODE, name, MAX_PROGRAM)

@@ -1,14 +1,18 @@
-"""`kvmgate bench ...`."""
+"""`kvmgate bench NAME [options]`: the registry in kvmgate.bench."""
 from __future__ import annotations
+
+import argparse
+
+from .. import bench
 
 
 def cmd_bench(a) -> int:
-    from .. import bench
-    return bench.main(a.rest)
+    return bench.main([a.name, *a.rest])
 
 
 def register(sub) -> None:
-    import argparse
-    p = sub.add_parser("bench", help="benchmarks (exits, policy, vcpus)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("bench", help=f"benchmarks ({', '.join(bench.BENCHES)})")
+    p.add_argument("name", choices=sorted(bench.BENCHES), metavar="NAME",
+                   help=", ".join(bench.BENCHES))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(fn=cmd_bench)

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
 
-from ..errors import KvmError, UserError
+from ..errors import BadArgument, InputFileError, KvmError, UserError
 from ..exits import GuestError
+from ..guest import MAX_VCPUS
+from ..inputs import check_user_file
+from ..msr import names
 
 
 def run_main(ap: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse and dispatch; user mistakes exit 2, failures 1, Ctrl-C 130, never a traceback."""
-    ap.exit_on_error = False
+    """Parse and dispatch; user mistakes exit 2, failures 1, Ctrl-C 130, never a traceback.
+    A bad argument value is one line naming the argument (no usage text)."""
+    _one_line_errors(ap)
     try:
         a = ap.parse_args(argv)
     except argparse.ArgumentError as e:
@@ -35,43 +41,92 @@ def run_main(ap: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return 130
 
 
+def _one_line_errors(ap: argparse.ArgumentParser) -> None:
+    ap.exit_on_error = False
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _one_line_errors(sub)
+
+
 def parse_msrs(words: list[str]) -> list[int]:
     """MSR names or indices from the command line; unknown ones are a UserError with hints."""
-    from ..msr import names
     out = []
     for w in words:
         i = names.msr_index(w)
         if i is None:
             hint = names.suggest(w)
-            raise UserError(f"unknown MSR {w!r}" + (f"; did you mean {', '.join(hint)}?" if hint else ""),
-                            "argument MSR")
+            raise BadArgument(f"unknown MSR {w!r}" + (f"; did you mean {', '.join(hint)}?" if hint else ""),
+                              "argument MSR")
         out.append(i)
     return out
 
 
 def out_path(path: str, what: str = "output") -> Path:
-    """An output file we can create: its directory exists and is writable, it is not a directory."""
+    """An output file we can create: its directory exists and is writable, it is not a directory
+    (nor a FIFO, device or socket, which could block or swallow what is written)."""
     p = Path(path)
     if p.is_dir():
-        raise UserError(f"{what} is a directory", path)
+        raise BadArgument(f"{what} is a directory", path)
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise BadArgument(f"{what} must be a regular file", path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise UserError(f"cannot write {what}: directory {parent} does not exist", path)
+        raise BadArgument(f"cannot write {what}: directory {parent} does not exist", path)
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UserError(f"cannot write {what}: permission denied", path)
+        raise BadArgument(f"cannot write {what}: permission denied", path)
     return p
 
 
 def in_path(path: str, what: str) -> Path:
-    p = Path(path)
+    """An input file that can be read: a regular file (a directory, FIFO or device is refused
+    without blocking on it)."""
     try:
-        with open(p, "rb"):
-            pass
-    except IsADirectoryError:
-        raise UserError(f"{what} is a directory", path) from None
-    except OSError as e:
-        raise UserError(f"cannot read {what}: {e.strerror}", path) from None
-    return p
+        check_user_file(path, what)
+    except InputFileError as e:
+        if "a directory" in e.what:
+            raise BadArgument(f"{what} is a directory", path) from None
+        raise
+    return Path(path)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (not inf, nan, 0 or negative)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds > 0")
+    return v
+
+
+def vcpu_count(text: str) -> int:
+    """argparse type: 1..MAX_VCPUS, what a Machine runs."""
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= v <= MAX_VCPUS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a machine has 1 to {MAX_VCPUS} vCPUs")
+    return v
+
+
+def writable_file(what: str):
+    """argparse type factory: an output file that can be created (see out_path); the check
+    runs while arguments are parsed, so nothing starts with an unusable path."""
+    def check(text: str) -> str:
+        try:
+            out_path(text, what)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    check.__name__ = what.replace(" ", "_")
+    return check
 
 
 def nonneg_seconds(text: str) -> float:
@@ -91,6 +146,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
     return v
 
 

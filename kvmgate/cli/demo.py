@@ -1,10 +1,12 @@
 """`kvmgate demo` and `kvmgate info`."""
 from __future__ import annotations
 
+from ..demo import run_demo, run_policy_demo
+from ..hostinfo import host_info
+from ..report import emit, table
+
 
 def cmd_demo(a) -> int:
-    from ..demo import run_demo, run_policy_demo
-    from ..report import emit, table
     rows = run_demo()
     policy, audit_rows, summary = run_policy_demo()
     if a.json:
@@ -21,10 +23,7 @@ def cmd_demo(a) -> int:
     return 0
 
 
-
 def cmd_info(a) -> int:
-    from ..hostinfo import host_info
-    from ..report import emit
     info = host_info(a.device)
     if a.json:
         emit(info, True)

@@ -10,7 +10,7 @@ from ..exits import GuestError
 from ..learn import MIN_RUN, RECORDERS, learn, learn_from_traces, load_guest, write_policy
 from ..report import table
 from ..trace import parse_dask
-from .common import nonneg_seconds, out_path, positive_int
+from .common import nonneg_int, nonneg_seconds, out_path, positive_int, vcpu_count, writable_file
 from .trace import fleet_arguments
 
 
@@ -85,19 +85,20 @@ def register(sub) -> None:
     p.add_argument("--from-trace", nargs="+", metavar="TRACE",
                    help="learn from recorded traces instead (files or directories; the union of "
                         "every VM in them)")
-    p.add_argument("--out", required=True, help="policy file to write (TOML)")
+    p.add_argument("--out", required=True, type=writable_file("policy file"), help="policy file to write (TOML)")
     p.add_argument("--recorder", choices=RECORDERS, default="auto",
                    help="tracefs (kernel tracepoint), exits (user-space MSR exits), auto (tracefs if usable)")
     p.add_argument("--timeout", type=nonneg_seconds, default=60.0,
                    help="seconds; a guest still running then is stopped and learned from so far")
-    p.add_argument("--vcpus", type=positive_int, default=1)
+    p.add_argument("--vcpus", type=vcpu_count, default=1, help="1 to 64")
     p.add_argument("--name", help="policy name (default: learned-GUEST)")
     p.add_argument("--min-run", type=positive_int, default=MIN_RUN,
                    help="consecutive MSRs that become a range rule")
-    p.add_argument("--trace-out", help="also save the recorded accesses as a Parquet trace file")
+    p.add_argument("--trace-out", type=writable_file("trace file"),
+                   help="also save the recorded accesses as a Parquet trace file")
     p.add_argument("--no-verify", action="store_true",
                    help="do not re-check accesses carried out from user space as guest accesses")
     fleet_arguments(p)
-    p.add_argument("--limit", type=int, default=40, help="rows of the access table (0: all)")
+    p.add_argument("--limit", type=nonneg_int, default=40, help="rows of the access table (0: all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_learn)

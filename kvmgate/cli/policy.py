@@ -1,26 +1,26 @@
 """`kvmgate policy check|compile|explain|diff`."""
 from __future__ import annotations
 
+import warnings
 
+from ..hostinfo import ignore_msrs
+from ..policy import compile_policy, load_policy
+from ..policy.host import ask_kvm
+from ..policy.report import compile_report, diff_rows, explain_rows, mentioned_msrs
+from ..report import emit, table
 from .common import parse_msrs
 
 
 def _compiled(path: str):
-    from ..hostinfo import ignore_msrs
-    from ..policy import compile_policy, load_policy
     return compile_policy(load_policy(path), ignore_msrs())
 
 
-
 def cmd_policy_check(a) -> int:
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")        # printed below from cp.warnings, once
         cp = _compiled(a.file)
-    from ..policy.report import compile_report
     rep = compile_report(cp)
     if a.json:
-        from ..report import emit
         emit({"ok": True, **rep}, True)
         return 0
     print(f"{a.file}: OK: policy {rep['policy']!r}, {len(cp.policy.rules)} rules, "
@@ -33,10 +33,7 @@ def cmd_policy_check(a) -> int:
     return 0
 
 
-
 def cmd_policy_compile(a) -> int:
-    from ..policy.report import compile_report
-    from ..report import emit, table
     rep = compile_report(_compiled(a.file))
     if a.json:
         emit(rep, True)
@@ -50,21 +47,24 @@ def cmd_policy_compile(a) -> int:
     return 0
 
 
-
 def cmd_policy_explain(a) -> int:
-    from ..policy.report import explain_rows, mentioned_msrs
-    from ..report import emit
     cp = _compiled(a.file)
     msrs = parse_msrs(a.msrs) if a.msrs else mentioned_msrs(cp)
-    emit(explain_rows(cp, msrs), a.json,
-         ["msr", "name", "access", "filter", "outcome", "handled_by", "logged", "vmx", "svm"])
+    host = ask_kvm(msrs, a.device)
+    rows = explain_rows(cp, msrs, host)
+    if a.json:
+        emit(rows, True)
+        return 0
+    emit(rows, False, ["msr", "name", "access", "filter", "kvm", "outcome", "handled_by", "logged",
+                       "vmx", "svm"])
+    print(f"\nkvm column: {host.describe()}")
+    if host.guessing:
+        print("note: guessing; an MSR this host's KVM does not implement goes to [unknown] "
+              "(or [invalid]), not to 'kernel'")
     return 0
 
 
-
 def cmd_policy_diff(a) -> int:
-    from ..policy.report import diff_rows, mentioned_msrs
-    from ..report import emit
     pa, pb = _compiled(a.a), _compiled(a.b)
     msrs = parse_msrs(a.msrs) if a.msrs else sorted(set(mentioned_msrs(pa)) | set(mentioned_msrs(pb)))
     rows = diff_rows(pa, pb, msrs)
@@ -86,9 +86,11 @@ def register(sub) -> None:
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_policy_compile)
-    p = psub.add_parser("explain", help="where each access goes: filter, handler, VMX/SVM pass-through")
+    p = psub.add_parser("explain", help="where each access goes: filter, KVM, handler, VMX/SVM pass-through")
     p.add_argument("file")
     p.add_argument("msrs", nargs="*", metavar="MSR", help="names or indices (default: those the policy lists)")
+    p.add_argument("--device", default="/dev/kvm",
+                   help="ask this KVM which MSRs it implements (without it: guessed, and said so)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_policy_explain)
     p = psub.add_parser("diff", help="accesses two policies treat differently")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 
 from ..errors import UserError
+from .common import positive_seconds, vcpu_count, writable_file
+from .introspect import add_run_arguments
 
 
 def cmd_run(a) -> int:
@@ -56,13 +58,14 @@ def cmd_run(a) -> int:
 
 
 def register(sub) -> None:
-    from .introspect import add_run_arguments
     p = sub.add_parser("run", help="run a guest (assembly .S or flat binary) under a policy")
     p.add_argument("guest")
     p.add_argument("--policy", help="TOML policy file (SIGHUP reloads it while the guest runs)")
-    p.add_argument("--audit", help="append JSON Lines audit records to this file")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--audit", type=writable_file("audit log"),
+                   help="append JSON Lines audit records to this file")
+    p.add_argument("--timeout", type=positive_seconds, default=60.0,
+                   help="seconds (finite, > 0) before the run is stopped")
+    p.add_argument("--vcpus", type=vcpu_count, default=1, help="1 to 64")
     p.add_argument("--json", action="store_true")
     add_run_arguments(p)
     p.set_defaults(fn=cmd_run)

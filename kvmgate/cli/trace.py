@@ -1,7 +1,6 @@
 """`kvmgate trace record|import|replay`: parse, call kvmgate.trace, print."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -11,18 +10,12 @@ from ..report import emit, table
 from ..trace import import_trace_cmd_to, parse_dask, record_tracefs_to
 from ..trace.dryrun import replay_policy
 from ..trace.store import DEFAULT_FLUSH_SECONDS
-from .common import Progress, StopOnSignals, in_path, nonneg_seconds, out_path, positive_int
+from .common import (Progress, StopOnSignals, in_path, nonneg_int, nonneg_seconds, out_path,
+                     positive_int, positive_seconds)
 
 EXIT_PARTIAL = 3          # a partial trace (an unfinished recording) without --accept-partial
 
 _STOPPED = {"stop": "stopped by a signal", "duration": "duration reached", "interrupt": "interrupted"}
-
-
-def positive_seconds(text: str) -> float:
-    v = nonneg_seconds(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds > 0")
-    return v
 
 
 # ---- trace record
@@ -185,7 +178,7 @@ def register(sub) -> None:
     fleet_arguments(p)
     p.add_argument("--classify", action="store_true",
                    help="ask this host's KVM whether each #GP event was an unknown MSR or an invalid access")
-    p.add_argument("--limit", type=int, default=30, help="rows per table (0: all)")
+    p.add_argument("--limit", type=nonneg_int, default=30, help="rows per table (0: all)")
     p.add_argument("--all", action="store_true", help="also every MSR/direction with all verdicts")
     p.add_argument("--fail-on-deny", action="store_true", help="exit 1 if anything would be denied")
     p.add_argument("--json", action="store_true")

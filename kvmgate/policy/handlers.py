@@ -6,9 +6,7 @@ import threading
 
 from ..errors import InjectGP
 from ..msr.model import EXIT_REASON_FILTER, EXIT_REASON_INVAL, EXIT_REASON_UNKNOWN
-from .compile import Action, CompiledPolicy
-
-M64 = (1 << 64) - 1
+from .model import M64, Action, ActionKind
 
 
 class Registers:
@@ -22,15 +20,15 @@ class Registers:
 def perform(act: Action, exit, regs: Registers, machine) -> tuple[object, str]:
     """Carry out one action: (reply for the exit path, result text for the audit log)."""
     kind, write = act.kind, exit.is_write
-    if kind == "deny":
+    if kind is ActionKind.DENY:
         return InjectGP, "#GP"
-    if kind == "ignore":
+    if kind is ActionKind.IGNORE:
         return (None, "dropped") if write else (0, "read 0x0")
-    if kind == "constant":
+    if kind is ActionKind.CONSTANT:
         if write:
             return (InjectGP, "#GP") if act.writes == "gp" else (None, "dropped")
         return act.value, f"read {act.value:#x}"
-    if kind == "emulate":
+    if kind is ActionKind.EMULATE:
         with regs.lock:
             cur = regs.values.get(exit.index, act.initial)
             if not write:
@@ -40,7 +38,7 @@ def perform(act: Action, exit, regs: Registers, machine) -> tuple[object, str]:
                 return InjectGP, "#GP"
             regs.values[exit.index] = new
             return None, "written"
-    if kind == "forward":    # allow + log: carried out host-initiated, so it can be recorded
+    if kind is ActionKind.FORWARD:    # allow + log: carried out host-initiated, so it can be recorded
         done = machine.vcpus[exit.vcpu].host_msr_access(exit.index, write, exit.data)
         if done is None:
             return InjectGP, "#GP"
@@ -48,9 +46,10 @@ def perform(act: Action, exit, regs: Registers, machine) -> tuple[object, str]:
     return InjectGP, "#GP"
 
 
-def make_handler(cp: CompiledPolicy, machine, audit=None, regs: Registers | None = None):
-    """on_msr handler for `cp`; `regs` carries emulated registers across policy swaps."""
-    actions_get = cp.actions.get
+def make_handler(cp, machine, audit=None, regs: Registers | None = None):
+    """on_msr handler for CompiledPolicy `cp`; `regs` carries emulated registers across policy
+    swaps.  Per-MSR actions are one dict lookup unless the policy has wide ranges."""
+    actions_get = cp.actions.get if cp.actions.has_spans else cp.actions.points.get
     default, unknown, invalid = cp.default_action, cp.unknown, cp.invalid
     regs = regs if regs is not None else Registers()
     record = audit.record if audit is not None else None

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..msr import bitmaps, names
-from ..msr.model import READ, WRITE, X2APIC_FIRST, X2APIC_LAST, reason_name
+from ..msr.model import READ, WRITE, X2APIC_FIRST, X2APIC_LAST, KernelMsr, reason_name
 from .compile import CompiledPolicy
+from .host import GUESS, HostMsrs
 
 
 def ranges_rows(cp: CompiledPolicy) -> list[dict]:
@@ -22,10 +23,11 @@ def compile_report(cp: CompiledPolicy) -> dict:
             "exit_mask": cp.exit_mask,
             "exit_reasons": [reason_name(b) for b in (1, 2, 4) if cp.exit_mask & b],
             "ranges": ranges_rows(cp),
-            "user_space_actions": [{"msr": f"{k >> 1:#x}", "name": names.describe(k >> 1),
-                                    "access": "write" if k & 1 else "read", "action": a.kind,
+            "user_space_actions": [{"msr": f"{lo:#x}" if lo == hi else f"{lo:#x}..{hi:#x}",
+                                    "name": names.describe(lo) if lo == hi else "",
+                                    "access": "write" if w else "read", "action": a.kind.value,
                                     "log": a.log, "rule": a.rule}
-                                   for k, a in sorted(cp.actions.items())],
+                                   for lo, hi, w, a in cp.actions.rows()],
             "warnings": cp.warnings}
 
 
@@ -36,12 +38,17 @@ def mentioned_msrs(cp: CompiledPolicy) -> list[int]:
     return sorted(out)
 
 
-def explain_rows(cp: CompiledPolicy, msrs: list[int]) -> list[dict]:
+def explain_rows(cp: CompiledPolicy, msrs: list[int], host: HostMsrs = GUESS) -> list[dict]:
+    """Per MSR and direction: filter verdict, what KVM does (`host`: asked of this host's KVM;
+    an MSR it does not implement goes to [unknown]), outcome, handler, VMX/SVM pass-through."""
     rows = []
     for index in msrs:
         hw = bitmaps.passthrough_report(cp.filter, index) if not X2APIC_FIRST <= index <= X2APIC_LAST else None
         for access in (READ, WRITE):
-            row = cp.explain(index, access)
+            kind = host.kernel(index, access)
+            row = cp.explain(index, access, kind)
+            row["kvm"] = kind.value + (" (guess)" if host.guessing else
+                                       " (a write of 0)" if access == WRITE and kind is KernelMsr.INVALID else "")
             key = "read" if access == READ else "write"
             if hw is not None:
                 row["vmx"] = "pass" if hw[key]["vmx"] else "exit"

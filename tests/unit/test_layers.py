@@ -4,7 +4,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "kvmgate"
 LAYERS = [
-    {"uapi", "errors", "report"},                              # ABI facts, errors, table output
+    {"uapi", "errors", "report", "inputs"},                    # ABI facts, errors, table output, user files
     {"kvm", "asm", "hostinfo"},                                # fds and ioctls; the assembler
     {"msr"},                                                   # the pure MSR model
     {"guest", "exits", "machine"},                             # guests and the exit loop

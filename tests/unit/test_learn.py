@@ -177,9 +177,10 @@ def test_write_policy_and_load_guest(tmp_path):
     (tmp_path / "g.S").write_text("hlt\n")
     (tmp_path / "g.bin").write_bytes(b"\xf4")
     (tmp_path / "g.raw2").write_bytes(b"\xff\xfe\xf4")
-    assert load_guest(tmp_path / "g.S") == "hlt\n"
+    assert load_guest(tmp_path / "g.S") == b"\xf4"            # assembled where it is loaded
     assert load_guest(tmp_path / "g.bin") == b"\xf4"
-    assert load_guest(tmp_path / "g.raw2") == b"\xff\xfe\xf4"
+    with pytest.raises(UserError, match="unknown guest file suffix '.raw2'"):
+        load_guest(tmp_path / "g.raw2")
     with pytest.raises(UserError, match="cannot read guest"):
         load_guest(tmp_path / "nope.S")
     assert res.to_dict()["accesses"][0]["msr"] == "0x10"

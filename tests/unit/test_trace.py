@@ -19,7 +19,7 @@ from kvmgate.msr.model import DEFAULT_ALLOW, DEFAULT_DENY, READ, WRITE, MsrFilte
 from kvmgate.trace import (SCHEMA, Summary, Trace, TraceFile, TraceFormatError, TraceWriter, collect,
                            filter_decider, import_trace_cmd, import_trace_cmd_to, load_trace,
                            naive_counts, parse_line, replay, report_counts)
-from kvmgate.trace.bench import bench_replay, sixteen_range_filter, synthetic_columns
+from kvmgate.bench.replay import bench_replay, sixteen_range_filter, synthetic_columns
 from kvmgate.trace.pagecheck import PageError, check_column_chunk
 from kvmgate.trace.schema import META_KEY
 from kvmgate.trace.store import MARKER

@@ -1,6 +1,6 @@
 """Replay throughput from a Parquet trace in the page cache, side by side with DuckDB.
 
-`python -m kvmgate.trace bench [--events N] [--rounds R]` (or bench/trace_replay.py).  One
+`kvmgate bench replay [--events N] [--rounds R]` (or `python -m kvmgate.bench replay`).  One
 synthetic trace file (a realistic skew: ~300 MSRs, 90% on six) is written (not timed), read once
 to bring it into the page cache, then R interleaved rounds time, each on one CPU (the process is
 pinned to one core; DuckDB runs with threads=1):
@@ -16,7 +16,6 @@ checked equal.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -30,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ..msr.model import DEFAULT_DENY, READ, WRITE, MsrFilter, MsrRange
-from .replay import filter_decider, replay
-from .schema import ROW_GROUP_EVENTS
-from .store import Trace
+from ..trace import Trace, filter_decider, replay
+from ..trace.schema import ROW_GROUP_EVENTS
+from .common import count_arg, parser
 
 # the handful of MSRs a Linux guest touches most, with the share of writes
 HOT = [(0x10, 0.0), (0x6E0, 0.9), (0x1B, 0.0), (0xC0000080, 0.01), (0x48, 0.2), (0x3B, 0.0)]
@@ -201,14 +200,10 @@ def bench_replay(n: int = 20_000_000, *, rounds: int = 7, seed: int = 0, workdir
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvmgate.trace bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=20_000_000)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap = parser("replay", __doc__, rounds=7)
+    ap.add_argument("--events", type=count_arg, default=20_000_000)
     ap.add_argument("--no-full", action="store_true", help="skip the decode-every-event runner")
-    ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    if a.events < 1 or a.rounds < 1:
-        ap.error("--events and --rounds must be >= 1")
     res = bench_replay(a.events, rounds=a.rounds, full=not a.no_full, out=None if a.json else sys.stdout)
     if a.json:
         print(json.dumps(res, indent=2, default=str))

@@ -1,0 +1,6 @@
+"""`python -m kvmgate.bench NAME [options]`."""
+import sys
+
+from . import main
+
+sys.exit(main())
