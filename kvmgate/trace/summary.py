@@ -62,6 +62,14 @@ def _distinct_pairs(rows: np.ndarray, vals: np.ndarray, limit: int | None):
     return r.astype(np.int64), v
 
 
+def _distinct_sorted(a: np.ndarray) -> np.ndarray:
+    """np.unique(a) for arrays with few distinct values: hashed (numpy >= 2.3), then sorted."""
+    try:
+        return np.sort(np.unique(a, sorted=False))
+    except TypeError:                                       # numpy < 2.3: sort them all
+        return np.unique(a)
+
+
 def _smallest_values(rows: np.ndarray, starts: np.ndarray, v: np.ndarray):
     """(row, value) for the SUMMARY_VALUES smallest distinct values of each group (`rows` and
     `v` sorted by group, groups starting at `starts`): SUMMARY_VALUES minimum passes."""
@@ -120,17 +128,19 @@ class Summary:
             return cls.empty()
         if int(np.max(cols["host"])) >= len(hosts) or int(np.min(cols["host"])) < 0:
             raise ValueError("host code without a host name")
-        order = np.argsort(keys, kind="stable")
-        sk = keys[order]
-        starts = _group_starts(sk)
-        uniq = sk[starts]
-        row_of_sorted = np.repeat(np.arange(starts.shape[0]), np.diff(np.append(starts, sk.shape[0])))
+        # few distinct keys: find them by hashing, then a radix (counting) sort of their codes
+        uniq = _distinct_sorted(keys)
+        code = np.searchsorted(uniq, keys)
+        code = code.astype(np.uint16 if uniq.shape[0] <= 1 << 16 else np.int64)
+        order = np.argsort(code, kind="stable")
+        row_of_sorted = code[order].astype(np.int64)
+        count = np.bincount(row_of_sorted, minlength=uniq.shape[0]).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
         t = np.asarray(cols["time_ns"], np.int64)[order]
-        count = np.diff(np.append(starts, sk.shape[0])).astype(np.int64)
         first = np.minimum.reduceat(t, starts)
         last = np.maximum.reduceat(t, starts)
-        packed = np.unique((row_of_sorted.astype(np.uint64) << np.uint64(32))
-                           | np.asarray(cols["pid"], np.int32)[order].view(np.uint32))
+        packed = _distinct_sorted((row_of_sorted.astype(np.uint64) << np.uint64(32))
+                                  | np.asarray(cols["pid"], np.int32)[order].view(np.uint32))
         pr = (packed >> np.uint64(32)).astype(np.int64)
         pv = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
         vr, vv = _smallest_values(row_of_sorted, starts, np.asarray(cols["value"], np.uint64)[order])
