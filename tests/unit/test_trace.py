@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from kvmgate.errors import UserError
 from kvmgate.msr.model import DEFAULT_ALLOW, DEFAULT_DENY, READ, WRITE, MsrFilter, MsrRange
 from kvmgate.trace import (SCHEMA, Summary, Trace, TraceFile, TraceFormatError, TraceWriter, collect,
                            filter_decider, import_trace_cmd, import_trace_cmd_to, load_trace,
@@ -596,3 +597,12 @@ def test_merger_orders_across_rounds():
 def test_parse_lines_helper():
     events, stats = parse_lines(["a-1 [000] 1.0: kvm_msr: msr_read 10 = 0x5", "nonsense"])
     assert events == [(1_000000000, 1, 0x10, False, 5, False, -1)] and stats.other_lines == 1
+
+
+def test_unreachable_dask_scheduler_is_a_user_error(tmp_path):
+    pytest.importorskip("distributed")
+    path, _ = _save(tmp_path, n=10)
+    with pytest.raises(UserError, match="cannot reach the Dask scheduler"):
+        replay(path, lambda *a: "x", dask="tcp://127.0.0.1:1")
+    with pytest.raises(UserError, match="--dask"):
+        replay(path, lambda *a: "x", dask="local:many")
