@@ -46,22 +46,6 @@ def _group_starts(sorted_codes: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate([[True], sorted_codes[1:] != sorted_codes[:-1]]))
 
 
-def _distinct_pairs(rows: np.ndarray, vals: np.ndarray, limit: int | None):
-    """Distinct (row, value) pairs sorted; with `limit`, only the `limit` smallest values per row."""
-    if not rows.shape[0]:
-        return rows.astype(np.int64), vals
-    order = np.lexsort((vals, rows))
-    r, v = rows[order], vals[order]
-    keep = np.ones(r.shape[0], bool)
-    keep[1:] = (r[1:] != r[:-1]) | (v[1:] != v[:-1])
-    r, v = r[keep], v[keep]
-    if limit is not None:
-        starts = _group_starts(r)
-        rank = np.arange(r.shape[0]) - np.repeat(starts, np.diff(np.append(starts, r.shape[0])))
-        r, v = r[rank < limit], v[rank < limit]
-    return r.astype(np.int64), v
-
-
 def _distinct_sorted(a: np.ndarray) -> np.ndarray:
     """np.unique(a) for arrays with few distinct values: hashed (numpy >= 2.3), then sorted."""
     try:
@@ -89,6 +73,19 @@ def _smallest_values(rows: np.ndarray, starts: np.ndarray, v: np.ndarray):
     r, vals = np.concatenate(out_r), np.concatenate(out_v)
     o = np.lexsort((vals, r))
     return r[o].astype(np.int64), vals[o]
+
+
+def _smallest_values_by_row(rows: np.ndarray, v: np.ndarray, nrows: int):
+    """(row, value) for the SUMMARY_VALUES smallest distinct values per row, rows in any order."""
+    if not rows.shape[0]:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    order = np.argsort(rows.astype(np.uint16 if nrows <= 1 << 16 else np.int64), kind="stable")
+    r, vs = rows[order], v[order]
+    new = np.concatenate([[True], r[1:] != r[:-1]])
+    starts = np.flatnonzero(new)
+    group = np.cumsum(new) - 1
+    g, vals = _smallest_values(group, starts, vs)
+    return r[starts][g].astype(np.int64), vals
 
 
 @dataclass(eq=False)
@@ -179,8 +176,11 @@ class Summary:
         np.minimum.at(first, inv, np.concatenate(firsts))
         last = np.full(k, _I64_MIN, np.int64)
         np.maximum.at(last, inv, np.concatenate(lasts))
-        pr, pv = _distinct_pairs(inv[np.concatenate(prow)], np.concatenate(pids), None)
-        vr, vv = _distinct_pairs(inv[np.concatenate(vrow)], np.concatenate(vals), SUMMARY_VALUES)
+        packed = _distinct_sorted((inv[np.concatenate(prow)].astype(np.uint64) << np.uint64(32))
+                                  | np.concatenate(pids).astype(np.int32).view(np.uint32))
+        pr = (packed >> np.uint64(32)).astype(np.int64)
+        pv = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
+        vr, vv = _smallest_values_by_row(inv[np.concatenate(vrow)], np.concatenate(vals).astype(np.uint64), k)
         return cls(names, uniq, count, first, last, pr, pv.astype(np.int32), vr, vv.astype(np.uint64))
 
     def only_host(self, host: str) -> "Summary":
