@@ -570,12 +570,18 @@ class TraceFile:
         """(columns, hosts) per row group, decoded with page checksums verified."""
         for g in range(self.row_groups):
             try:
+                # page headers are not covered by the page checksums: a damaged one can decode to
+                # arrays that break Arrow's invariants (e.g. dictionary indices out of range)
                 t = self.pf.read_row_group(g, use_threads=False)
-            except Exception as e:  # noqa: BLE001 - pyarrow raises OSError/ArrowInvalid/... on damage
+                t.validate(full=True)
+                if t.num_rows != self.md.row_group(g).num_rows:
+                    raise TraceFormatError(f"damaged: row group {g}: {t.num_rows} rows decoded", self.where)
+                cols = from_table(t, f"{self.where}: row group {g}", self.path.stem)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - pyarrow raises OSError/ArrowInvalid/ArrowIndexError/...
                 raise TraceFormatError(f"damaged: row group {g}: {_first_line(e)}", self.where) from None
-            if t.num_rows != self.md.row_group(g).num_rows:
-                raise TraceFormatError(f"damaged: row group {g}: {t.num_rows} rows decoded", self.where)
-            yield from_table(t, f"{self.where}: row group {g}", self.path.stem)
+            yield cols
 
     def summary(self, full: bool = False) -> Summary:
         if self.doc is not None and not full:
