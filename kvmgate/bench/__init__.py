@@ -3,14 +3,14 @@
 BENCHES is the registry: name -> main(argv) -> exit code; each benchmark parses its own
 options (bench.common.parser gives the shared --rounds/--json) and follows the method in
 bench.common (paired interleaved rounds, medians, load average printed).  To add one, add a
-line here: `BENCHES["replay"] = trace_bench.main`.  A benchmark that cannot measure what it
+line here, as `BENCHES["replay"] = replay.main` is.  A benchmark that cannot measure what it
 promises raises BenchError: printed, exit 1, never a silently missing baseline."""
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-from . import exits, policy, wrap
+from . import exits, policy, replay, wrap
 from .common import BenchError
 
 BENCHES: dict[str, Callable[[list[str]], int]] = {
@@ -18,6 +18,7 @@ BENCHES: dict[str, Callable[[list[str]], int]] = {
     "policy": policy.main,        # compile times; policy handler vs bare handler, per exit
     "vcpus": exits.main_vcpus,    # 1/2/4 vCPU throughput, Python vs C loops
     "wrap": wrap.main,            # the QEMU shim: shim vs QEMU answering, wrapped vs unwrapped
+    "replay": replay.main,        # trace replay from Parquet vs DuckDB's GROUP BY, one core
 }
 
 

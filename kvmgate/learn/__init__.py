@@ -45,10 +45,13 @@ import numpy as np
 
 from ..errors import UserError
 from ..guest import load_guest
-from .record import (GUARDED_MSRS, _aggregate, _merge, _record_exits, _record_tracefs,
-                     _TracefsUnavailable, _verify, hardware_passthrough)
+from ..machine import Machine
+from ..trace.sources import collect
+from .access import MAX_VALUES, MIN_RUN, LearnedAccess, accesses_from_summary
+from .record import (GUARDED_MSRS, TracefsUnavailable, hardware_passthrough, merge_recordings,
+                     record_with_exits, record_with_tracefs, verify_forwarded)
 from .render import render_policy, write_policy
-from .result import MAX_VALUES, MIN_RUN, LearnedAccess, LearnResult
+from .result import LearnResult
 
 RECORDERS = ("auto", "tracefs", "exits")
 
@@ -73,7 +76,6 @@ def learn(guest, recorder: str = "auto", timeout: float | None = 60.0, *, vcpus:
     then is learned (`halted` is False).  `guard`: filter the MSRs KVM may pass through under
     the tracefs recorder (None: unless the host traps every access, see hardware_passthrough).
     """
-    from ..machine import Machine
     if recorder not in RECORDERS:
         raise UserError(f"recorder {recorder!r}: one of {', '.join(RECORDERS)}")
     program, label = _guest(guest)
@@ -85,9 +87,9 @@ def learn(guest, recorder: str = "auto", timeout: float | None = 60.0, *, vcpus:
         used = recorder
         if recorder in ("auto", "tracefs"):
             try:
-                trace, fwd, result, halted = _record_tracefs(m, timeout, guard)
+                trace, fwd, result, halted = record_with_tracefs(m, timeout, guard)
                 used = "tracefs"
-            except _TracefsUnavailable as e:
+            except TracefsUnavailable as e:
                 cause = e.__cause__
                 if recorder == "tracefs":
                     if isinstance(cause, UserError):
@@ -96,14 +98,14 @@ def learn(guest, recorder: str = "auto", timeout: float | None = 60.0, *, vcpus:
                 notes.append(f"tracefs unavailable ({cause}); recorded with user-space exits")
                 used = "exits"
         if used == "exits":
-            fwd, result, halted = _record_exits(m, timeout)
+            fwd, result, halted = record_with_exits(m, timeout)
     seconds = result.seconds if result is not None else time.monotonic() - started
-    merged = _merge(trace, fwd)
-    accesses = _aggregate(merged)
+    merged = merge_recordings(trace, fwd)
+    accesses = accesses_from_summary(merged.summary())
     if verify and fwd is not None:
-        _verify(accesses, fwd.keys)
+        verify_forwarded(accesses, fwd.keys)
     gp = len(result.gp_faults) if result is not None else None
-    traced_gp = int(np.count_nonzero(merged.exception)) if len(merged) else 0
+    traced_gp = int(np.count_nonzero(merged.cols["exception"]))
     if not halted:
         notes.append(f"the guest did not halt within {timeout} s: learned from what it did until then")
     if trace is not None:
@@ -123,6 +125,30 @@ def learn(guest, recorder: str = "auto", timeout: float | None = 60.0, *, vcpus:
                        notes=notes, trace=merged, meta=meta)
 
 
+def learn_from_traces(paths, *, full: bool = False, dask: str | None = None,
+                      accept_partial: bool = False) -> LearnResult:
+    """The minimal policy for every VM of recorded traces (files or directories, e.g. taken with
+    `kvmgate trace record --pid <qemu pid>`): the union of what each used, as `learn` renders it.
 
-__all__ = ["learn", "LearnResult", "LearnedAccess", "render_policy", "write_policy", "load_guest",
-           "RECORDERS", "GUARDED_MSRS", "MAX_VALUES", "MIN_RUN", "hardware_passthrough"]
+    The traces are read and checked as `trace replay` reads them (kvmgate.trace.sources;
+    `dask` runs the per-file work on a Dask cluster).  An unfinished recording among them is a
+    UserError unless `accept_partial` (then its events count and a note says so)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    started = time.monotonic()
+    got = collect(paths, full=full, dask=dask)
+    if got.partial and not accept_partial:
+        raise UserError("partial trace: " + "; ".join(got.partial)
+                        + " (accept what was recovered with --accept-partial)")
+    accesses = accesses_from_summary(got.summary)
+    hosts = got.summary.hosts
+    notes = [f"partial trace: {p}" for p in got.partial]
+    label = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{len(paths)} trace paths"
+    meta = {"files": [f.to_dict() for f in got.files], "hosts": hosts}
+    return LearnResult(accesses=[accesses[k] for k in sorted(accesses)], recorder="trace",
+                       guest=label, halted=True, seconds=time.monotonic() - started,
+                       events=got.events, gp_faults=None, notes=notes, trace=None, meta=meta)
+
+
+__all__ = ["learn", "learn_from_traces", "LearnResult", "LearnedAccess", "render_policy", "write_policy", "load_guest",
+           "RECORDERS", "GUARDED_MSRS", "MAX_VALUES", "MIN_RUN", "hardware_passthrough",
+           "accesses_from_summary"]

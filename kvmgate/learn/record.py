@@ -1,5 +1,6 @@
 """The two recorders of every MSR access a guest makes (the kernel's kvm:kvm_msr tracepoint,
-or user-space exits carried out with host-initiated KVM_GET/SET_MSRS) and their aggregation."""
+or user-space exits carried out with host-initiated KVM_GET/SET_MSRS), the merge of what they
+recorded into one Trace, and the guest-initiated re-check of forwarded accesses."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,9 @@ from ..errors import InjectGP, KvmError
 from ..msr import bitmaps
 from ..msr.model import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER, EXIT_REASON_INVAL,
                          EXIT_REASON_UNKNOWN, READ, WRITE, KernelMsr, MsrFilter, MsrRange, windows)
-from .result import MAX_VALUES, LearnedAccess
+from ..probe import Access, MsrProber
+from ..trace import Recording, Trace, TracefsError, concat
+from .access import LearnedAccess
 
 # MSRs KVM may let a VMX/SVM guest access without an exit (so without a kvm_msr event):
 # msr.bitmaps' default lists and SPEC_CTRL, plus what it leaves to configuration: XFD/XFD_ERR,
@@ -30,7 +33,7 @@ GUARDED_MSRS: tuple[int, ...] = tuple(sorted(
     | {0xC0000300, 0xC0000301, 0xC0000302}))                    # AMD PMU
 
 
-def _guard_filter() -> MsrFilter:
+def guard_filter() -> MsrFilter:
     points = list(GUARDED_MSRS)
     guarded = set(points)
     ranges = [MsrRange.from_bits(READ | WRITE, lo, [i not in guarded for i in range(lo, hi + 1)])
@@ -79,7 +82,7 @@ class _Forwarder:
 
     def columns(self) -> dict:
         ev = self.events
-        return {"time_ns": np.array([e[0] for e in ev], np.uint64),
+        return {"time_ns": np.array([e[0] for e in ev], np.int64),
                 "pid": np.array([e[1] for e in ev], np.int32),
                 "index": np.array([e[2] for e in ev], np.uint32),
                 "write": np.array([e[3] for e in ev], bool),
@@ -95,33 +98,32 @@ def _run(machine, timeout: float | None):
         return None, False
 
 
-class _TracefsUnavailable(Exception):
-    """The tracefs recording could not start; nothing has run."""
+class TracefsUnavailable(Exception):
+    """The tracefs recording could not start; nothing has run (the cause is __cause__)."""
 
 
-def _record_tracefs(machine, timeout, guard: bool):
-    from ..trace import Recording, TracefsError
+def record_with_tracefs(machine, timeout, guard: bool):
+    """Run the machine while tracefs records this process: (Trace, forwarder or None, RunResult
+    or None, halted).  With `guard`, the MSRs KVM may pass through are forwarded (GUARDED_MSRS)."""
     rec = Recording(pid=os.getpid())
     try:
-        rec.__enter__()
+        rec.start()
     except (TracefsError, OSError) as e:
-        raise _TracefsUnavailable(e) from e
+        raise TracefsUnavailable(e) from e
     fwd = None
-    try:
+    with rec:
         if guard:
-            machine.set_msr_filter(_guard_filter())
+            machine.set_msr_filter(guard_filter())
             machine.enable_user_space_msr(EXIT_REASON_FILTER)
             fwd = _Forwarder(machine)
             machine.on_msr(fwd)
         result, halted = _run(machine, timeout)
-    except BaseException as e:
-        rec.__exit__(type(e), e, e.__traceback__)
-        raise
-    rec.__exit__(None, None, None)
     return rec.trace, fwd, result, halted
 
 
-def _record_exits(machine, timeout):
+def record_with_exits(machine, timeout):
+    """Run the machine with every MSR filtered and carried out from user space: (forwarder,
+    RunResult or None, halted)."""
     machine.set_msr_filter(DENY_ALL)
     machine.enable_user_space_msr(EXIT_REASON_FILTER | EXIT_REASON_INVAL | EXIT_REASON_UNKNOWN)
     fwd = _Forwarder(machine)
@@ -130,62 +132,21 @@ def _record_exits(machine, timeout):
     return fwd, result, halted
 
 
-def _merge(trace, fwd):
+def merge_recordings(trace: Trace | None, fwd: "_Forwarder | None") -> Trace:
     """The tracefs trace plus the forwarded events, in time order (one Trace)."""
-    from ..trace import Trace
-    cols = {k: getattr(trace, k) for k in ("index", "write", "value", "exception", "pid", "time_ns")} \
-        if trace is not None else None
+    parts = [trace] if trace is not None else []
     if fwd is not None and fwd.events:
-        extra = fwd.columns()
-        cols = extra if cols is None else {k: np.concatenate([cols[k], extra[k]]) for k in cols}
+        parts.append(Trace.from_arrays(**fwd.columns()))
     meta = dict(trace.meta) if trace is not None else {"source": "exits"}
-    if cols is None or not len(cols["index"]):
-        return Trace(meta=meta)
-    order = np.argsort(cols["time_ns"], kind="stable")
-    return Trace.from_arrays(**{k: v[order] for k, v in cols.items()}, meta=meta)
+    merged = concat(parts, meta)
+    if len(merged):
+        order = np.argsort(merged.cols["time_ns"], kind="stable")
+        merged.cols = {k: v[order] for k, v in merged.cols.items()}
+    return merged
 
 
-# ---- aggregation
-
-def _aggregate(trace) -> dict[tuple[int, bool], LearnedAccess]:
-    """Per (index, write): events, #GPs, first time, a few distinct values (from the chunks'
-    dictionaries; the per-event columns are touched once, vectorised)."""
-    out: dict[tuple[int, bool], LearnedAccess] = {}
-    vals: dict[tuple[int, bool, bool], set[int]] = {}
-    for chunk in trace.iter_chunks():
-        k = chunk.nkeys
-        order = np.lexsort((chunk.value, chunk.codes))
-        c, v = chunk.codes[order], chunk.value[order]
-        first = np.ones(c.shape[0], bool)
-        first[1:] = (c[1:] != c[:-1]) | (v[1:] != v[:-1])
-        c, v = c[first], v[first]
-        lo = np.searchsorted(c, np.arange(k), "left")
-        hi = np.searchsorted(c, np.arange(k), "right")
-        for j, (index, write, exc, n, t0) in enumerate(zip(
-                chunk.key_index.tolist(), chunk.key_write.tolist(), chunk.key_exception.tolist(),
-                chunk.key_count.tolist(), chunk.key_first_ns.tolist())):
-            key = (index, bool(write))
-            a = out.get(key)
-            if a is None:
-                a = out[key] = LearnedAccess(index, bool(write), first_ns=t0)
-            a.events += n
-            a.failed += n if exc else 0
-            a.first_ns = min(a.first_ns, t0)
-            s = vals.setdefault((index, bool(write), bool(exc)), set())
-            if len(s) < MAX_VALUES:
-                s.update(v[lo[j]:min(hi[j], lo[j] + MAX_VALUES)].tolist())
-    for (index, write, exc), s in vals.items():
-        kept = tuple(sorted(s)[:MAX_VALUES])
-        if exc:
-            out[(index, write)].failed_values = kept
-        else:
-            out[(index, write)].values = kept
-    return out
-
-
-def _verify(accesses: dict[tuple[int, bool], LearnedAccess], keys: set) -> None:
+def verify_forwarded(accesses: dict[tuple[int, bool], LearnedAccess], keys: set) -> None:
     """Re-check forwarded (MSR, direction) pairs as guest accesses in a scratch VM."""
-    from ..probe import Access, MsrProber
     todo = sorted((accesses[k] for k in keys if k in accesses), key=lambda a: a.first_ns)
     if not todo:
         return

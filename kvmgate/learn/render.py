@@ -10,7 +10,8 @@ from typing import Iterable
 from ..errors import PolicyError, UserError
 from ..msr import names
 from ..msr.model import X2APIC_FIRST, X2APIC_LAST, consecutive_runs
-from .result import MIN_RUN, LearnedAccess, LearnResult
+from ..policy import compile_policy, parse_policy
+from .access import MIN_RUN, LearnedAccess
 
 def _msr_ref(index: int) -> str:
     """A TOML value naming the MSR: its canonical name when that resolves back, else hex."""
@@ -47,7 +48,6 @@ def _describe(index: int, by: dict) -> str:
 def render_policy(accesses: Iterable[LearnedAccess], *, name: str = "learned", min_run: int = MIN_RUN,
                   exclude: Iterable = (), header: Iterable[str] = ()) -> str:
     """Deny-by-default TOML allowing the allowed accesses (see the module docstring)."""
-    from ..policy import compile_policy, parse_policy
     accesses = list(accesses)
     drop_msrs = {x for x in exclude if isinstance(x, int)}
     drop_keys = {(int(x[0]), bool(x[1])) for x in exclude if not isinstance(x, int)}
@@ -117,9 +117,9 @@ def render_policy(accesses: Iterable[LearnedAccess], *, name: str = "learned", m
     return text
 
 
-def write_policy(result: LearnResult | str, path, **kw) -> Path:
-    """Write the learned policy (a LearnResult, or policy text) to `path` atomically.
-    Keyword arguments go to LearnResult.policy_text().  UserError if it cannot be written."""
+def write_policy(result, path, **kw) -> Path:
+    """Write the learned policy (policy text, or anything with policy_text(**kw) such as a
+    LearnResult) to `path` atomically.  UserError if it cannot be written."""
     text = result if isinstance(result, str) else result.policy_text(**kw)
     p = Path(path)
     if p.is_dir():

@@ -1,4 +1,4 @@
-"""What learning found: one LearnedAccess per (MSR, direction), and the LearnResult."""
+"""The result of learning: the accesses found and how they were found, and its policy text."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -8,57 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..msr import names
-from ..msr.model import KernelMsr
-
-MAX_VALUES = 4            # distinct values kept per (MSR, direction, outcome)
-MIN_RUN = 3               # consecutive MSRs that become a `range` rule
-
-
-@dataclass
-class LearnedAccess:
-    """Everything seen for one MSR in one direction."""
-    index: int
-    write: bool
-    events: int = 0
-    failed: int = 0                      # events the guest got #GP for (KVM failed them)
-    values: tuple[int, ...] = ()         # up to MAX_VALUES distinct values of completed events
-    failed_values: tuple[int, ...] = ()  # ... and of failed ones (written values; reads: 0)
-    first_ns: int = 0
-    forwarded: bool = False              # carried out from user space (host-initiated)
-    check: str | None = None             # forwarded: guest-initiated re-check (KernelMsr value)
-
-    @property
-    def name(self) -> str | None:
-        return names.msr_name(self.index)
-
-    @property
-    def direction(self) -> str:
-        return "write" if self.write else "read"
-
-    @property
-    def allowed(self) -> bool:
-        """Used successfully (and, if carried out from user space, valid as a guest access)."""
-        if self.forwarded and self.check is not None:
-            return self.check == KernelMsr.HANDLED.value
-        return self.events > self.failed
-
-    def why_not(self) -> str:
-        if self.allowed:
-            return ""
-        if self.forwarded and self.check is not None:
-            if self.failed < self.events:
-                return (f"KVM_{'SET' if self.write else 'GET'}_MSRS worked, but KVM fails the "
-                        f"guest's own access ({self.check})")
-            return f"KVM itself answered #GP ({self.check})"
-        return "KVM itself answered #GP"
-
-    def to_dict(self) -> dict:
-        return {"msr": f"{self.index:#x}", "name": self.name, "access": self.direction,
-                "events": self.events, "gp": self.failed, "allowed": self.allowed,
-                "values": [f"{v:#x}" for v in self.values],
-                "failed_values": [f"{v:#x}" for v in self.failed_values],
-                "forwarded": self.forwarded, "check": self.check, "reason": self.why_not()}
+from ..policy import parse_policy
+from .access import MIN_RUN, LearnedAccess
+from .render import render_policy
 
 
 @dataclass
@@ -91,25 +43,31 @@ class LearnResult:
                     exclude: Iterable = ()) -> str:
         """The learned policy as TOML (parsed and compiled before it is returned).
         `exclude`: MSR indices, or (index, write) pairs, to leave out (denied by the default)."""
-        stem = Path(self.guest).stem if not self.guest.startswith("<") else "guest"
-        from .render import render_policy
-        return render_policy(self.accesses, name=name or f"learned-{stem}", min_run=min_run,
+        if self.recorder == "trace":
+            default = "learned-from-traces"
+        else:
+            default = "learned-" + (Path(self.guest).stem if not self.guest.startswith("<") else "guest")
+        return render_policy(self.accesses, name=name or default, min_run=min_run,
                              exclude=exclude, header=self._header())
 
     def policy(self, **kw):
-        from ..policy import parse_policy
         return parse_policy(self.policy_text(**kw), "<learned>")
 
     def _header(self) -> list[str]:
         how = {"tracefs": "the kernel's kvm:kvm_msr tracepoint (tracefs)",
-               "exits": "user-space MSR exits (every MSR filtered, carried out with KVM_GET/SET_MSRS)"}
+               "exits": "user-space MSR exits (every MSR filtered, carried out with KVM_GET/SET_MSRS)",
+               "trace": "recorded traces (kvmgate learn --from-trace)"}
         lines = [f"Learned by `kvmgate learn` from {self.guest}",
                  f"on {platform.node()} (Linux {platform.release()}), "
                  f"{_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-                 f"recorder: {how.get(self.recorder, self.recorder)}",
-                 f"guest {'halted' if self.halted else 'stopped at the timeout'} after "
-                 f"{self.seconds:.3f} s: {self.events} MSR accesses, {len(self.accesses)} "
-                 f"MSR/direction pairs, {len(self.allowed())} allowed"]
+                 f"recorder: {how.get(self.recorder, self.recorder)}"]
+        if self.recorder == "trace":
+            lines.append(f"{self.events} MSR accesses, {len(self.accesses)} MSR/direction pairs, "
+                         f"{len(self.allowed())} allowed")
+        else:
+            lines.append(f"guest {'halted' if self.halted else 'stopped at the timeout'} after "
+                         f"{self.seconds:.3f} s: {self.events} MSR accesses, {len(self.accesses)} "
+                         f"MSR/direction pairs, {len(self.allowed())} allowed")
         if self.guarded:
             lines.append(f"{len(self.guarded)} MSRs KVM may pass through to the guest were "
                          "filtered and carried out from user space while learning")

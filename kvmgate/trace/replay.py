@@ -1,12 +1,15 @@
-"""Replay a recorded trace against a policy: which of the guest's MSR accesses it would allow.
+"""Replay recorded traces against a policy: which of the guests' MSR accesses it would allow.
 
-The policy is asked once per distinct (index, write, exception) key of the whole trace (cached
-across chunks); per event, the only work is one np.bincount over the chunk's dictionary codes.
-Memory is bounded by the number of distinct keys, never by the number of events.
+The events reduce to key summaries (kvmgate.trace.summary: per distinct (host, MSR, direction,
+exception), counts, times, threads), stored per row group in each file and merged across files
+and hosts; the policy is then asked once per distinct (MSR, direction, exception).  Memory is
+bounded by the number of distinct keys, never by the number of events.
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,7 +17,11 @@ from typing import Callable
 import numpy as np
 
 from ..msr.model import READ, WRITE, MsrFilter
-from .store import U64_MAX, TraceFormatError, open_trace, unpack_key64
+from ..msr.names import msr_name
+from ..report import table
+from .sources import collect
+from .store import Trace
+from .summary import Summary
 
 Decide = Callable[[int, bool, bool], str]
 
@@ -38,6 +45,7 @@ class ReplayRow:
     last_ns: int
     pids: tuple[int, ...]
     name: str | None = None
+    host: str | None = None     # with by_host: the host; else rows sum every host
 
     @property
     def direction(self) -> str:
@@ -48,9 +56,12 @@ class ReplayRow:
         return next(iter(self.verdicts)) if len(self.verdicts) == 1 else "mixed"
 
     def to_dict(self) -> dict:
-        return {"index": f"{self.index:#x}", "name": self.name, "access": self.direction,
-                "events": self.events, "verdicts": self.verdicts, "gp": self.gp,
-                "first_ns": self.first_ns, "last_ns": self.last_ns, "pids": list(self.pids)}
+        d = {"index": f"{self.index:#x}", "name": self.name, "access": self.direction,
+             "events": self.events, "verdicts": self.verdicts, "gp": self.gp,
+             "first_ns": self.first_ns, "last_ns": self.last_ns, "pids": list(self.pids)}
+        if self.host is not None:
+            d["host"] = self.host
+        return d
 
 
 @dataclass
@@ -61,36 +72,43 @@ class ReplayReport:
     rows: list[ReplayRow]
     distinct_keys: int
     decide_calls: int
-    chunks: int
+    row_groups: int
     seconds: float
     meta: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)            # FileInfo per file read
+    partial: list[str] = field(default_factory=list)     # unfinished recordings read
+    by_host: dict | None = None                          # host -> totals, with by_host
 
     @property
     def verdicts(self) -> list[str]:
         return list(self.totals)
 
-    def row(self, index: int, write: bool) -> ReplayRow | None:
+    def row(self, index: int, write: bool, host: str | None = None) -> ReplayRow | None:
         for r in self.rows:
-            if r.index == index and r.write == bool(write):
+            if r.index == index and r.write == bool(write) and r.host == host:
                 return r
         return None
 
     def to_dict(self) -> dict:
-        return {"events": self.events, "totals": self.totals, "distinct_keys": self.distinct_keys,
-                "decide_calls": self.decide_calls, "chunks": self.chunks,
-                "seconds": round(self.seconds, 6),
-                "rows": [r.to_dict() for r in self.rows],
-                "trace": {k: v for k, v in self.meta.items() if k != "tasks"}}
+        d = {"events": self.events, "totals": self.totals, "distinct_keys": self.distinct_keys,
+             "decide_calls": self.decide_calls, "row_groups": self.row_groups,
+             "seconds": round(self.seconds, 6), "rows": [r.to_dict() for r in self.rows],
+             "files": [f.to_dict() for f in self.files], "partial": self.partial,
+             "trace": {k: v for k, v in self.meta.items() if k != "tasks"}}
+        if self.by_host is not None:
+            d["by_host"] = self.by_host
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
 
     def table_rows(self, limit: int | None = None) -> list[dict]:
         """Rows as flat dicts for kvmgate.report.table, busiest first."""
-        rows = sorted(self.rows, key=lambda r: (-r.events, r.index, r.write))[:limit]
+        rows = sorted(self.rows, key=lambda r: (r.host or "", -r.events, r.index, r.write))[:limit]
         out = []
         for r in rows:
-            d = {"msr": f"{r.index:#x}", "name": r.name or "", "access": r.direction,
+            d = {"host": r.host} if r.host is not None else {}
+            d |= {"msr": f"{r.index:#x}", "name": r.name or "", "access": r.direction,
                  "events": r.events}
             for v in self.verdicts:
                 d[v] = r.verdicts.get(v, 0)
@@ -101,12 +119,10 @@ class ReplayReport:
 
     def table(self, limit: int | None = None) -> str:
         """A summary line per verdict, then the rows (busiest first) as a text table."""
-        import io
-        from ..report import table
         buf = io.StringIO()
         total = self.events or 1
         buf.write(f"{self.events} events, {len(self.rows)} MSR/direction rows, "
-                  f"{self.distinct_keys} distinct keys, {self.chunks} chunks\n")
+                  f"{self.distinct_keys} distinct keys, {self.row_groups} row groups\n")
         for v, n in self.totals.items():
             buf.write(f"  {v}: {n} ({100 * n / total:.2f}%)\n")
         buf.write("\n")
@@ -122,115 +138,84 @@ def _pids_text(pids: tuple[int, ...], shown: int = 4) -> str:
     return text + (f",+{len(pids) - shown}" if len(pids) > shown else "")
 
 
-class _Keys:
-    """Every distinct key seen so far: a sorted u64 array for vectorised lookup, a global id per
-    key (order of first sight), the verdict id and the accumulated statistics per id."""
-
-    def __init__(self, decide: Decide):
-        self.decide = decide
-        self.sorted = np.zeros(0, np.uint64)
-        self.sorted_gid = np.zeros(0, np.int64)
-        self.keys = np.zeros(0, np.uint64)
-        self.vid = np.zeros(0, np.int64)
-        self.count = np.zeros(0, np.uint64)
-        self.first = np.zeros(0, np.uint64)
-        self.last = np.zeros(0, np.uint64)
-        self.pairs = np.zeros(0, np.uint64)        # gid << 32 | pid, sorted unique
-        self.labels: dict[str, int] = {}
-        self.calls = 0
-
-    def ids(self, keys: np.ndarray) -> np.ndarray:
-        """Global ids of `keys` (distinct), asking decide() about the ones never seen."""
-        pos = np.searchsorted(self.sorted, keys)
-        found = pos < self.sorted.shape[0]
-        found[found] = self.sorted[pos[found]] == keys[found]
-        gids = np.empty(keys.shape[0], np.int64)
-        gids[found] = self.sorted_gid[pos[found]]
-        new = keys[~found]
-        if new.shape[0]:
-            gids[~found] = self._add(new)
-        return gids
-
-    def _add(self, new: np.ndarray) -> np.ndarray:
-        n0 = self.keys.shape[0]
-        gids = np.arange(n0, n0 + new.shape[0], dtype=np.int64)
-        vids = []
-        for index, write, exc in zip(*(a.tolist() for a in unpack_key64(new))):
-            label = str(self.decide(index, write, exc))
-            self.calls += 1
-            vids.append(self.labels.setdefault(label, len(self.labels)))
-        self.keys = np.concatenate([self.keys, new])
-        self.vid = np.concatenate([self.vid, np.array(vids, np.int64)])
-        self.count = np.concatenate([self.count, np.zeros(new.shape[0], np.uint64)])
-        self.first = np.concatenate([self.first, np.full(new.shape[0], U64_MAX, np.uint64)])
-        self.last = np.concatenate([self.last, np.zeros(new.shape[0], np.uint64)])
-        order = np.argsort(np.concatenate([self.sorted, new]), kind="stable")
-        self.sorted = np.concatenate([self.sorted, new])[order]
-        self.sorted_gid = np.concatenate([self.sorted_gid, gids])[order]
-        return gids
-
-
-def replay(reader, decide: Decide, progress: Callable[[int, float], None] | None = None) -> ReplayReport:
-    """Count a trace's events per (MSR, direction, verdict), asking `decide(index, write,
-    exception) -> label` once per distinct key.  `reader`: a TraceReader, a Trace, or a path.
-
-    Per chunk: np.bincount of the codes gives events per dictionary key (checked against the
-    chunk's stored counts); everything else is per key.  `progress(events, seconds)` per chunk.
-    """
-    started = time.perf_counter()
-    src = open_trace(reader)
-    keys = _Keys(decide)
-    events = chunks = 0
-    for chunk in src.iter_chunks():
-        k = chunk.nkeys
-        counts = np.bincount(chunk.codes, minlength=k)
-        if counts.shape[0] != k or not np.array_equal(counts, chunk.key_count):
-            raise TraceFormatError(f"chunk {chunks}: codes do not match the dictionary counts")
-        gids = keys.ids(chunk.keys64())
-        keys.count[gids] += counts.astype(np.uint64)
-        keys.first[gids] = np.minimum(keys.first[gids], chunk.key_first_ns)   # gids are distinct
-        keys.last[gids] = np.maximum(keys.last[gids], chunk.key_last_ns)
-        pairs = (gids[chunk.pair_key].astype(np.uint64) << np.uint64(32)) | chunk.pair_pid.view(np.uint32)
-        keys.pairs = np.union1d(keys.pairs, pairs)
-        events += len(chunk)
-        chunks += 1
-        if progress is not None:
-            progress(events, time.perf_counter() - started)
-    meta = dict(getattr(src, "meta", {}) or {})
-    return _report(keys, events, chunks, time.perf_counter() - started, meta)
-
-
 def _msr_name(index: int) -> str | None:
     try:
-        from ..msr.names import msr_name
         return msr_name(index)
     except Exception:   # noqa: BLE001 - names are decoration; a broken table must not stop replay
         return None
 
 
-def _report(keys: _Keys, events: int, chunks: int, seconds: float, meta: dict) -> ReplayReport:
-    labels = sorted(keys.labels, key=keys.labels.get)
-    totals = {lab: int(keys.count[keys.vid == v].sum()) for lab, v in keys.labels.items()}
-    index, write, exc = (a.tolist() for a in unpack_key64(keys.keys))
-    pid_gid = (keys.pairs >> np.uint64(32)).astype(np.int64)
-    pid_val = (keys.pairs & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
-    bounds = np.searchsorted(pid_gid, np.arange(keys.keys.shape[0] + 1))
-    grouped: dict[tuple[int, bool], dict] = {}
-    for g in range(keys.keys.shape[0]):
-        r = grouped.setdefault((index[g], write[g]), {"events": 0, "verdicts": {}, "gp": 0,
-                                                     "first": U64_MAX, "last": 0, "pids": set()})
-        n = int(keys.count[g])
-        lab = labels[keys.vid[g]]
+def verdicts_of(summary: Summary, decide: Decide) -> tuple[list[str], int]:
+    """The verdict of every key of `summary`: decide() once per distinct (index, write,
+    exception), whatever the number of hosts and events.  (verdicts, decide calls)."""
+    _, index, write, exc = summary.columns()
+    cache: dict[tuple[int, bool, bool], str] = {}
+    out = []
+    for key in zip(index.tolist(), write.tolist(), exc.tolist()):
+        v = cache.get(key)
+        if v is None:
+            v = cache[key] = str(decide(*key))
+        out.append(v)
+    return out, len(cache)
+
+
+def report_from_summary(summary: Summary, decide: Decide, *, by_host: bool = False,
+                        files: list | None = None, partial: list[str] | None = None,
+                        meta: dict | None = None, started: float | None = None) -> ReplayReport:
+    """Count a summary's events per (MSR, direction) and verdict (per host too with by_host)."""
+    started = time.perf_counter() if started is None else started
+    verdicts, calls = verdicts_of(summary, decide)
+    host, index, write, exc = (a.tolist() for a in summary.columns())
+    count = summary.count.tolist()
+    first, last = summary.first_ns.tolist(), summary.last_ns.tolist()
+    pids = summary.pids_of()
+    totals: dict[str, int] = {}
+    host_totals: dict[str, dict[str, int]] = {}
+    grouped: dict[tuple, dict] = {}
+    for k in range(len(summary)):
+        n, v = count[k], verdicts[k]
+        totals[v] = totals.get(v, 0) + n
+        hname = summary.hosts[host[k]]
+        ht = host_totals.setdefault(hname, {})
+        ht[v] = ht.get(v, 0) + n
+        gk = (hname if by_host else None, index[k], write[k])
+        r = grouped.setdefault(gk, {"events": 0, "verdicts": {}, "gp": 0, "first": first[k],
+                                    "last": last[k], "pids": set()})
         r["events"] += n
-        r["verdicts"][lab] = r["verdicts"].get(lab, 0) + n
-        r["gp"] += n if exc[g] else 0
-        r["first"] = min(r["first"], int(keys.first[g]))
-        r["last"] = max(r["last"], int(keys.last[g]))
-        r["pids"].update(pid_val[bounds[g]:bounds[g + 1]].tolist())
+        r["verdicts"][v] = r["verdicts"].get(v, 0) + n
+        r["gp"] += n if exc[k] else 0
+        r["first"] = min(r["first"], first[k])
+        r["last"] = max(r["last"], last[k])
+        r["pids"].update(pids[k])
     rows = [ReplayRow(i, w, r["events"], r["verdicts"], r["gp"], r["first"], r["last"],
-                      tuple(sorted(r["pids"])), _msr_name(i))
-            for (i, w), r in sorted(grouped.items())]
-    return ReplayReport(events, totals, rows, int(keys.keys.shape[0]), keys.calls, chunks, seconds, meta)
+                      tuple(sorted(r["pids"])), _msr_name(i), h)
+            for (h, i, w), r in sorted(grouped.items(), key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2]))]
+    return ReplayReport(summary.events, totals, rows, len(summary), calls,
+                        sum(f.row_groups for f in files or []), time.perf_counter() - started,
+                        dict(meta or {}), files=list(files or []), partial=list(partial or []),
+                        by_host=host_totals if by_host else None)
+
+
+def replay(source, decide: Decide, *, by_host: bool = False, full: bool = False,
+           dask: str | None = None) -> ReplayReport:
+    """What `decide(index, write, exception) -> label` says about every event of `source`,
+    counted per (MSR, direction) and label; decide() is asked once per distinct key.
+
+    `source`: a Trace, a Summary, a path (file or directory) or a list of paths.  Files are
+    checked as they are read (kvmgate.trace.store); `full` decodes every event instead of
+    counting from the stored key summaries; `dask` runs the per-file work on a Dask cluster
+    (kvmgate.trace.sources).  Unfinished recordings are read and named in `report.partial`.
+    """
+    started = time.perf_counter()
+    if isinstance(source, Trace):
+        return report_from_summary(source.summary(), decide, by_host=by_host, meta=source.meta,
+                                   started=started)
+    if isinstance(source, Summary):
+        return report_from_summary(source, decide, by_host=by_host, started=started)
+    paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    got = collect(paths, full=full, dask=dask)
+    return report_from_summary(got.summary, decide, by_host=by_host, files=got.files,
+                               partial=got.partial, meta=got.meta, started=started)
 
 
 def naive_counts(index, write, exception, decide: Decide) -> dict[tuple[int, bool, str], int]:
@@ -244,8 +229,14 @@ def naive_counts(index, write, exception, decide: Decide) -> dict[tuple[int, boo
 
 
 def report_counts(report: ReplayReport) -> dict[tuple[int, bool, str], int]:
-    """A report flattened to {(index, write, verdict): events}, comparable with naive_counts."""
-    return {(r.index, r.write, v): n for r in report.rows for v, n in r.verdicts.items()}
+    """A report flattened to {(index, write, verdict): events} (hosts summed), comparable with
+    naive_counts."""
+    out: dict[tuple[int, bool, str], int] = {}
+    for r in report.rows:
+        for v, n in r.verdicts.items():
+            out[(r.index, r.write, v)] = out.get((r.index, r.write, v), 0) + n
+    return out
 
 
-__all__ = ["replay", "filter_decider", "ReplayReport", "ReplayRow", "naive_counts", "report_counts"]
+__all__ = ["replay", "report_from_summary", "verdicts_of", "filter_decider", "ReplayReport",
+           "ReplayRow", "naive_counts", "report_counts"]

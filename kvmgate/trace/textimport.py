@@ -11,14 +11,18 @@ blank lines and anything else are counted too; nothing stops an import.
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .store import DEFAULT_CHUNK_EVENTS, Trace, TraceReader, TraceWriter
+from ..errors import UserError
+
+from .store import Trace, TraceFile, TraceWriter, vcpu_of_comm
 
 EVENT_LINE = re.compile(
     r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+"
@@ -53,7 +57,8 @@ class ImportStats:
 
 
 def parse_line(line: str):
-    """(time_ns, tid, index, write, value, exception) for a kvm_msr line, "other" for another
+    """(time_ns, tid, index, write, value, exception, vcpu) for a kvm_msr line (vcpu -1 unless
+    the thread is QEMU's "CPU n/KVM"), the event name for another
     event's line, "malformed" for a kvm_msr line that does not parse, None for anything else."""
     m = EVENT_LINE.match(line)
     if m is None:
@@ -67,11 +72,23 @@ def parse_line(line: str):
     if value >> 64:
         return "malformed"
     t = int(m["sec"]) * 1_000_000_000 + int((m["frac"] or "0").ljust(9, "0"))
-    return t, int(m["pid"]), int(f["index"], 16), f["dir"] == "write", value, f["gp"] is not None
+    if t >= 1 << 63:
+        return "malformed"
+    pid = int(m["pid"])
+    if pid >= 1 << 31:
+        return "malformed"
+    return (t, pid, int(f["index"], 16), f["dir"] == "write", value, f["gp"] is not None,
+            vcpu_of_comm(m["comm"].strip()))
 
 
 def _lines(source) -> Iterator[str]:
     if isinstance(source, (str, Path)):
+        try:
+            st = os.stat(source)
+        except OSError as e:
+            raise UserError(f"cannot read report: {e.strerror}", str(source)) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError("not a regular file", str(source))
         with open(source, encoding="utf-8", errors="replace") as fh:
             yield from fh
     else:
@@ -80,7 +97,7 @@ def _lines(source) -> Iterator[str]:
 
 def iter_batches(source, stats: ImportStats, batch: int = 1 << 18) -> Iterator[dict]:
     """Column batches of at most `batch` events parsed from a path or an iterable of lines."""
-    cols = ([], [], [], [], [], [])
+    cols = ([], [], [], [], [], [], [])
     for line in _lines(source):
         stats.lines += 1
         r = parse_line(line)
@@ -90,7 +107,7 @@ def iter_batches(source, stats: ImportStats, batch: int = 1 << 18) -> Iterator[d
             stats.events += 1
             if len(cols[0]) >= batch:
                 yield _arrays(cols)
-                cols = ([], [], [], [], [], [])
+                cols = ([], [], [], [], [], [], [])
         elif r is None:
             stats.other_lines += 1
         elif r == "malformed":
@@ -104,10 +121,11 @@ def iter_batches(source, stats: ImportStats, batch: int = 1 << 18) -> Iterator[d
 
 
 def _arrays(cols) -> dict:
-    t, pid, index, write, value, exc = cols
-    return {"time_ns": np.array(t, np.uint64), "pid": np.array(pid, np.int32),
+    t, pid, index, write, value, exc, vcpu = cols
+    return {"time_ns": np.array(t, np.int64), "pid": np.array(pid, np.int32),
             "index": np.array(index, np.uint32), "write": np.array(write, bool),
-            "value": np.array(value, np.uint64), "exception": np.array(exc, bool)}
+            "value": np.array(value, np.uint64), "exception": np.array(exc, bool),
+            "vcpu": np.array(vcpu, np.int16)}
 
 
 def _meta(source, stats: ImportStats) -> dict:
@@ -116,26 +134,33 @@ def _meta(source, stats: ImportStats) -> dict:
             "import": stats.as_dict()}
 
 
-def import_trace_cmd(source, *, chunk_events: int = DEFAULT_CHUNK_EVENTS) -> Trace:
+def _host(source, host: str | None) -> str:
+    if host:
+        return host
+    return Path(source).stem if isinstance(source, (str, Path)) else "unknown"
+
+
+def import_trace_cmd(source, *, host: str | None = None) -> Trace:
     """kvm_msr events of a `trace-cmd report` (or ftrace text) file/iterable, in memory.
-    Statistics of skipped and unparsed lines are in `trace.meta["import"]`."""
+    Statistics of skipped and unparsed lines are in `trace.meta["import"]`.  `host`: the host
+    the report was recorded on (default: the file's stem)."""
     stats = ImportStats()
     batches = list(iter_batches(source, stats))
-    if batches:
-        cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    else:
-        cols = _arrays(([], [], [], [], [], []))
-    return Trace.from_arrays(**cols, chunk_events=chunk_events, meta=_meta(source, stats))
+    cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches \
+        else _arrays(([], [], [], [], [], [], []))
+    return Trace.from_arrays(**cols, host=_host(source, host), meta=_meta(source, stats))
 
 
-def import_trace_cmd_to(source, path, *, chunk_events: int = DEFAULT_CHUNK_EVENTS) -> TraceReader:
-    """Like import_trace_cmd, streaming into a .kvmtrace file at `path` (bounded memory)."""
+def import_trace_cmd_to(source, path, *, host: str | None = None,
+                        row_group_events: int | None = None) -> TraceFile:
+    """Like import_trace_cmd, streaming into a Parquet trace file at `path` (bounded memory)."""
     stats = ImportStats()
-    with TraceWriter(path, chunk_events, meta=_meta(source, stats)) as w:
+    kw = {"row_group_events": row_group_events} if row_group_events else {}
+    with TraceWriter(path, meta=_meta(source, stats), host=_host(source, host), **kw) as w:
         for b in iter_batches(source, stats):
             w.append(**b)
         w.meta["import"] = stats.as_dict()
-    return TraceReader(path)
+    return TraceFile(path)
 
 
 def parse_lines(lines: Iterable[str]) -> tuple[list[tuple], ImportStats]:
@@ -143,5 +168,5 @@ def parse_lines(lines: Iterable[str]) -> tuple[list[tuple], ImportStats]:
     stats = ImportStats()
     out = []
     for b in iter_batches(lines, stats):
-        out += zip(*(b[k].tolist() for k in ("time_ns", "pid", "index", "write", "value", "exception")))
+        out += zip(*(b[k].tolist() for k in ("time_ns", "pid", "index", "write", "value", "exception", "vcpu")))
     return out, stats

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import UserError
-from .store import DEFAULT_CHUNK_EVENTS, Trace, TraceReader, TraceWriter
+from .store import DEFAULT_FLUSH_SECONDS, Trace, TraceFile, TraceWriter, default_host, vcpu_of_comm
 
 DEFAULT_ROOT = Path("/sys/kernel/tracing")
 EVENT_DIR = Path("events/kvm/kvm_msr")
@@ -257,7 +257,7 @@ def _columns(recs: np.ndarray, ts: np.ndarray, layout: EventLayout) -> dict:
     exc = recs["exception"] != 0 if "exception" in layout.fields else np.zeros(len(recs), bool)
     return {"index": recs["ecx"].astype(np.uint32), "write": recs["write"] != 0,
             "value": recs["data"].astype(np.uint64), "exception": exc,
-            "pid": recs["common_pid"].astype(np.int32), "time_ns": ts}
+            "pid": recs["common_pid"].astype(np.int32), "time_ns": ts.astype(np.int64)}
 
 
 # ---- pids
@@ -432,6 +432,9 @@ class TracefsSession:
         for tid in np.unique(cols["pid"]).tolist():
             if tid not in self.tasks:
                 self.tasks[tid] = _task_info(tid)
+        vcpus = {tid: vcpu_of_comm((info or {}).get("comm")) for tid, info in self.tasks.items()}
+        cols["vcpu"] = np.array([vcpus.get(t, -1) for t in cols["pid"].tolist()], np.int16) \
+            if any(v >= 0 for v in vcpus.values()) else np.full(len(cols["pid"]), -1, np.int16)
         return cols, busy
 
     def watermark_ns(self) -> int | None:
@@ -455,7 +458,7 @@ class TracefsSession:
 
     def meta(self) -> dict:
         return {"source": "tracefs", "event": "kvm:kvm_msr", "clock": self.clock,
-                "kernel": platform.release(), "host": platform.node(),
+                "kernel": platform.release(), "host": default_host(),
                 "pid_filter": self.pids, "event_filter": self.event_filter,
                 "started_unix": self.started_wall,
                 "tasks": {str(k): v for k, v in sorted(self.tasks.items()) if v}}
@@ -486,8 +489,9 @@ class _Merger:
 class _Loop:
     """One recording: drain, merge, hand events to `sink`, report progress, decide when to stop."""
 
-    def __init__(self, session: TracefsSession, sink, duration, stop, progress):
+    def __init__(self, session: TracefsSession, sink, duration, stop, progress, tick=None):
         self.s, self.sink, self.duration, self.stop, self.progress = session, sink, duration, stop, progress
+        self.on_tick = tick
         self.merger = _Merger()
         self.events = 0
         self.t0 = time.monotonic()
@@ -504,6 +508,8 @@ class _Loop:
         return busy
 
     def tick(self, force: bool = False) -> float:
+        if self.on_tick is not None:
+            self.on_tick()
         now = time.monotonic() - self.t0
         if self.progress is not None and (force or now - self.last_progress >= 0.1):
             self.progress(self.events, now)
@@ -533,12 +539,12 @@ class _Loop:
             time.sleep(max(0.0, wait))
 
 
-def _record(sink: Callable[[dict], None], duration, pid, stop, progress, ready, opts) -> dict:
+def _record(sink: Callable[[dict], None], duration, pid, stop, progress, ready, opts, tick=None) -> dict:
     """The recording shared by record_tracefs and record_tracefs_to; returns the metadata."""
     if duration is not None and duration < 0:
         raise ValueError("duration must be >= 0")
     with TracefsSession(pid, **opts) as s:
-        loop = _Loop(s, sink, duration, stop, progress)
+        loop = _Loop(s, sink, duration, stop, progress, tick)
         if ready is not None:
             ready.set()
         reason = loop.run()
@@ -555,8 +561,7 @@ def record_tracefs(duration: float | None = None, pid: int | Iterable[int] | Non
                    stop: threading.Event | None = None,
                    progress: Callable[[int, float], None] | None = None, *,
                    event_filter: str | None = None, buffer_kb: int | None = None,
-                   ready: threading.Event | None = None,
-                   chunk_events: int = DEFAULT_CHUNK_EVENTS) -> Trace:
+                   ready: threading.Event | None = None) -> Trace:
     """Record kvm:kvm_msr events (tracefs instance, per-CPU trace_pipe_raw) into memory.
 
     Runs until `duration` seconds have passed, `stop` is set, or Ctrl-C (KeyboardInterrupt ends
@@ -570,8 +575,8 @@ def record_tracefs(duration: float | None = None, pid: int | Iterable[int] | Non
                    {"event_filter": event_filter, "buffer_kb": buffer_kb})
     if parts:
         cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return Trace.from_arrays(**cols, chunk_events=chunk_events, meta=meta)
-    return Trace(meta=meta)
+        return Trace.from_arrays(**cols, host=meta["host"], meta=meta)
+    return Trace.from_arrays(np.zeros(0, np.uint32), None, host=meta["host"], meta=meta)
 
 
 def record_tracefs_to(path, duration: float | None = None, pid: int | Iterable[int] | None = None,
@@ -579,12 +584,17 @@ def record_tracefs_to(path, duration: float | None = None, pid: int | Iterable[i
                       progress: Callable[[int, float], None] | None = None, *,
                       event_filter: str | None = None, buffer_kb: int | None = None,
                       ready: threading.Event | None = None,
-                      chunk_events: int = DEFAULT_CHUNK_EVENTS) -> TraceReader:
-    """Like record_tracefs, streaming chunks into a .kvmtrace file (memory bounded by one chunk)."""
-    with TraceWriter(path, chunk_events) as w:
+                      flush_seconds: float = DEFAULT_FLUSH_SECONDS,
+                      row_group_events: int | None = None) -> TraceFile:
+    """Like record_tracefs, streaming into a Parquet trace at `path`, crash-safe: events are
+    flushed to PATH.parts/ every `flush_seconds` (and every full row group); a recording killed
+    on the way keeps everything up to its last flush there (kvmgate.trace.store)."""
+    kw = {"row_group_events": row_group_events} if row_group_events else {}
+    with TraceWriter(path, crash_safe=True, flush_seconds=flush_seconds, **kw) as w:
         w.meta.update(_record(lambda cols: w.append(**cols), duration, pid, stop, progress, ready,
-                              {"event_filter": event_filter, "buffer_kb": buffer_kb}))
-    return TraceReader(path)
+                              {"event_filter": event_filter, "buffer_kb": buffer_kb},
+                              tick=w.flush_due))
+    return TraceFile(path)
 
 
 class Recording:
@@ -595,6 +605,8 @@ class Recording:
         rec.trace    # a Trace
 
     The event is enabled before the block starts; the buffers are drained when it ends.
+    `start()` before the `with` block starts it early (so a failure to start can be told apart
+    from a failure inside the block); entering the block then does not start it again.
     """
 
     def __init__(self, pid: int | Iterable[int] | None = None, *, event_filter: str | None = None,
@@ -613,7 +625,10 @@ class Recording:
             self._error = e
             self._ready.set()
 
-    def __enter__(self) -> "Recording":
+    def start(self) -> "Recording":
+        """Start recording; returns once the event is enabled (TracefsError if it cannot start)."""
+        if getattr(self, "_thread", None) is not None:
+            return self
         self._thread = threading.Thread(target=self._main, name="kvmgate-trace", daemon=True)
         self._thread.start()
         if not self._ready.wait(self._timeout):
@@ -623,8 +638,11 @@ class Recording:
             raise self._error
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __enter__(self) -> "Recording":
+        return self.start()
+
+    def __exit__(self, etype, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        if self._error is not None and exc[0] is None:
+        if self._error is not None and etype is None:
             raise self._error

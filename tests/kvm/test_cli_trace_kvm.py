@@ -11,13 +11,13 @@ import time
 import pytest
 
 from kvmgate.audit import AuditLog
-from kvmgate.cli.trace import replay_policy
+from kvmgate.trace.dryrun import replay_policy
 from kvmgate.hostinfo import ignore_msrs
 from kvmgate.learn import learn
 from kvmgate.machine import Machine
 from kvmgate.msr.model import EXIT_REASON_FILTER
 from kvmgate.policy import compile_policy, parse_policy
-from kvmgate.trace import Recording, Trace
+from kvmgate.trace import Recording, collect, load_trace
 
 from ..unit.test_cli_trace import ENTRY, EXAMPLES, ROOT, kvmgate
 
@@ -88,8 +88,8 @@ action = "allow"
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """GUEST recorded once with no filter and no user-space exits, saved as a .kvmtrace."""
-    path = tmp_path_factory.mktemp("trace") / "guest.kvmtrace"
+    """GUEST recorded once with no filter and no user-space exits, saved as a Parquet trace."""
+    path = tmp_path_factory.mktemp("trace") / "guest.parquet"
     with Machine(GUEST) as m, Recording(pid=os.getpid()) as rec:
         m.run(timeout=30)
     rec.trace.save(path)
@@ -192,33 +192,84 @@ def test_ambiguous_kernel_failures_without_classify(recorded, tmp_path):
 
 # ---- commands
 
+def _flushed_events(parts, want, timeout=60.0):
+    """Wait until the recorder's part files hold `want` events (a condition, polled; no fixed
+    sleep): the number it found."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        if parts.is_dir() and any(parts.glob("part-*.parquet")):
+            n = collect([parts]).events
+            if n >= want:
+                return n
+        time.sleep(0.05)
+    return n
+
+
+GUEST2 = "mov ecx, 0x10\nrdmsr\nmov ecx, 0x4b564dfe\nrdmsr\nhlt"
+WANT2 = [(0x10, False, False), (0x4B564DFE, False, True)]
+
+
+def _recorder(out, *extra):
+    return subprocess.Popen([sys.executable, *ENTRY, "trace", "record", "--pid", str(os.getpid()),
+                             "--out", str(out), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
 def test_trace_record_until_ctrl_c(tmp_path):
-    out = tmp_path / "rec.kvmtrace"
-    p = subprocess.Popen([sys.executable, *ENTRY, "trace", "record", "--pid", str(os.getpid()),
-                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT)
+    out = tmp_path / "rec.parquet"
+    p = _recorder(out, "--flush-seconds", "0.1")
     try:
         banner = p.stderr.readline()
         assert "recording kvm:kvm_msr" in banner and "Ctrl-C" in banner, banner
-        with Machine("mov ecx, 0x10\nrdmsr\nmov ecx, 0x4b564dfe\nrdmsr\nhlt") as m:
+        with Machine(GUEST2) as m:
             m.run(timeout=10)
-        time.sleep(0.3)
+        assert _flushed_events(tmp_path / "rec.parquet.parts", 2) == 2
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
+            p.wait()
     assert p.returncode == 0 and "Traceback" not in err, err
     assert "recorded 2 events" in err and "stopped by a signal" in err
-    t = Trace.load(out)
-    assert [(i, w, e) for _, _, i, w, _, e in t.events()] == [(0x10, False, False), (0x4B564DFE, False, True)]
-    assert not list(tmp_path.glob(".*.tmp"))
+    t = load_trace(out)
+    assert [(i, w, e) for _, _, i, w, _, e in t.events()] == WANT2
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "rec.parquet.parts").exists()
+
+
+def test_trace_record_killed_keeps_what_it_flushed(tmp_path):
+    """SIGKILL a recording: the events flushed before it died are in OUT.parts, replayable
+    (reported as partial) and learnable."""
+    out = tmp_path / "rec.parquet"
+    p = _recorder(out, "--flush-seconds", "0.1")
+    try:
+        assert "recording kvm:kvm_msr" in p.stderr.readline()
+        with Machine(GUEST2) as m:
+            m.run(timeout=10)
+        assert _flushed_events(tmp_path / "rec.parquet.parts", 2) == 2
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGKILL and not out.exists()
+    parts = tmp_path / "rec.parquet.parts"
+    t = load_trace(parts)
+    assert [(i, w, e) for _, _, i, w, _, e in t.events()] == WANT2
+    pol = EXAMPLES / "deny-by-default.toml"
+    r = kvmgate("trace", "replay", "--policy", pol, parts, "--json")
+    assert r.returncode == 3 and "unfinished recording" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(r.stdout)["events"] == 2
+    r = kvmgate("trace", "record", "--pid", os.getpid(), "--duration", "0", "--out", out)
+    assert r.returncode == 2 and "unfinished recording" in r.stderr
 
 
 def test_trace_record_duration(tmp_path):
-    out = tmp_path / "d.kvmtrace"
+    out = tmp_path / "d.parquet"
     r = kvmgate("trace", "record", "--pid", os.getpid(), "--duration", "0.3", "--out", out)
-    assert r.returncode == 0 and "duration reached" in r.stderr and len(Trace.load(out)) == 0
+    assert r.returncode == 0 and "duration reached" in r.stderr and len(load_trace(out)) == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     r = kvmgate("trace", "record", "--pid", dead.pid, "--duration", "1", "--out", out)
@@ -229,7 +280,7 @@ def test_trace_record_duration(tmp_path):
 def test_learn_then_run_and_replay(tmp_path, recorder):
     with Machine(PROBE.read_text()) as m:
         base = len(m.run(timeout=30).gp_faults)
-    pol, tr = tmp_path / "p.toml", tmp_path / "p.kvmtrace"
+    pol, tr = tmp_path / "p.toml", tmp_path / "p.parquet"
     r = kvmgate("learn", PROBE, "--out", pol, "--trace-out", tr, "--recorder", recorder, "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)

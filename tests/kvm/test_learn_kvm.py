@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import kvmgate.trace
+import kvmgate.learn.record
 from kvmgate import uapi as u
 from kvmgate.audit import AuditLog
 from kvmgate.errors import UserError
@@ -225,10 +225,10 @@ def test_recorder_choice_and_fallback(monkeypatch):
         def __init__(self, *a, **kw):
             pass
 
-        def __enter__(self):
+        def start(self):
             raise TracefsError("tracefs is not mounted (test)")
 
-    monkeypatch.setattr(kvmgate.trace, "Recording", Broken)
+    monkeypatch.setattr(kvmgate.learn.record, "Recording", Broken)
     res = learn("mov ecx, 0x10\nrdmsr\nhlt", recorder="auto")
     assert res.recorder == "exits" and any("tracefs unavailable" in n for n in res.notes)
     assert keys(res.allowed()) == {(0x10, False)}

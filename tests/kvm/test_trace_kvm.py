@@ -143,15 +143,15 @@ def test_record_all_vms(child):
     assert {0x10, 0x4B564DFF, CHILD_MSR, CHILD_MSR + 1} <= idx
 
 
-def test_record_to_file_streams_chunks(tmp_path):
+def test_record_to_file_streams_row_groups(tmp_path):
     m = Machine(GUEST)
     stop, ready = threading.Event(), threading.Event()
     out = {}
     progress = []
 
     def rec():
-        out["reader"] = record_tracefs_to(tmp_path / "t.kvmtrace", pid=os.getpid(), stop=stop,
-                                          ready=ready, chunk_events=2,
+        out["reader"] = record_tracefs_to(tmp_path / "t.parquet", pid=os.getpid(), stop=stop,
+                                          ready=ready, row_group_events=2,
                                           progress=lambda n, s: progress.append((n, s)))
     t = threading.Thread(target=rec)
     t.start()
@@ -160,9 +160,10 @@ def test_record_to_file_streams_chunks(tmp_path):
     m.run(timeout=10)
     stop.set()
     t.join(30)
-    with out["reader"] as r:
-        assert r.chunk_count >= 5 and r.meta["source"] == "tracefs"
-        keys = _keys(r.read())
+    f = out["reader"]
+    assert f.row_groups >= 5 and f.meta["source"] == "tracefs"
+    assert not (tmp_path / "t.parquet.parts").exists()
+    keys = _keys(f.read())
     assert _is_subsequence(EXPECTED + EXPECTED, keys)
     assert progress and progress[-1][0] == len(keys)
 

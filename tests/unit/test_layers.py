@@ -73,7 +73,6 @@ def test_imports_only_downward():
 # are removing them (issue 11 item 4); delete an entry when its fix lands - the test below
 # says so when an entry no longer closes a circle.
 KNOWN_CYCLE_EDGES = {
-    ("kvmgate.learn.result", "kvmgate.learn.render"),       # issue 11: render <-> result
 }
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from kvmgate.errors import UserError
-from kvmgate.learn import (GUARDED_MSRS, LearnedAccess, LearnResult, load_guest, render_policy,
-                           write_policy)
-from kvmgate.learn.record import _aggregate, _guard_filter
+from kvmgate.learn import (GUARDED_MSRS, LearnedAccess, LearnResult, accesses_from_summary,
+                           load_guest, render_policy, write_policy)
+from kvmgate.learn.record import guard_filter
 from kvmgate.msr import bitmaps, names
 from kvmgate.msr.model import READ, WRITE, X2APIC_FIRST, X2APIC_LAST
 from kvmgate.policy import compile_policy, parse_policy
-from kvmgate.trace import Trace
+from kvmgate.trace import Summary, Trace, TraceFile
 
 
 def acc(index, write=False, events=1, failed=0, **kw):
@@ -130,26 +130,30 @@ def test_learned_access_allowed_rules():
     assert "invalid" in acc(1, failed=1, forwarded=True, check="invalid").why_not()
 
 
-def test_aggregate_from_trace_any_chunking():
+def test_accesses_from_summary_any_split(tmp_path):
     ev = [(0x10, 0, 5, 0), (0x10, 0, 6, 0), (0x10, 0, 5, 0), (0x1B, 1, 9, 1), (0x1B, 1, 1, 0),
           (0x10, 1, 1, 0)] + [(0x11, 0, v, 0) for v in range(10)]
     index, write, value, exc = (np.array(c) for c in zip(*ev))
     ref = None
-    for chunk in (1, 3, 1000):
-        t = Trace.from_arrays(index, write, value, exc, time_ns=np.arange(len(ev)) + 100,
-                              chunk_events=chunk)
+    for rg in (1, 3, 1000):
+        t = Trace.from_arrays(index, write, value, exc, time_ns=np.arange(len(ev)) + 100, host=f"h{rg}")
+        t.save(tmp_path / f"{rg}.parquet", row_group_events=rg)
+        s = TraceFile(tmp_path / f"{rg}.parquet").summary()
         got = {k: (a.events, a.failed, a.values, a.failed_values, a.first_ns)
-               for k, a in _aggregate(t).items()}
+               for k, a in accesses_from_summary(s).items()}
         if ref is None:
             ref = got
         assert got == ref
+    union = accesses_from_summary(Summary.merge([TraceFile(tmp_path / f"{rg}.parquet").summary()
+                                                 for rg in (1, 3)]))
+    assert union[(0x10, False)].events == 6 and union[(0x11, False)].values == (0, 1, 2, 3)
     assert ref[(0x10, False)] == (3, 0, (5, 6), (), 100)
     assert ref[(0x1B, True)] == (2, 1, (1,), (9,), 103)
     assert ref[(0x11, False)][0] == 10 and ref[(0x11, False)][2] == (0, 1, 2, 3)
 
 
-def test_guard_filter_denies_exactly_the_passthrough_candidates():
-    flt = _guard_filter()
+def testguard_filter_denies_exactly_the_passthrough_candidates():
+    flt = guard_filter()
     cands = {m for m, _ in (*bitmaps.DEFAULT_VMX_PASSTHROUGH, *bitmaps.DEFAULT_SVM_PASSTHROUGH,
                             *bitmaps.SPEC_CTRL_PASSTHROUGH)}
     assert cands <= set(GUARDED_MSRS)

@@ -61,7 +61,7 @@ def test_replay_counts_match_the_table(cp):
     write = np.array([keys[k][1] for k in pick])
     exc = rng.random(5000) < 0.1
     want = Counter((keys[k][0], keys[k][1], TABLE[keys[k]][int(e)]) for k, e in zip(pick, exc))
-    got = report_counts(replay(Trace.from_arrays(idx, write, exception=exc, chunk_events=777),
+    got = report_counts(replay(Trace.from_arrays(idx, write, exception=exc),
                                policy_decider(cp)))
     assert got == dict(want)
 

@@ -1,0 +1,149 @@
+"""Check the Parquet page checksums of a column chunk without decoding its values.
+
+A column chunk is a run of pages, each a Thrift compact-protocol PageHeader followed by
+`compressed_page_size` bytes; the header's `crc` field (written with write_page_checksum=True)
+is the CRC32 of those bytes as stored (parquet-format PageHeader.crc).  Walking the headers and
+running zlib.crc32 over the bodies checks a column without decompressing it, and counts its
+values (DataPageHeader.num_values) for a check against the footer.
+
+Only what is needed is parsed: PageHeader fields 1 type, 3 compressed_page_size, 4 crc, and
+num_values (field 1) of data_page_header (5), dictionary_page_header (7) and
+data_page_header_v2 (8); anything else is skipped by type.
+"""
+from __future__ import annotations
+
+import zlib
+
+DATA_PAGE, INDEX_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 1, 2, 3
+_MAX_DEPTH = 16
+
+
+class PageError(Exception):
+    """A page header that does not parse, or a page whose checksum does not match."""
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise PageError("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        out |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return out, pos
+        shift += 7
+
+
+def _zigzag(n: int) -> int:
+    return (n >> 1) ^ -(n & 1)
+
+
+def _skip(buf, pos: int, ttype: int, depth: int) -> int:
+    if depth > _MAX_DEPTH:
+        raise PageError("nested too deeply")
+    if ttype in (1, 2):                   # bool (value in the type nibble; in lists one byte)
+        return pos
+    if ttype == 3:
+        return pos + 1
+    if ttype in (4, 5, 6):
+        return _varint(buf, pos)[1]
+    if ttype == 7:
+        return pos + 8
+    if ttype == 8:
+        n, pos = _varint(buf, pos)
+        return pos + n
+    if ttype in (9, 10):
+        if pos >= len(buf):
+            raise PageError("truncated list")
+        h = buf[pos]
+        pos += 1
+        n, et = h >> 4, h & 0x0F
+        if n == 15:
+            n, pos = _varint(buf, pos)
+        for _ in range(n):
+            pos = pos + 1 if et in (1, 2) else _skip(buf, pos, et, depth + 1)
+            if pos > len(buf):
+                raise PageError("truncated list")
+        return pos
+    if ttype == 11:
+        n, pos = _varint(buf, pos)
+        if n:
+            if pos >= len(buf):
+                raise PageError("truncated map")
+            kv = buf[pos]
+            pos += 1
+            for _ in range(n):
+                pos = _skip(buf, pos, kv >> 4, depth + 1)
+                pos = _skip(buf, pos, kv & 0x0F, depth + 1)
+                if pos > len(buf):
+                    raise PageError("truncated map")
+        return pos
+    if ttype == 12:
+        return _struct(buf, pos, depth + 1, {})[1]
+    raise PageError(f"unknown thrift type {ttype}")
+
+
+def _struct(buf, pos: int, depth: int, want: dict) -> tuple[dict, int]:
+    """Read a struct; `want` maps field id -> None (an i32 to return) or a dict (a nested struct
+    with its own wanted fields).  Returns (values, position after the struct)."""
+    out: dict = {}
+    last = 0
+    while True:
+        if pos >= len(buf):
+            raise PageError("truncated struct")
+        b = buf[pos]
+        pos += 1
+        if b == 0:
+            return out, pos
+        delta, ttype = b >> 4, b & 0x0F
+        if delta:
+            fid = last + delta
+        else:
+            raw, pos = _varint(buf, pos)
+            fid = _zigzag(raw)
+        last = fid
+        if fid in want and want[fid] is None and ttype == 5:
+            raw, pos = _varint(buf, pos)
+            out[fid] = _zigzag(raw)
+        elif fid in want and isinstance(want[fid], dict) and ttype == 12:
+            out[fid], pos = _struct(buf, pos, depth + 1, want[fid])
+        else:
+            pos = _skip(buf, pos, ttype, depth)
+
+
+_NUM_VALUES = {1: None}
+_PAGE_HEADER = {1: None, 3: None, 4: None, 5: _NUM_VALUES, 7: _NUM_VALUES, 8: _NUM_VALUES}
+
+
+def check_column_chunk(buf, start: int, size: int) -> int:
+    """Walk the pages in buf[start:start+size], checking each page's CRC; returns the number of
+    values in its data pages.  PageError if a header does not parse, a page has no checksum,
+    a checksum does not match or the pages do not end exactly at the chunk's end."""
+    end = start + size
+    if start < 0 or end > len(buf):
+        raise PageError(f"column chunk {start}..{end} outside the file")
+    pos, values = start, 0
+    while pos < end:
+        hdr, body = _struct(buf, pos, 0, _PAGE_HEADER)
+        n = hdr.get(3)
+        if n is None or n < 0 or body + n > end:
+            raise PageError(f"page at {pos}: bad size")
+        crc = hdr.get(4)
+        if crc is None:
+            raise PageError(f"page at {pos}: no checksum")
+        if zlib.crc32(memoryview(buf)[body:body + n]) != crc & 0xFFFFFFFF:
+            raise PageError(f"page at {pos}: checksum mismatch")
+        ptype = hdr.get(1)
+        if ptype in (DATA_PAGE, DATA_PAGE_V2):
+            sub = hdr.get(5 if ptype == DATA_PAGE else 8) or {}
+            if sub.get(1) is None or sub[1] < 0:
+                raise PageError(f"page at {pos}: no value count")
+            values += sub[1]
+        pos = body + n
+    if pos != end:
+        raise PageError("pages run past the column chunk")
+    return values
+
+
+__all__ = ["check_column_chunk", "PageError"]
