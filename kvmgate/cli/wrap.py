@@ -6,7 +6,7 @@ import sys
 
 from ..errors import UserError
 from .common import out_path
-from .introspect import read_key, add_run_arguments
+from .introspect import add_run_arguments, read_key
 
 
 def cmd_wrap(a) -> int:

@@ -31,7 +31,7 @@ import os
 import queue
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import uapi as u
 from ..introspection import ids

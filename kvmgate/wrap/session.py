@@ -95,7 +95,7 @@ class Wrap:
     def __init__(self, argv: list[str], policy: str | None = None, audit: str | None = None,
                  mode: str | None = None, stderr=None, max_vcpus: int = 64,
                  ring_capacity: int = 2048, vmm_stdout=None, vmm_stderr=None,
-                 learn: str | None = None, introspect: "IntrospectOptions | None" = None):
+                 learn: str | None = None, introspect: IntrospectOptions | None = None):
         if not argv:
             raise UserError("no VMM command given: kvmgate wrap [options] -- VMM [ARGS...]",
                             "argument VMM")
@@ -484,7 +484,7 @@ class IntrospectOptions:
 
     @classmethod
     def parse(cls, spec: str, abi: str | None, commands, events, key: bytes | None = None,
-              name: str = "kvmgate-wrap") -> "IntrospectOptions":
+              name: str = "kvmgate-wrap") -> IntrospectOptions:
         """UserError for anything but connect mode or bad ids (exit 2)."""
         t = parse_spec(spec)
         if not t.connect:

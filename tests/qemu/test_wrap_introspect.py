@@ -13,6 +13,7 @@ import time
 import pytest
 
 from kvmgate.wrap import pvhguest
+
 from .. import kvmi_v7_client as k7
 from .test_wrap import ROOT, TIMEOUT, wrap_argv
 
@@ -158,7 +159,7 @@ def test_tool_watches_and_reverts_lstar_writes_of_a_wrapped_qemu_guest(wrapped):
 
 def test_unreachable_tool_is_a_user_error_and_qemu_never_starts(tmp_path, lstar_guest):
     r = subprocess.run(wrap_argv("--introspect", f"connect:unix:{tmp_path / 'none.sock'}")
-                       + pvhguest.qemu_argv(lstar_guest, 2), cwd=ROOT, capture_output=True,
+                       + pvhguest.qemu_argv(lstar_guest, 2), cwd=ROOT, capture_output=True, check=False,
                        text=True, timeout=TIMEOUT)
     assert r.returncode == 2
     assert "cannot connect to the introspection tool" in r.stderr
@@ -167,6 +168,6 @@ def test_unreachable_tool_is_a_user_error_and_qemu_never_starts(tmp_path, lstar_
 
 def test_listen_mode_is_refused_for_wrap(tmp_path, lstar_guest):
     r = subprocess.run(wrap_argv("--introspect", f"unix:{tmp_path / 's'}")
-                       + pvhguest.qemu_argv(lstar_guest, 2), cwd=ROOT, capture_output=True,
+                       + pvhguest.qemu_argv(lstar_guest, 2), cwd=ROOT, capture_output=True, check=False,
                        text=True, timeout=TIMEOUT)
     assert r.returncode == 2 and "connect:unix:PATH" in r.stderr and "Traceback" not in r.stderr
