@@ -9,7 +9,7 @@ same table and vCPU 0 prints both once vCPU 1 is done.
 
 `wait` != 0 makes vCPU 0 first read the first MSR until its low 32 bits equal `wait` (the
 reload test), after printing "W".  `loops` > 0 instead repeats the first access that many times between two RDTSCs and prints
-"T CYCLES" (the bench).  Built with GNU as + ld.
+"T CYCLES" (the bench; a write stores value + a counter, a new value each time).  Built with GNU as + ld.
 """
 from __future__ import annotations
 
@@ -210,10 +210,19 @@ bench:
     rdtsc
     mov %eax, cycles
     mov %edx, cycles+4
+    cmpl $0, table+4
+    jne 6f
 5:  rdmsr
     dec %ebx
     jnz 5b
-    rdtsc
+    jmp 7f
+6:  mov table+8, %eax           # a write: value + counter, each differs from the previous
+    add %ebx, %eax
+    mov table+12, %edx
+    wrmsr
+    dec %ebx
+    jnz 6b
+7:  rdtsc
     sub cycles, %eax
     sbb cycles+4, %edx
     mov %eax, cycles

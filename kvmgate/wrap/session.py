@@ -173,7 +173,7 @@ class Wrap:
 
     def stats(self) -> dict:
         """The shim's exit counters, summed over vCPUs."""
-        out = {"policy": 0, "vmm": 0, "gp": 0, "host": 0}
+        out = {"policy": 0, "vmm": 0, "gp": 0, "host": 0, "tool": 0}
         for i in range(min(self.header.vcpus, self.plan["max_vcpus"])):
             s = layout.ShimStats.from_buffer(self.mem, self.plan["stats_off"] + i * C.sizeof(layout.ShimStats))
             for k in out:
