@@ -171,3 +171,31 @@ def test_listen_mode_is_refused_for_wrap(tmp_path, lstar_guest):
                        + pvhguest.qemu_argv(lstar_guest, 2), cwd=ROOT, capture_output=True, check=False,
                        text=True, timeout=TIMEOUT)
     assert r.returncode == 2 and "connect:unix:PATH" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_crash_answer_stops_qemu_and_says_why(wrapped):
+    w = wrapped("--allow-commands", "CONTROL_EVENTS,CONTROL_MSR", "--allow-events", "MSR")
+    t = w.tool
+    t.do_handshake()
+    t.control_events(0, k7.EV_MSR)
+    t.control_msr(0, LSTAR)
+    ev = t.next_event()
+    assert ev.event == k7.EV_MSR and ev.msr[0] == LSTAR
+    t.reply(ev, k7.CRASH, k7.struct.pack("<Q", ev.msr[3]))
+    rc, out, err = w.finish()
+    assert rc == 1
+    assert "answered an MSR event with CRASH" in err
+    assert "DONE" not in out and "V " not in out
+
+
+def test_control_msr_the_policy_denies_gets_eperm(wrapped, tmp_path):
+    pol = tmp_path / "deny-lstar.toml"
+    pol.write_text('[policy]\ndefault = "allow"\n[[rule]]\nmsr = "IA32_LSTAR"\naccess = "write"\n'
+                   'action = "deny"\n')
+    w = wrapped("--policy", str(pol), "--allow-commands", "CONTROL_EVENTS,CONTROL_MSR",
+                "--allow-events", "MSR")
+    t = w.tool
+    t.do_handshake()
+    t.control_events(0, k7.EV_MSR)
+    assert t.error_of(k7.CONTROL_MSR, k7.VCPU_HDR.pack(0, 0, 0)
+                      + k7.struct.pack("<BBHI", 1, 0, 0, LSTAR)) == -k7.KVM_EPERM
