@@ -214,7 +214,9 @@ class WrapBackend(Backend):
         s.set_regs = 1
 
     def tsc_khz(self) -> int | None:
-        return self._slots[0].tsc_khz or None
+        """KVM_GET_TSC_KHZ as read by the first vCPU that entered KVM_RUN (QEMU gives every
+        vCPU the same frequency; the session is hooked at the first vCPU's first run)."""
+        return next((s.tsc_khz for s in self._slots[:self.vcpu_count()] if s.tsc_khz), None)
 
     def owner_denies(self, msr: int) -> bool:
         return not self.wrap.compiled.cp.filter.allows(msr, WRITE)
