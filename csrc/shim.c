@@ -44,7 +44,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -61,7 +64,8 @@ struct config {                          /* one installed configuration (private
     uint32_t policy_mask, vmm_mask;
     uint32_t seq;                        /* the mailbox seq it came from */
     char name[SHIM_NAME_BYTES];
-    struct shim_filter policy, vmm, merged;
+    struct shim_filter policy, vmm, tool, merged;   /* tool: writes the introspection tool
+                                                       controls (deny = exit to us) */
     const struct kg_table_header *table; /* points into tablebuf */
     uint64_t tablebuf[SHIM_TABLE_MAX / 8];
 };
@@ -78,6 +82,7 @@ struct vcpu {
     uint32_t pending_index, pending_reason;
     int pending_write;
     uint64_t pending_data;
+    struct shim_kvmi_vcpu *kvmi;         /* SHIM_OPT_KVMI: this vCPU's slot, else NULL */
 };
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
@@ -102,6 +107,8 @@ static struct config *bufs[2];
 static struct kg_state *regs;            /* emulated registers: shared by vCPUs, survive reloads */
 static pthread_mutex_t cfg_lock = PTHREAD_MUTEX_INITIALIZER;
 static const char *setup_error;          /* why KVMGATE_SHIM could not be used */
+static int kvmi_on;                      /* SHIM_OPT_KVMI and its area is valid */
+static struct shim_kvmi *kvmi;
 
 /* ------------------------------------------------------------------ messages */
 
@@ -342,6 +349,17 @@ static int merge_filters(struct shim_filter *out, const struct shim_filter *pol,
     return 0;
 }
 
+/* n->merged = policy AND vmm AND tool; -1 if it does not fit 16 kernel ranges. */
+static int merge_all(struct config *n)
+{
+    if (n->tool.nranges == 0)
+        return merge_filters(&n->merged, &n->policy, &n->vmm);
+    static struct shim_filter tmp;       /* cfg_lock held */
+    if (merge_filters(&tmp, &n->policy, &n->vmm) < 0)
+        return -1;
+    return merge_filters(&n->merged, &tmp, &n->tool);
+}
+
 static int install_filter(const struct shim_filter *f)
 {
     struct kvm_msr_filter k;
@@ -477,7 +495,8 @@ mapped:
     }
     n->vmm_mask = 0;
     memset(&n->vmm, 0, sizeof n->vmm);   /* no VMM filter yet: allow everything */
-    if (merge_filters(&n->merged, &n->policy, &n->vmm) < 0) {
+    memset(&n->tool, 0, sizeof n->tool); /* no tool yet */
+    if (merge_all(n) < 0) {
         complain("policy %s cannot be installed: its filter needs more than 16 ranges; "
                  "the VM is not created", n->name);
         vm_fd = -1;
@@ -492,6 +511,17 @@ mapped:
         return r;
     }
     shm->shim_pid = (uint32_t)getpid();
+    if (shm->options & SHIM_OPT_KVMI) {
+        if (shm->kvmi_off < sizeof *shm || (shm->kvmi_off & 4095) ||
+            shm->kvmi_off + SHIM_KVMI_STRIDE * (1 + (uint64_t)shm->max_vcpus) > shm->total_size) {
+            complain("introspection: the shared memory has no room for it; the VM is not created");
+            __atomic_store_n(&cur, NULL, __ATOMIC_RELEASE);
+            vm_fd = -1;
+            return -EINVAL;
+        }
+        kvmi = (struct shim_kvmi *)((char *)shm + shm->kvmi_off);
+        kvmi_on = 1;
+    }
     if (shm->options & SHIM_OPT_LEARN) {
         /* the parent starts recording this process's kvm:kvm_msr events, then says 'G' */
         status("learn-wait %d", (int)getpid());
@@ -535,7 +565,7 @@ static int vmm_changed(const uint32_t *mask, const struct shim_filter *vmm)
     if (vmm != NULL)
         memcpy(&n->vmm, vmm, sizeof n->vmm);
     int r;
-    if (merge_filters(&n->merged, &n->policy, &n->vmm) < 0) {
+    if (merge_all(n) < 0) {
         complain("policy %s and the VMM's own MSR filter (%u ranges) do not fit 16 kernel ranges "
                  "together; the VMM's filter is refused", n->name, vmm ? vmm->nranges : 0);
         r = -ENOSPC;
@@ -556,7 +586,8 @@ static void reload(void)
     if (why == NULL) {
         n->vmm_mask = c->vmm_mask;
         memcpy(&n->vmm, &c->vmm, sizeof n->vmm);
-        if (merge_filters(&n->merged, &n->policy, &n->vmm) < 0)
+        memcpy(&n->tool, &c->tool, sizeof n->tool);
+        if (merge_all(n) < 0)
             why = "with the VMM's own filter it needs more than 16 kernel ranges";
         else if (publish(n) < 0)
             why = "KVM refused the merged filter";
@@ -568,14 +599,98 @@ static void reload(void)
     pthread_mutex_unlock(&cfg_lock);
 }
 
+/* ------------------------------------------------------------------ introspection */
+
+static long futex(uint32_t *word, int op, uint32_t val)
+{
+    return syscall(SYS_futex, word, op, val, NULL, NULL, 0);
+}
+
+static void kvmi_set(struct shim_kvmi_vcpu *k, uint32_t state)
+{
+    __atomic_store_n(&k->state, state, __ATOMIC_RELEASE);
+    futex(&k->state, FUTEX_WAKE, INT32_MAX);
+}
+
+/* 'K': the tool's controlled MSRs changed: one "deny writes" range per MSR merged into the
+ * filter (Machine.intercept_msr_writes does the same).  Status "kvmi-filter SEQ ERRNO". */
+static void kvmi_filter(void)
+{
+    pthread_mutex_lock(&cfg_lock);
+    uint32_t seq = __atomic_load_n(&kvmi->seq, __ATOMIC_ACQUIRE);
+    uint32_t nm = kvmi->nmsrs;
+    int err = 0;
+    if (vm_closed || cur == NULL) {
+        err = ENODEV;
+    } else if (nm > SHIM_KVMI_MAX_MSRS || nm > SHIM_MAX_RANGES) {
+        err = ENOSPC;
+    } else {
+        struct config *n = spare(), *c = cur;
+        memcpy(n, c, offsetof(struct config, tablebuf));
+        memcpy(n->tablebuf, c->tablebuf, c->table->size);
+        n->table = (const struct kg_table_header *)n->tablebuf;
+        memset(&n->tool, 0, sizeof n->tool);
+        for (uint32_t i = 0; i < nm; i++) {
+            struct shim_range *r = &n->tool.ranges[n->tool.nranges++];
+            r->flags = KVM_MSR_FILTER_WRITE;
+            r->base = kvmi->msrs[i];
+            r->nmsrs = 1;                /* bitmap 0: denied, so it exits to us */
+        }
+        if (merge_all(n) < 0)
+            err = ENOSPC;
+        else if (publish(n) < 0)
+            err = EINVAL;
+    }
+    status("kvmi-filter %u %d", seq, err);
+    pthread_mutex_unlock(&cfg_lock);
+}
+
+/* 'P': kick every vCPU the parent wants paused out of KVM_RUN: immediate_exit (taken at the
+ * next entry) and SIGUSR1, the signal QEMU itself kicks vCPUs with (its handler sets
+ * immediate_exit too).  The vCPU parks in run_vcpu before entering again. */
+static void kvmi_kick(void)
+{
+    uint32_t n = __atomic_load_n(&nvcpus, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n; i++) {
+        struct vcpu *v = &vcpus[i];
+        if (v->kvmi == NULL || !__atomic_load_n(&v->kvmi->pause_req, __ATOMIC_ACQUIRE))
+            continue;
+        if (v->run != NULL)
+            __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_RELEASE);
+        uint32_t tid = __atomic_load_n(&v->kvmi->tid, __ATOMIC_ACQUIRE);
+        if (tid != 0)
+            syscall(SYS_tgkill, getpid(), tid, SIGUSR1);
+    }
+}
+
+/* The parent is gone: nobody will answer; every parked vCPU goes on with the guest's value. */
+static void kvmi_release_all(void)
+{
+    uint32_t n = __atomic_load_n(&nvcpus, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n; i++) {
+        struct shim_kvmi_vcpu *k = vcpus[i].kvmi;
+        if (k == NULL)
+            continue;
+        k->action = SHIM_KVMI_CONTINUE;
+        k->value = k->new_value;
+        k->set_regs = 0;
+        __atomic_store_n(&k->pause_req, 0, __ATOMIC_RELEASE);
+        kvmi_set(k, SHIM_KVMI_REPLY);
+    }
+    kvmi_on = 0;
+}
+
 static void *control_thread(void *arg)
 {
     (void)arg;
     for (;;) {
         char c;
         ssize_t n = read(ctl_fd, &c, 1);
-        if (n == 0)
+        if (n == 0) {
+            if (kvmi_on)
+                kvmi_release_all();
             return NULL;                 /* the parent is gone: keep the policy as it is */
+        }
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -583,6 +698,10 @@ static void *control_thread(void *arg)
         }
         if (c == 'R')
             reload();
+        else if (c == 'K' && kvmi_on)
+            kvmi_filter();
+        else if (c == 'P' && kvmi_on)
+            kvmi_kick();
     }
 }
 
@@ -610,6 +729,9 @@ static void adopt_vcpu(int fd)
         v->counts = (struct shim_count *)((char *)shm + shm->counts_off) +
                     (uint64_t)i * shm->counts_slots;
     }
+    v->kvmi = NULL;
+    if (kvmi_on && i < shm->max_vcpus)
+        v->kvmi = (struct shim_kvmi_vcpu *)((char *)kvmi + SHIM_KVMI_STRIDE * (1 + (uint64_t)i));
     __atomic_store_n(&vcpu_of_fd[fd], v, __ATOMIC_RELEASE);
     __atomic_store_n(&fdkind[fd], FD_VCPU, __ATOMIC_RELEASE);
     __atomic_store_n(&nvcpus, i + 1, __ATOMIC_RELEASE);
@@ -694,7 +816,134 @@ static uint64_t guest_rip(int fd)
     return r.rip;
 }
 
-enum owner { TO_VMM, TO_POLICY, TO_GP, TO_HOST };
+/* ------------------------------------------------------------------ introspection: vCPU side */
+
+_Static_assert(sizeof(struct kvm_regs) == 144, "struct kvm_regs as in shim_kvmi_vcpu.regs");
+_Static_assert(sizeof(struct kvm_sregs) == 312, "struct kvm_sregs as in shim_kvmi_vcpu.sregs");
+_Static_assert(sizeof(struct shim_kvmi_vcpu) <= SHIM_KVMI_STRIDE, "kvmi slot stride");
+_Static_assert(sizeof(struct shim_kvmi) <= SHIM_KVMI_STRIDE, "kvmi area");
+
+static const uint32_t state_msr_index[SHIM_KVMI_STATE_MSRS] = {
+    0x174, 0x175, 0x176, 0xc0000080, 0xc0000081, 0xc0000082, 0xc0000083, 0x277, 0xc0000102};
+
+/* KVM_GET_MSRS of up to SHIM_KVMI_REQ_MSRS MSRs: entries read (they come in order), or -errno. */
+static int get_msrs(int fd, const uint32_t *index, uint64_t *out, uint32_t n)
+{
+    struct {
+        struct kvm_msrs hdr;
+        struct kvm_msr_entry e[SHIM_KVMI_REQ_MSRS];
+    } b;
+    if (n > SHIM_KVMI_REQ_MSRS)
+        return -EINVAL;
+    memset(&b, 0, sizeof b);
+    b.hdr.nmsrs = n;
+    for (uint32_t i = 0; i < n; i++)
+        b.e[i].index = index[i];
+    int r = real_ioctl(fd, KVM_GET_MSRS, &b);
+    if (r < 0)
+        return -errno;
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = i < (uint32_t)r ? b.e[i].data : 0;
+    return r;
+}
+
+/* What the event's state block needs (kvm_regs, kvm_sregs, 9 MSRs), read on the vCPU. */
+static void kvmi_snapshot(struct vcpu *v, struct shim_kvmi_vcpu *k)
+{
+    struct kvm_regs r;
+    struct kvm_sregs sr;
+    if (real_ioctl(v->fd, KVM_GET_REGS, &r) < 0)
+        memset(&r, 0, sizeof r);
+    if (real_ioctl(v->fd, KVM_GET_SREGS, &sr) < 0)
+        memset(&sr, 0, sizeof sr);
+    memcpy(k->regs, &r, sizeof r);
+    memcpy(k->sregs, &sr, sizeof sr);
+    if (get_msrs(v->fd, state_msr_index, k->state_msrs, SHIM_KVMI_STATE_MSRS) < 0)
+        memset(k->state_msrs, 0, sizeof k->state_msrs);
+}
+
+static void kvmi_request(struct vcpu *v, struct shim_kvmi_vcpu *k)
+{
+    if (k->req == SHIM_KVMI_REQ_GET_MSRS)
+        k->req_result = get_msrs(v->fd, k->req_msrs, k->req_values, k->req_nmsrs);
+    else
+        k->req_result = -EINVAL;
+}
+
+/* Wait in the VMM for the parent (and through it the tool): requests are carried out here,
+ * on the vCPU's thread, until the reply.  The action (SHIM_KVMI_*). */
+static uint32_t kvmi_park(struct vcpu *v, uint32_t kind)
+{
+    struct shim_kvmi_vcpu *k = v->kvmi;
+    if (!__atomic_load_n(&kvmi_on, __ATOMIC_ACQUIRE))
+        return SHIM_KVMI_CONTINUE;
+    k->kind = kind;
+    k->set_regs = 0;
+    k->action = SHIM_KVMI_CONTINUE;
+    kvmi_snapshot(v, k);
+    kvmi_set(k, SHIM_KVMI_PARKED);
+    status("kvmi %u %u", v->index, kind);
+    for (;;) {
+        uint32_t st = __atomic_load_n(&k->state, __ATOMIC_ACQUIRE);
+        if (st == SHIM_KVMI_REPLY)
+            break;
+        if (st == SHIM_KVMI_REQ) {
+            kvmi_request(v, k);
+            kvmi_set(k, SHIM_KVMI_REQ_DONE);
+            continue;
+        }
+        futex(&k->state, FUTEX_WAIT, st);
+    }
+    if (k->set_regs) {
+        struct kvm_regs r;
+        memcpy(&r, k->regs, sizeof r);
+        real_ioctl(v->fd, KVM_SET_REGS, &r);
+        k->set_regs = 0;
+    }
+    uint32_t action = k->action;
+    __atomic_store_n(&k->state, SHIM_KVMI_IDLE, __ATOMIC_RELEASE);
+    return action;
+}
+
+static void kvmi_crash(struct vcpu *v, const char *what)
+{
+    complain("vCPU %u: the introspection tool answered %s with CRASH: the VM is stopped",
+             v->index, what);
+    _exit(1);
+}
+
+/* A pause the parent asked for (pause_req): park with KIND_PAUSE. */
+static void kvmi_pause(struct vcpu *v)
+{
+    if (!__atomic_exchange_n(&v->kvmi->pause_req, 0, __ATOMIC_ACQ_REL))
+        return;
+    if (kvmi_park(v, SHIM_KVMI_KIND_PAUSE) == SHIM_KVMI_CRASH)
+        kvmi_crash(v, "PAUSE_VCPU");
+}
+
+/* A guest write to an MSR the tool controls: the MSR event if the value changes; the value
+ * stored (host-initiated KVM_SET_MSRS) is the tool's (CONTINUE), none (RETRY: the old one
+ * stays), or the VM stops (CRASH).  1 done, 0 the write failed (#GP). */
+static int kvmi_write(struct vcpu *v, uint32_t index, uint64_t data)
+{
+    uint64_t old = 0, val = data;
+    if (get_msrs(v->fd, &index, &old, 1) == 1 && old != data && v->kvmi != NULL) {
+        struct shim_kvmi_vcpu *k = v->kvmi;
+        k->msr = index;
+        k->old_value = old;
+        k->new_value = data;
+        k->value = data;
+        uint32_t act = kvmi_park(v, SHIM_KVMI_KIND_MSR);
+        if (act == SHIM_KVMI_CRASH)
+            kvmi_crash(v, "an MSR event");
+        if (act == SHIM_KVMI_RETRY)
+            return 1;
+        val = k->value;
+    }
+    return host_access(v->fd, index, 1, &val);
+}
+
+enum owner { TO_VMM, TO_POLICY, TO_GP, TO_HOST, TO_TOOL };
 
 static enum owner who_answers(const struct config *c, uint32_t reason, uint32_t index, int wr)
 {
@@ -706,6 +955,8 @@ static enum owner who_answers(const struct config *c, uint32_t reason, uint32_t 
         return TO_VMM;
     if ((c->policy_mask & reason) && (!is_filter || !filter_allows(&c->policy, index, dir)))
         return TO_POLICY;
+    if (wr && is_filter && c->tool.nranges && !filter_allows(&c->tool, index, dir))
+        return TO_TOOL;
     if (!is_filter || !filter_allows(&c->merged, index, dir))
         return TO_GP;
     return TO_HOST;
@@ -734,6 +985,12 @@ static int answer(struct vcpu *v, struct kvm_run *run, int wr)
             v->pending_data = data;
             v->vmm_pending = 1;
         }
+        break;
+    case TO_TOOL:
+        /* not reading `c` any more: a filter swap while we wait must not wait for us */
+        __atomic_store_n(&v->using, NULL, __ATOMIC_RELEASE);
+        v->stats->tool++;
+        run->msr.error = !kvmi_write(v, index, data);
         break;
     case TO_GP:
         v->stats->gp++;
@@ -804,9 +1061,20 @@ static int run_vcpu(struct vcpu *v, unsigned long req, void *arg)
 {
     if (v->vmm_pending && v->run != NULL)
         record_vmm_answer(v);
+    struct shim_kvmi_vcpu *k = v->kvmi;
+    if (k != NULL && __builtin_expect(k->tid == 0, 0)) {
+        int khz = real_ioctl(v->fd, KVM_GET_TSC_KHZ, 0);
+        k->tsc_khz = khz > 0 ? (uint64_t)khz : 0;
+        __atomic_store_n(&k->tid, (uint32_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
+        status("kvmi-run %u", v->index);
+    }
     for (;;) {
+        if (k != NULL && __atomic_load_n(&k->pause_req, __ATOMIC_ACQUIRE))
+            kvmi_pause(v);
         int r = real_ioctl(v->fd, req, arg);
         struct kvm_run *run = v->run;
+        if (r < 0 && k != NULL && __atomic_load_n(&k->pause_req, __ATOMIC_ACQUIRE))
+            kvmi_pause(v);               /* kicked out (EINTR): park before QEMU sees it */
         if (r < 0 || run == NULL)
             return r;
         int wr = run->exit_reason == KVM_EXIT_X86_WRMSR;

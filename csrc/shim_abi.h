@@ -67,12 +67,69 @@ struct shim_header {
                                               before vCPUs can see it: a VMM that exits before
                                               the status line still tells the reload's fate) */
     uint64_t options;                      /* parent: SHIM_OPT_* */
-    uint64_t reserved[1];
+    uint64_t kvmi_off;                     /* SHIM_OPT_KVMI: struct shim_kvmi, then
+                                              struct shim_kvmi_vcpu[max_vcpus] */
 };
 
 #define SHIM_OPT_LEARN 1u                  /* record the MSR exits QEMU answers (action NONE) and
                                               wait at KVM_CREATE_VM for 'G' on the ctl pipe (the
                                               parent starts its kvm:kvm_msr recording first) */
+
+#define SHIM_OPT_KVMI 2u                   /* an introspection tool is attached (kvmgate wrap
+                                              --introspect): guest writes to the MSRs in
+                                              shim_kvmi.msrs go to the parent, which answers */
+
+/* Introspection of a wrapped VM.  KVM answers vCPU ioctls only in the VMM process, so every
+ * vCPU operation the tool needs is done by the shim on the vCPU's own thread while it waits
+ * ("parks") for the parent:
+ *   shim:   fills the slot (kind, MSR, old/new, regs, sregs, state MSRs), state = PARKED,
+ *           futex wake, status line "kvmi VCPU KIND", then futex-waits on state;
+ *   parent: state = REQ (a request, e.g. read MSRs) + wake, waits for REQ_DONE; finally
+ *           action/value (+ set_regs) and state = REPLY + wake.
+ * Pause: the parent sets pause_req and writes 'P' on the ctl pipe; the shim's control thread
+ * sets kvm_run.immediate_exit and sends SIGUSR1 (QEMU's own kick signal) to the vCPU thread,
+ * which parks with KIND_PAUSE before it re-enters KVM_RUN.
+ * Controlled MSRs: the parent writes msrs/nmsrs, bumps seq, writes 'K'; the shim merges a
+ * "deny writes" range per MSR into the installed filter and says "kvmi-filter SEQ ERRNO". */
+#define SHIM_KVMI_MAX_MSRS 64u
+#define SHIM_KVMI_REQ_MSRS 32u
+#define SHIM_KVMI_STATE_MSRS 9u
+
+enum { SHIM_KVMI_IDLE = 0, SHIM_KVMI_PARKED = 1, SHIM_KVMI_REQ = 2, SHIM_KVMI_REQ_DONE = 3,
+       SHIM_KVMI_REPLY = 4 };
+enum { SHIM_KVMI_KIND_MSR = 1, SHIM_KVMI_KIND_PAUSE = 2 };
+enum { SHIM_KVMI_CONTINUE = 0, SHIM_KVMI_RETRY = 1, SHIM_KVMI_CRASH = 2 };
+enum { SHIM_KVMI_REQ_GET_MSRS = 1 };
+
+struct shim_kvmi {
+    uint32_t seq;                          /* parent: bumped with each new msrs[] */
+    uint32_t nmsrs;
+    uint32_t msrs[SHIM_KVMI_MAX_MSRS];     /* guest writes that go to the parent */
+};
+
+struct shim_kvmi_vcpu {                    /* one per vCPU, 4096-byte stride */
+    uint32_t state;                        /* futex word: SHIM_KVMI_* */
+    uint32_t kind;                         /* shim: SHIM_KVMI_KIND_* of the park */
+    uint32_t pause_req;                    /* parent: 1 = park with KIND_PAUSE soon */
+    uint32_t action;                       /* parent: SHIM_KVMI_CONTINUE/RETRY/CRASH */
+    uint32_t msr;                          /* KIND_MSR: the MSR written */
+    uint32_t set_regs;                     /* parent: load regs[] before resuming */
+    uint32_t tid;                          /* shim: the vCPU thread (gettid), 0 before its run */
+    uint32_t req;                          /* parent: SHIM_KVMI_REQ_* */
+    int32_t  req_result;                   /* shim: entries read, or -errno */
+    uint32_t req_nmsrs;
+    uint64_t old_value, new_value;         /* KIND_MSR: the MSR before, the guest's value */
+    uint64_t value;                        /* parent: the value to store (CONTINUE) */
+    uint64_t tsc_khz;                      /* shim: KVM_GET_TSC_KHZ at the first KVM_RUN */
+    uint8_t  regs[144];                    /* struct kvm_regs */
+    uint8_t  sregs[312];                   /* struct kvm_sregs */
+    uint64_t state_msrs[SHIM_KVMI_STATE_MSRS];   /* 0x174 0x175 0x176 EFER STAR LSTAR CSTAR
+                                                    PAT KERNEL_GS_BASE */
+    uint32_t req_msrs[SHIM_KVMI_REQ_MSRS];
+    uint64_t req_values[SHIM_KVMI_REQ_MSRS];
+};
+
+#define SHIM_KVMI_STRIDE 4096u
 
 /* Decisions that are only counted (not logged) are summed here by their vCPU instead of
  * taking a ring record each: open addressing on (MSR, direction, action, result, value);
@@ -90,7 +147,8 @@ struct shim_stats {                        /* per vCPU, written by its thread on
     uint64_t vmm;                          /* MSR exits handed to the VMM */
     uint64_t gp;                           /* MSR exits nobody asked for: #GP */
     uint64_t host;                         /* exits only a replaced filter sent: done as KVM would */
-    uint64_t reserved[4];
+    uint64_t tool;                         /* writes sent to the introspection tool's side */
+    uint64_t reserved[3];
 };
 
 #endif

@@ -24,7 +24,7 @@ class _Done(Exception):
     """--count reached."""
 
 
-def _read_key(path: str | None) -> bytes | None:
+def read_key(path: str | None) -> bytes | None:
     if path is None:
         return None
     if not os.path.isfile(path):
@@ -53,7 +53,7 @@ def serve_introspection(machine, a):
     name = os.path.splitext(os.path.basename(a.guest))[0] if getattr(a, "guest", None) \
         else "kvmgate"
     return serve(machine, a.introspect, a.allow_commands, a.allow_events, abi=a.kvmi_abi,
-                 name=name, key=_read_key(a.introspect_key))
+                 name=name, key=read_key(a.introspect_key))
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

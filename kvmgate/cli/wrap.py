@@ -4,17 +4,27 @@ from __future__ import annotations
 import json
 import sys
 
+from ..errors import UserError
 from .common import out_path
+from .introspect import add_run_arguments, read_key
 
 
 def cmd_wrap(a) -> int:
     from ..wrap import Wrap, as_json, report
+    from ..wrap.session import IntrospectOptions
     argv = list(a.vmm)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if a.learn:
         out_path(a.learn, "learned policy")
-    w = Wrap(argv, policy=a.policy, audit=a.audit, mode=a.mode, learn=a.learn)
+    intro = None
+    if a.introspect:
+        intro = IntrospectOptions.parse(a.introspect, a.kvmi_abi, a.allow_commands,
+                                        a.allow_events, read_key(a.introspect_key))
+    elif a.kvmi_abi or a.introspect_key or a.allow_commands or a.allow_events:
+        raise UserError("--kvmi-abi, --introspect-key, --allow-commands, --allow-events: only "
+                        "with --introspect", "kvmgate wrap")
+    w = Wrap(argv, policy=a.policy, audit=a.audit, mode=a.mode, learn=a.learn, introspect=intro)
     w.start()
     w.install_signal_handlers()
     r = w.wait()
@@ -36,6 +46,7 @@ def register(sub) -> None:
     p.add_argument("--learn", metavar="OUT.toml", help="record every MSR access of the VM (no policy) and "
                                                         "write the minimal policy that lets it run")
     p.add_argument("--json", action="store_true", help="run-end counters as one JSON line on stderr")
+    add_run_arguments(p)
     p.add_argument("vmm", nargs="...", metavar="-- VMM [ARGS...]")
     p.set_defaults(fn=cmd_wrap)
     r = sub.add_parser("reload", help="reload the policy of a libvirt domain started through kvmgate-qemu")

@@ -16,6 +16,13 @@ RING_HEADER = 192             # struct kg_ring (engine.h)
 RECORD_SIZE = 64              # struct kg_record
 PAGE = 4096
 OPT_LEARN = 1                 # SHIM_OPT_LEARN
+OPT_KVMI = 2                  # SHIM_OPT_KVMI
+KVMI_MAX_MSRS = 64            # SHIM_KVMI_MAX_MSRS
+KVMI_REQ_MSRS = 32            # SHIM_KVMI_REQ_MSRS
+KVMI_STRIDE = 4096            # SHIM_KVMI_STRIDE
+KVMI_IDLE, KVMI_PARKED, KVMI_REQ, KVMI_REQ_DONE, KVMI_REPLY = range(5)
+KVMI_KIND_MSR, KVMI_KIND_PAUSE = 1, 2
+KVMI_REQ_GET_MSRS = 1
 
 
 class ShimRange(C.Structure):
@@ -39,7 +46,7 @@ class ShimHeader(C.Structure):
                 ("rings_off", C.c_uint64), ("ring_stride", C.c_uint64),
                 ("total_size", C.c_uint64), ("stats_off", C.c_uint64), ("vcpus", C.c_uint32),
                 ("shim_pid", C.c_uint32), ("counts_off", C.c_uint64), ("counts_slots", C.c_uint32),
-                ("applied_seq", C.c_uint32), ("options", C.c_uint64), ("reserved", C.c_uint64 * 1)]
+                ("applied_seq", C.c_uint32), ("options", C.c_uint64), ("kvmi_off", C.c_uint64)]
 
 
 class ShimCount(C.Structure):
@@ -55,7 +62,23 @@ class ShimCount(C.Structure):
 
 class ShimStats(C.Structure):
     _fields_ = [("policy", C.c_uint64), ("vmm", C.c_uint64), ("gp", C.c_uint64),
-                ("host", C.c_uint64), ("reserved", C.c_uint64 * 4)]
+                ("host", C.c_uint64), ("tool", C.c_uint64), ("reserved", C.c_uint64 * 3)]
+
+
+class ShimKvmi(C.Structure):
+    """The introspection tool's controlled MSRs (csrc/shim_abi.h struct shim_kvmi)."""
+    _fields_ = [("seq", C.c_uint32), ("nmsrs", C.c_uint32), ("msrs", C.c_uint32 * KVMI_MAX_MSRS)]
+
+
+class ShimKvmiVcpu(C.Structure):
+    """One vCPU's introspection slot (csrc/shim_abi.h struct shim_kvmi_vcpu)."""
+    _fields_ = [("state", C.c_uint32), ("kind", C.c_uint32), ("pause_req", C.c_uint32),
+                ("action", C.c_uint32), ("msr", C.c_uint32), ("set_regs", C.c_uint32),
+                ("tid", C.c_uint32), ("req", C.c_uint32), ("req_result", C.c_int32),
+                ("req_nmsrs", C.c_uint32), ("old_value", C.c_uint64), ("new_value", C.c_uint64),
+                ("value", C.c_uint64), ("tsc_khz", C.c_uint64), ("regs", C.c_uint8 * 144),
+                ("sregs", C.c_uint8 * 312), ("state_msrs", C.c_uint64 * 9),
+                ("req_msrs", C.c_uint32 * KVMI_REQ_MSRS), ("req_values", C.c_uint64 * KVMI_REQ_MSRS)]
 
 
 def _up(n: int, to: int = PAGE) -> int:
@@ -69,10 +92,12 @@ def plan(max_vcpus: int = 64, ring_capacity: int = 2048, counts_slots: int = 512
     mailbox_off = _up(counts_off + max_vcpus * counts_slots * C.sizeof(ShimCount))
     rings_off = _up(mailbox_off + C.sizeof(ShimMailbox))
     stride = _up(RING_HEADER + ring_capacity * RECORD_SIZE)
+    kvmi_off = rings_off + max_vcpus * stride
     return {"max_vcpus": max_vcpus, "ring_capacity": ring_capacity, "stats_off": stats_off,
             "counts_off": counts_off, "counts_slots": counts_slots,
             "mailbox_off": mailbox_off, "rings_off": rings_off, "ring_stride": stride,
-            "total_size": rings_off + max_vcpus * stride}
+            "kvmi_off": kvmi_off,
+            "total_size": kvmi_off + (1 + max_vcpus) * KVMI_STRIDE}
 
 
 def fill_filter(dst: ShimFilter, flt) -> None:

@@ -9,7 +9,7 @@ same table and vCPU 0 prints both once vCPU 1 is done.
 
 `wait` != 0 makes vCPU 0 first read the first MSR until its low 32 bits equal `wait` (the
 reload test), after printing "W".  `loops` > 0 instead repeats the first access that many times between two RDTSCs and prints
-"T CYCLES" (the bench).  Built with GNU as + ld.
+"T CYCLES" (the bench; a write stores value + a counter, a new value each time).  Built with GNU as + ld.
 """
 from __future__ import annotations
 
@@ -74,7 +74,30 @@ bsp64:
 0:  rdmsr
     cmp %eax, %ebx
     jne 0b
-1:  xor %edi, %edi
+1:  cmpl $0, write_loop       # introspection tests: write the first MSR (value + 1, + 2,
+    je 15f                      # ...) until it reads back something else; print "V VALUE"
+    mov table, %ecx
+    mov table+8, %esi
+    mov table+12, %ebp
+16: inc %esi
+    mov %esi, %eax
+    mov %ebp, %edx
+    wrmsr
+    rdmsr
+    cmp %esi, %eax
+    je 16b
+    mov %eax, %r8d
+    mov %edx, %r9d
+    mov $'V', %al
+    call putc
+    call space
+    mov %r9d, %ecx
+    call hex
+    mov %r8d, %ecx
+    call hex
+    mov $'\n', %al
+    call putc
+15: xor %edi, %edi
     call tests
     cmpl $1, ncpus
     je print
@@ -187,10 +210,19 @@ bench:
     rdtsc
     mov %eax, cycles
     mov %edx, cycles+4
+    cmpl $0, table+4
+    jne 6f
 5:  rdmsr
     dec %ebx
     jnz 5b
-    rdtsc
+    jmp 7f
+6:  mov table+8, %eax           # a write: value + counter, each differs from the previous
+    add %ebx, %eax
+    mov table+12, %edx
+    wrmsr
+    dec %ebx
+    jnz 6b
+7:  rdtsc
     sub cycles, %eax
     sbb cycles+4, %edx
     mov %eax, cycles
@@ -279,6 +311,7 @@ ap_done: .long 0
 ncpus: .long NCPUS
 loops: .long LOOPS
 wait_for: .long WAIT
+write_loop: .long WLOOP
 cycles: .quad 0
 msg_done: .asciz "DONE\n"
 .align 16
@@ -335,13 +368,15 @@ def table_lines(accesses) -> str:
 
 
 def build(accesses, out_dir: Path, vcpus: int = 1, loops: int = 0, wait: int = 0,
-          name: str = "guest") -> Path:
-    """Assemble and link the guest; returns the ELF path."""
+          name: str = "guest", write_loop: bool = False) -> Path:
+    """Assemble and link the guest; returns the ELF path.  `write_loop`: vCPU 0 first writes
+    the first access's MSR with its value + 1, + 2, ... until a read-back differs (someone
+    reverted a write: the introspection tests), prints "V VALUE-READ", then runs the table."""
     if vcpus not in (1, 2):
         raise ValueError("the test guest runs on 1 or 2 vCPUs")
     out_dir = Path(out_dir)
     src = ASM.replace("TABLE", table_lines(accesses)).replace("NCPUS", str(vcpus)) \
-             .replace("LOOPS", str(loops)).replace("WAIT", str(wait)).replace("RESULT_BYTES", str(16 * (len(accesses) + 1)))
+             .replace("LOOPS", str(loops)).replace("WAIT", str(wait)).replace("WLOOP", str(int(write_loop))).replace("RESULT_BYTES", str(16 * (len(accesses) + 1)))
     s, o, elf, ld = (out_dir / f"{name}.{ext}" for ext in ("S", "o", "elf", "ld"))
     s.write_text(src)
     ld.write_text(LDS)
@@ -372,6 +407,8 @@ def parse(stdout: str) -> dict:
             out[(int(w[1], 16), int(w[2], 16), int(w[3], 16))] = (int(w[4], 16), int(w[5], 16))
         elif w[:1] == ["T"] and len(w) == 2:
             out["cycles"] = int(w[1], 16)
+        elif w[:1] == ["V"] and len(w) == 2:
+            out["reverted"] = int(w[1], 16)
         elif w == ["DONE"]:
             out["done"] = True
     return out

@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import uuid as _uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +30,14 @@ from ..engine.ring import RECORD
 from ..engine.table import KIND_NAMES
 from ..errors import UserError
 from ..hostinfo import ignore_msrs
+from ..introspection.connector import HandshakeError, _connect, handshake
+from ..introspection.listener import parse_ids
+from ..introspection.owner import Introspection
+from ..introspection.session import dialect_for, parse_spec
 from ..policy import Policy, compile_policy, load_policy
 from ..report import table
 from . import layout
+from .introspect import WrapBackend
 from .library import shim_path
 
 DRAIN_PERIOD = 0.05          # seconds between ring drains while the VMM runs
@@ -88,7 +95,7 @@ class Wrap:
     def __init__(self, argv: list[str], policy: str | None = None, audit: str | None = None,
                  mode: str | None = None, stderr=None, max_vcpus: int = 64,
                  ring_capacity: int = 2048, vmm_stdout=None, vmm_stderr=None,
-                 learn: str | None = None):
+                 learn: str | None = None, introspect: IntrospectOptions | None = None):
         if not argv:
             raise UserError("no VMM command given: kvmgate wrap [options] -- VMM [ARGS...]",
                             "argument VMM")
@@ -126,6 +133,12 @@ class Wrap:
         self._done = threading.Event()
         self._reload_wanted = threading.Event()
         self._vmm_gone = False
+        self.introspect = introspect
+        self.kvmi = None                   # the WrapBackend, with --introspect
+        self.intro = None                  # its Introspection (hooked at the first KVM_RUN)
+        self._tool = None                  # the tool's socket, connected + handshake done
+        if introspect is not None and learn:
+            raise UserError("--learn and --introspect do not go together", "argument --introspect")
 
     # ------------------------------------------------------------ shared memory
     def _setup_memory(self) -> None:
@@ -140,6 +153,9 @@ class Wrap:
         h.total_size, h.stats_off = p["total_size"], p["stats_off"]
         h.counts_off, h.counts_slots = p["counts_off"], p["counts_slots"]
         h.options = layout.OPT_LEARN if self.learner is not None else 0
+        if self.introspect is not None:
+            h.options |= layout.OPT_KVMI
+            h.kvmi_off = p["kvmi_off"]
         self.header = h
         self.mailbox = layout.ShimMailbox.from_buffer(self.mem, p["mailbox_off"])
         self._write_mailbox(self.compiled)
@@ -158,7 +174,7 @@ class Wrap:
 
     def stats(self) -> dict:
         """The shim's exit counters, summed over vCPUs."""
-        out = {"policy": 0, "vmm": 0, "gp": 0, "host": 0}
+        out = {"policy": 0, "vmm": 0, "gp": 0, "host": 0, "tool": 0}
         for i in range(min(self.header.vcpus, self.plan["max_vcpus"])):
             s = layout.ShimStats.from_buffer(self.mem, self.plan["stats_off"] + i * C.sizeof(layout.ShimStats))
             for k in out:
@@ -249,6 +265,10 @@ class Wrap:
                     self.failures.append(rest)
                 elif word == "learn-wait":
                     self._start_learning(int(rest.split()[0]))
+                elif word.startswith("kvmi") and self.kvmi is not None:
+                    if word == "kvmi-run" and self.intro is None:
+                        self._hook_tool()
+                    self.kvmi.on_status(word, rest)
         with self._cv:
             self._vmm_gone = True
             self._cv.notify_all()
@@ -264,6 +284,36 @@ class Wrap:
             os.write(self.ctl_w, b"X")            # the shim refuses the VM
             return
         os.write(self.ctl_w, b"G")
+
+    # ------------------------------------------------------------ introspection
+    def _connect_tool(self) -> None:
+        """Before the VMM starts: connect to the tool and do QEMU's handshake (UserError if
+        it cannot be reached or refuses); the session is hooked at the first KVM_RUN, when
+        QEMU has created every vCPU."""
+        self._tool = self.introspect.connect()
+        self.kvmi = WrapBackend(self)
+
+    def _hook_tool(self) -> None:
+        o = self.introspect
+        self.intro = Introspection(self.kvmi, obj=self, event_timeout=o.event_timeout)
+        self.kvmi.intro = self.intro
+        try:
+            self.intro.hook(self._tool, o.uuid, commands=o.commands, events=o.events, abi=o.abi)
+            print(f"kvmgate: introspection tool at {o.where} hooked ({o.abi.name} ABI, "
+                  f"{self.kvmi.vcpu_count()} vCPUs)", file=self.err, flush=True)
+        except OSError as e:
+            print(f"kvmgate: introspection: cannot hook the tool: {e}", file=self.err, flush=True)
+            self.failures.append(f"introspection: {e}")
+        finally:
+            self._tool.close()
+
+    def _unhook_tool(self) -> None:
+        if self.intro is not None:
+            self.intro.unhook(wait=self.introspect.unhook_wait)
+        elif self._tool is not None:
+            self._tool.close()
+        if self.kvmi is not None:
+            self.kvmi.close()
 
     # ------------------------------------------------------------ reload
     def request_reload(self) -> None:
@@ -314,6 +364,8 @@ class Wrap:
     def _channel(self) -> tuple[dict, tuple[int, int, int]]:
         """Shared memory + pipes; the VMM's environment and the fds it must inherit."""
         self._setup_memory()
+        if self.introspect is not None:
+            self._connect_tool()
         ctl_r, self.ctl_w = os.pipe()
         self.status_r, status_w = os.pipe()
         env = dict(os.environ)
@@ -398,6 +450,7 @@ class Wrap:
         self._done.set()
         self._reload_wanted.set()
         self._threads[0].join(timeout=5)      # the status pipe closes with the VMM
+        self._unhook_tool()
         self.drain()
         self.collect_counts()
         self.audit.close()
@@ -416,6 +469,44 @@ class Wrap:
     def run(self) -> WrapResult:
         self.start()
         return self.wait()
+
+
+@dataclass
+class IntrospectOptions:
+    """`--introspect connect:...` of `kvmgate wrap` (kvmgate.introspection.session's spec)."""
+    where: str
+    family: str
+    address: object
+    abi: object
+    commands: tuple
+    events: tuple
+    name: str = "kvmgate-wrap"
+    key: bytes | None = None
+    uuid: bytes = b""
+    event_timeout: float | None = None
+    unhook_wait: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str, abi: str | None, commands, events, key: bytes | None = None,
+              name: str = "kvmgate-wrap") -> IntrospectOptions:
+        """UserError for anything but connect mode or bad ids (exit 2)."""
+        t = parse_spec(spec)
+        if not t.connect:
+            raise UserError(f"{spec!r}: kvmgate wrap connects to the tool as QEMU does: "
+                            "connect:unix:PATH or connect:vsock:CID:PORT", "--introspect")
+        return cls(spec, t.family, t.address, dialect_for(abi, t),
+                   tuple(parse_ids(commands, "command")), tuple(parse_ids(events, "event")),
+                   name, key, _uuid.uuid4().bytes)
+
+    def connect(self):
+        """A connected socket with QEMU's handshake done (UserError if not)."""
+        s = _connect(self.family, self.address)
+        try:
+            handshake(s, self.uuid, self.name, int(time.time()), self.key)
+        except HandshakeError as exc:
+            s.close()
+            raise UserError(f"introspection handshake refused: {exc}", "--introspect") from None
+        return s
 
 
 def report(r: WrapResult, out) -> None:

@@ -13,11 +13,15 @@ from kvmgate.wrap import layout
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 STRUCTS = {
     "shim_header": (layout.ShimHeader, ["mailbox_off", "rings_off", "stats_off", "vcpus", "counts_off",
-                                        "counts_slots", "applied_seq", "options"]),
+                                        "counts_slots", "applied_seq", "options", "kvmi_off"]),
     "shim_mailbox": (layout.ShimMailbox, ["seq", "name", "filter", "table"]),
     "shim_filter": (layout.ShimFilter, ["nranges", "ranges"]),
     "shim_range": (layout.ShimRange, ["nmsrs", "bitmap"]),
-    "shim_stats": (layout.ShimStats, ["gp", "host"]),
+    "shim_stats": (layout.ShimStats, ["gp", "host", "tool"]),
+    "shim_kvmi": (layout.ShimKvmi, ["nmsrs", "msrs"]),
+    "shim_kvmi_vcpu": (layout.ShimKvmiVcpu, ["pause_req", "req_result", "old_value", "tsc_khz",
+                                             "regs", "sregs", "state_msrs", "req_msrs",
+                                             "req_values"]),
     "shim_count": (layout.ShimCount, ["value", "count"]),
 }
 
@@ -46,9 +50,11 @@ def test_plan_is_aligned_and_disjoint():
     spans = sorted([(p["stats_off"], 4 * C.sizeof(layout.ShimStats)),
                     (p["counts_off"], 4 * 16 * C.sizeof(layout.ShimCount)),
                     (p["mailbox_off"], C.sizeof(layout.ShimMailbox)),
-                    (p["rings_off"], 4 * p["ring_stride"])])
+                    (p["rings_off"], 4 * p["ring_stride"]),
+                    (p["kvmi_off"], 5 * layout.KVMI_STRIDE)])
     assert spans[0][0] >= C.sizeof(layout.ShimHeader)
     for (a, n), (b, _) in itertools.pairwise(spans):
         assert a + n <= b and b % layout.PAGE == 0
-    assert p["rings_off"] + 4 * p["ring_stride"] == p["total_size"]
+    assert p["kvmi_off"] + 5 * layout.KVMI_STRIDE == p["total_size"]
+    assert C.sizeof(layout.ShimKvmiVcpu) <= layout.KVMI_STRIDE
     assert p["ring_stride"] >= layout.RING_HEADER + 64 * layout.RECORD_SIZE

@@ -1,0 +1,158 @@
+"""The introspection event round trip in a wrapped QEMU vs a plain policy-answered exit.
+
+The guest (kvmgate.wrap.pvhguest, 1 vCPU): first writes LSTAR with new values until a write
+does not stick (the sync point: the tool is in control), then times N WRMSRs of LSTAR (each a
+new value) between two RDTSCs.  Paths, one wrapped QEMU run each, interleaved for >= 7 rounds:
+
+* `policy`: `kvmgate wrap --policy` with a rule that answers LSTAR writes in the shim
+  (`ignore`: one user-space exit answered by the engine, nothing else);
+* `event`:  `kvmgate wrap --introspect connect:unix:...` with a kvmi-v7 tool in its own process
+  that controls LSTAR and answers every MSR event CONTINUE with the guest's value (exit, old
+  value + registers read by the vCPU, park, status line, the parent's MSR event over the
+  socket, the tool's reply, futex wake, host-initiated KVM_SET_MSRS); it reverts the first
+  event only, which ends the guest's sync loop.
+
+Figures: median cycles per write, median of the per-round event / policy ratios, load average.
+`python -m kvmgate.wrap.kvmi_bench [N] [ROUNDS]` prints them as JSON.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import pvhguest
+from .session import IntrospectOptions, Wrap
+
+LSTAR = 0xC0000082
+LSTAR_BASE = 0xFFFFFFFF81A00000
+ROUNDS = 7
+POLICY = f"""[policy]
+name = "bench-lstar-ignore"
+default = "allow"
+log = false
+
+[[rule]]
+msr = {LSTAR:#x}
+access = "write"
+action = "ignore"
+log = false
+"""
+
+# A bare kvmi-v7 tool (libkvmi's dialect): listen, QEMU's handshake, CONTROL_EVENTS(MSR) and
+# CONTROL_MSR(LSTAR) on vCPU 0, then answer MSR events; the first is reverted (old value).
+_TOOL = """
+import os, socket, struct, sys
+path = sys.argv[1]
+ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); ls.bind(path); ls.listen(1)
+sys.stdout.write("listening\\n"); sys.stdout.flush()
+s, _ = ls.accept(); ls.close()
+f = s.makefile("rb")
+size = struct.unpack("=I", f.read(4))[0]; f.read(size - 4)
+s.sendall(struct.pack("=I20s", 24, bytes(20)))
+seq = [0]
+def request(mid, body):
+    seq[0] += 1
+    s.sendall(struct.pack("=HHI", mid, len(body), seq[0]) + body)
+    h = f.read(8); size = struct.unpack("=HHI", h)[1]; err = struct.unpack_from("=i", f.read(size))[0]
+    assert err == 0, err
+vcpu0 = struct.pack("=HHI", 0, 0, 0)
+request(9, vcpu0 + struct.pack("=HBBI", 2, 1, 0, 0))
+request(11, vcpu0 + struct.pack("=BBHI", 1, 0, 0, {lstar}))
+first = True
+while True:
+    h = f.read(8)
+    if len(h) < 8:
+        break
+    mid, size, seq_ = struct.unpack("=HHI", h)
+    body = f.read(size)
+    vcpu = struct.unpack_from("=H", body, 2)[0]
+    old, new = struct.unpack_from("=QQ", body, 544 + 8)
+    s.sendall(struct.pack("=HHI", 0, 24, seq_) + struct.pack("=HHI", vcpu, 0, 0)
+              + struct.pack("=BBHI", 0, 2, 0, 0) + struct.pack("=Q", old if first else new))
+    first = False
+"""
+
+
+def _cycles(out: Path, what: str) -> int:
+    res = pvhguest.parse(out.read_text())
+    if "cycles" not in res:
+        raise RuntimeError(f"bench guest ({what}) printed no cycle count")
+    return res["cycles"]
+
+
+def run_policy(elf: Path, policy: Path, tmp: Path) -> tuple[int, dict]:
+    out = tmp / "policy.out"
+    with open(out, "w") as f:
+        w = Wrap(pvhguest.qemu_argv(elf, 1), policy=str(policy), stderr=io.StringIO(),
+                 vmm_stdout=f, vmm_stderr=subprocess.DEVNULL)
+        r = w.run()
+    return _cycles(out, "policy"), r.exits
+
+
+def run_event(elf: Path, tmp: Path) -> tuple[int, dict]:
+    out, sock = tmp / "event.out", tmp / "tool.sock"
+    if sock.exists():
+        sock.unlink()
+    tool = subprocess.Popen([sys.executable, "-c", _TOOL.replace("{lstar}", str(LSTAR)),
+                             str(sock)], stdout=subprocess.PIPE, text=True)
+    try:
+        if tool.stdout.readline().strip() != "listening":
+            raise RuntimeError("the bench tool did not start")
+        opts = IntrospectOptions.parse(f"connect:unix:{sock}", "v7", ["all"], ["all"])
+        with open(out, "w") as f:
+            w = Wrap(pvhguest.qemu_argv(elf, 1), stderr=io.StringIO(), vmm_stdout=f,
+                     vmm_stderr=subprocess.DEVNULL, introspect=opts)
+            r = w.run()
+        events = w.kvmi.msr_events
+    finally:
+        try:
+            tool.wait(10)
+        except subprocess.TimeoutExpired:
+            tool.kill()
+            tool.wait()
+        tool.stdout.close()
+    return _cycles(out, "event"), {**r.exits, "events": events}
+
+
+def bench(n: int = 2000, rounds: int = ROUNDS) -> dict:
+    rounds = max(rounds, ROUNDS)
+    with tempfile.TemporaryDirectory(prefix="kvmgate-kvmi-bench-") as d:
+        tmp = Path(d)
+        elf = pvhguest.build([(LSTAR, 1, LSTAR_BASE)], tmp, vcpus=1, loops=n, write_loop=True,
+                             name="lstar-bench")
+        pol = tmp / "policy.toml"
+        pol.write_text(POLICY)
+        run_policy(elf, pol, tmp)                  # warm up
+        run_event(elf, tmp)
+        rows = []
+        for i in range(rounds):
+            paths = [("policy", lambda: run_policy(elf, pol, tmp)),
+                     ("event", lambda: run_event(elf, tmp))]
+            if i % 2:
+                paths.reverse()
+            row = {}
+            for name, fn in paths:
+                cycles, exits = fn()
+                row[name] = cycles / n
+                row[name + "_exits"] = exits
+            rows.append(row)
+    return {
+        "writes": n, "rounds": rounds,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "policy_cycles_per_write": round(statistics.median(r["policy"] for r in rows)),
+        "event_cycles_per_write": round(statistics.median(r["event"] for r in rows)),
+        "ratio_event_vs_policy": round(statistics.median(r["event"] / r["policy"] for r in rows), 2),
+        "ratio_spread": [round(min(r["event"] / r["policy"] for r in rows), 2),
+                         round(max(r["event"] / r["policy"] for r in rows), 2)],
+        "last_round_exits": {"policy": rows[-1]["policy_exits"], "event": rows[-1]["event_exits"]},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench(*(int(a) for a in sys.argv[1:3])), indent=2))
