@@ -126,8 +126,9 @@ class AuditLog:
         """A record that is no MSR decision (schema: audit `event`), e.g. kvmgate-qemu's
         "active" when the shim installed the policy; never rate limited, not counted."""
         with self._lock:
-            if self._out is not None:
-                self._out.write(json.dumps({"time": round(time.time(), 6), "event": event, **fields}) + "\n")
+            if not self.closed:
+                self._write(json.dumps({"schema": SCHEMA, "time": round(self.clock(), 6), "event": event,
+                                        **fields}) + "\n")
 
     def count(self, index: int, write: bool, action: str, result: str, n: int = 1) -> None:
         """Count `n` decisions that are not logged (they still show in the summary)."""

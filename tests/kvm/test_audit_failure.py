@@ -11,7 +11,7 @@ import pytest
 from kvmgate.audit import AuditFailure, AuditLog
 from kvmgate.msr.model import EXIT_REASON_FILTER
 
-LOUD = ("[policy]\ndefault='allow'\naudit_rate=1e12\naudit_burst=1000000\n{extra}"
+LOUD = ("[policy]\ndefault='allow'\naudit_rate=1e6\naudit_burst=1000000\n{extra}"
         "[[rule]]\nmsr=0x1a0\naccess='read'\naction='deny'\nlog=true\n")
 GUEST = "mov rbx, 20000\nagain:\nmov ecx, 0x1a0\nrdmsr\ndec rbx\njnz again\nhlt\n"
 

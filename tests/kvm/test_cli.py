@@ -261,7 +261,7 @@ def test_info_reports_capabilities_and_ignore_msrs():
 @pytest.mark.kvm
 def test_sigusr1_reopens_the_audit_log_for_logrotate(tmp_path):
     pol = tmp_path / "p.toml"
-    pol.write_text("[policy]\ndefault='allow'\naudit_rate=1e12\naudit_burst=1000000\n"
+    pol.write_text("[policy]\ndefault='allow'\naudit_rate=1e6\naudit_burst=1000000\n"
                    "[[rule]]\nmsr=0x1a0\naccess='read'\naction='deny'\nlog=true\n")
     guest = tmp_path / "g.S"
     guest.write_text("again:\nmov ecx, 0x1a0\nrdmsr\njmp again\n")

@@ -77,13 +77,14 @@ def test_real_audit_records_validate():
 
 
 @pytest.mark.parametrize("bad", [
-    {"time": 1.0, "vcpu": 0, "rip": "0x1", "msr": "0x10", "name": "IA32_TSC", "access": "read",
+    {"schema": 1, "time": 1.0, "vcpu": 0, "rip": "0x1", "msr": "0x10", "name": "IA32_TSC", "access": "read",
      "value": "0x0", "reason": "FILTER", "action": "deny"},                       # no result
     {"time": 1.0, "vcpu": -1, "rip": "0x1", "msr": "0x10", "name": "IA32_TSC", "access": "read",
      "value": "0x0", "reason": "FILTER", "action": "deny", "result": "#GP"},
     {"time": 1.0, "vcpu": 0, "rip": "0x1", "msr": "16", "name": "IA32_TSC", "access": "read",
      "value": "0x0", "reason": "FILTER", "action": "deny", "result": "#GP"},      # msr not hex
-    {"time": 1.0, "msr": "0x10", "name": "IA32_TSC", "access": "read", "suppressed": 0},
+    {"schema": 1, "time": 1.0, "msr": "0x10", "name": "IA32_TSC", "access": "read", "suppressed": 0},
+    {"time": 1.0, "msr": "0x10", "name": "IA32_TSC", "access": "read", "suppressed": 3},  # no schema
 ])
 def test_wrong_records_do_not_validate(bad):
     assert list(Draft202012Validator(schema("audit")).iter_errors(bad))
