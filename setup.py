@@ -9,8 +9,8 @@ CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
 
 ENGINE = Extension(
     "kvmgate.engine._engine",
-    sources=["csrc/engine.c", "csrc/engine_module.c"],
-    depends=["csrc/engine.h"],
+    sources=["csrc/engine.c", "csrc/runloop.c", "csrc/engine_module.c"],
+    depends=["csrc/engine.h", "csrc/runloop.h"],
     include_dirs=["csrc"],
     extra_compile_args=CFLAGS,
     optional=True,

@@ -8,10 +8,13 @@
  * decision; decide() holds the GIL (it is a few dozen instructions). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "engine.h"
+#include "runloop.h"
 
 typedef struct {
     PyObject_HEAD
@@ -154,11 +157,104 @@ static PyObject *Engine_verdict(EngineObject *self, PyObject *const *args, Py_ss
     return decision_tuple(&d);
 }
 
+/* run_loop(fd, run_addr, ring, vcpu, counts, flags) -> (rc, answered): kg_loop_run (csrc/runloop.c)
+ * with the GIL released.  run_addr: the address of the vCPU's kvm_run mapping (the caller keeps
+ * it mapped and the fd open for the call); ring: an initialised kg_ring buffer or None (no
+ * records); counts: a struct kg_counts buffer (n, capacity set) or None; flags: KG_LOOP_*.
+ * rc: KG_LOOP_EXIT (an exit for the caller in kvm_run), KG_LOOP_DRAIN, or -errno of KVM_RUN. */
+static PyObject *Engine_run_loop(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "expected (fd, run_addr, ring, vcpu, counts, flags)");
+        return NULL;
+    }
+    unsigned long lflags = PyLong_AsUnsignedLong(args[5]);
+    if (lflags == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (lflags & ~(unsigned long)KG_LOOP_SYNC_REGS) {
+        PyErr_SetString(PyExc_ValueError, "unknown run_loop flags");
+        return NULL;
+    }
+    long fdl = PyLong_AsLong(args[0]);
+    if (fdl == -1 && PyErr_Occurred())
+        return NULL;
+    if (fdl < 0 || fdl > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fd out of range");
+        return NULL;
+    }
+    int fd = (int)fdl;
+    void *run = PyLong_AsVoidPtr(args[1]);
+    if (run == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "run_addr is NULL");
+        return NULL;
+    }
+    unsigned long vcpu = PyLong_AsUnsignedLong(args[3]);
+    if (vcpu == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer rv;
+    int has_ring = args[2] != Py_None;
+    struct kg_ring *ring = NULL;
+    if (has_ring) {
+        if (PyObject_GetBuffer(args[2], &rv, PyBUF_WRITABLE) < 0)
+            return NULL;
+        ring = rv.buf;
+        if (((uintptr_t)rv.buf & 63u) || (size_t)rv.len < sizeof(struct kg_ring) ||
+            ring->magic != KG_RING_MAGIC || ring->version != 1 ||
+            ring->record_size != sizeof(struct kg_record) || ring->capacity < 2 ||
+            (ring->capacity & (ring->capacity - 1)) ||
+            kg_ring_size(ring->capacity) > (size_t)rv.len) {
+            PyBuffer_Release(&rv);
+            PyErr_SetString(PyExc_ValueError, "ring is not an initialised kvmgate audit ring");
+            return NULL;
+        }
+    }
+    Py_buffer cv;
+    int has_counts = args[4] != Py_None;
+    struct kg_counts *counts = NULL;
+    if (has_counts) {
+        if (PyObject_GetBuffer(args[4], &cv, PyBUF_WRITABLE) < 0) {
+            if (has_ring)
+                PyBuffer_Release(&rv);
+            return NULL;
+        }
+        counts = cv.buf;
+        if (((uintptr_t)cv.buf & 7u) || (size_t)cv.len < sizeof(struct kg_counts) ||
+            counts->capacity == 0 || counts->n > counts->capacity ||
+            sizeof(struct kg_counts) + (size_t)counts->capacity * sizeof(struct kg_count) >
+                (size_t)cv.len) {
+            PyBuffer_Release(&cv);
+            if (has_ring)
+                PyBuffer_Release(&rv);
+            PyErr_SetString(PyExc_ValueError, "counts is not a kvmgate count table of this size");
+            return NULL;
+        }
+    }
+    struct kg_loop l = {
+        .fd = fd, .run = run, .table = self->table, .counts = counts,
+        .state = self->has_state ? self->state_view.buf : NULL,
+        .ring = ring, .vcpu = (uint32_t)vcpu, .flags = (uint32_t)lflags, .ops = NULL,
+    };
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kg_loop_run(&l);
+    Py_END_ALLOW_THREADS
+    if (has_ring)
+        PyBuffer_Release(&rv);
+    if (has_counts)
+        PyBuffer_Release(&cv);
+    if (rc == -EINTR && PyErr_CheckSignals() < 0)    /* Ctrl-C: KeyboardInterrupt now */
+        return NULL;
+    return Py_BuildValue("(iK)", rc, (unsigned long long)l.answered);
+}
+
 static PyMethodDef Engine_methods[] = {
     {"decide", (PyCFunction)(void (*)(void))Engine_decide, METH_FASTCALL,
      "decide(index, is_write, reason, data) -> (result, value, action, rule, flags)"},
     {"verdict", (PyCFunction)(void (*)(void))Engine_verdict, METH_FASTCALL,
      "verdict(index, is_write, reason, data): decide without register state (explain/replay)"},
+    {"run_loop", (PyCFunction)(void (*)(void))Engine_run_loop, METH_FASTCALL,
+     "run_loop(fd, run_addr, ring, vcpu, counts, flags) -> (rc, answered): KVM_RUN, MSR exits in C"},
     {NULL, NULL, 0, NULL},
 };
 
