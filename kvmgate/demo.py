@@ -58,7 +58,7 @@ def run_demo() -> list[dict]:
         @m.on_msr
         def handler(exit):
             if exit.index == 0x35 and not exit.is_write:
-                return (1 << 16) | 1            # 1 core, 1 thread, as seed 003's QEMU example
+                return (1 << 16) | 1            # 1 core, 1 thread, as QEMU answers it for a 1-vCPU guest
             if exit.index == 0xC0000082 and exit.is_write:
                 lstar["value"] = exit.data      # logged and dropped
                 return None

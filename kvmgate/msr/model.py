@@ -236,7 +236,7 @@ def failure_reason(flt: MsrFilter, index: int, access: int, kernel: KernelMsr,
 
 def outcome(flt: MsrFilter, index: int, access: int, exit_mask: int,
             kernel: KernelMsr = KernelMsr.HANDLED, ignore_msrs: bool = False) -> Outcome:
-    """Where one guest RDMSR/WRMSR goes (§3-§4): kernel, ignored, exit with a reason, or #GP."""
+    """Where one guest RDMSR/WRMSR goes (docs/kvm-msr.md §3-§4): kernel, ignored, exit with a reason, or #GP."""
     reason = failure_reason(flt, index, access, kernel, ignore_msrs)
     if reason == 0:
         if kernel is KernelMsr.UNKNOWN and flt.allows(index, access):
