@@ -1,4 +1,4 @@
-"""Fuzz the server with random and mutated messages (spec §2-§3).
+"""Fuzz the server with random and mutated messages (docs/introspection.md §2-§3).
 
 Asserts: no exception escapes the server, nothing hangs (every wait has a timeout), and no
 permission bypass (a disallowed command never gets err 0, nor changes guest memory or MSR

@@ -49,7 +49,7 @@ def test_field_offsets(struct, field, offset):
 
 
 def test_msr_member_of_kvm_run_matches_spec():
-    # spec §1: error @32, pad @33, reason @40, index @44, data @48 within kvm_run
+    # docs/kvm-msr.md §1: error @32, pad @33, reason @40, index @44, data @48 within kvm_run
     base = u.kvm_run.u.offset
     assert (base + u.kvm_run_msr.error.offset, base + u.kvm_run_msr.reason.offset,
             base + u.kvm_run_msr.index.offset, base + u.kvm_run_msr.data.offset) == (32, 40, 44, 48)
