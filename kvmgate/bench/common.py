@@ -13,6 +13,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from ..cli.common import positive_int
+
 MIN_ROUNDS = 7
 
 
@@ -30,14 +32,7 @@ def rounds_arg(text: str) -> int:
     return v
 
 
-def count_arg(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
-    return v
+count_arg = positive_int            # a count of exits, rules, ... (> 0)
 
 
 def parser(prog: str, doc: str | None, rounds: int = 9) -> argparse.ArgumentParser:
