@@ -34,6 +34,7 @@ pytestmark = pytest.mark.kvm
 
 UUID = b"0123456789abcdef"
 T = 5.0
+HANG = 60.0        # waits for another process or thread: a hang guard, generous under load
 ROOT = Path(__file__).resolve().parents[2]
 LSTAR, SYSENTER_EIP, EFER = 0xC0000082, 0x176, 0xC0000080
 FIRST, SECOND = 0x11110000, 0x22220000
@@ -116,7 +117,7 @@ def watch(client, msr=LSTAR, vcpu=0):
     client.control_msr(vcpu, msr, True)
 
 
-def wait_until(cond, timeout=T, what="condition"):
+def wait_until(cond, timeout=HANG, what="condition"):
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -892,7 +893,7 @@ def test_parse_ids():
 
 # --- the CLI tool ---------------------------------------------------------------------------
 
-def _cli(*args, timeout=T * 2):
+def _cli(*args, timeout=HANG):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "kvmgate", "introspect", *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -947,7 +948,7 @@ def test_cli_watch_msr_without_permission(sockdir):
     with Machine("hlt") as m, serve_introspection(m, f"unix:{path}", ["VCPU_CONTROL_EVENTS"],
                                                   ["MSR"]):
         proc = _cli(f"unix:{path}", "watch-msr", "LSTAR")
-        out, err = proc.communicate(timeout=T * 2)
+        out, err = proc.communicate(timeout=HANG)
     assert proc.returncode == 1
     assert "VCPU_CONTROL_MSR: KVM_EPERM" in err and "Traceback" not in err
 
@@ -958,7 +959,7 @@ def test_cli_user_errors(sockdir):
                  [f"unix:{sockdir}/nothing", "watch-msr", "NOT_AN_MSR"],
                  [f"unix:{sockdir}/nothing"]):
         proc = _cli(*args)
-        out, err = proc.communicate(timeout=T * 2)
+        out, err = proc.communicate(timeout=HANG)
         assert proc.returncode == 2, (args, err)
         assert "Traceback" not in err
 

@@ -389,3 +389,19 @@ def test_action_for_invalid_only_for_inval():
     assert cp.action_for(0x10, False, EXIT_REASON_INVAL).kind == "ignore"
     assert cp.action_for(0x10, False, 8) is None
     assert cp.action_for(0x10, False, EXIT_REASON_UNKNOWN) is None
+
+
+def test_handler_keeps_the_registers_it_is_given_and_reports_vcpu_and_direction():
+    buf = io.StringIO()
+    audit = AuditLog(buf, clock=lambda: 5.0)
+    regs = Registers()
+    cp = compiled(ALLOW + "[[rule]]\nmsr=0x186\naction='ignore'\n[[rule]]\nmsr=0x10\naction='deny'\nlog=true\n"
+                  "[invalid]\naction='ignore'\n")
+    h = make_handler(cp, FakeMachine(), audit, regs)
+    assert h.registers is regs
+    assert h(Exit(0x10, False, reason=EXIT_REASON_INVAL)) == 0        # [invalid] ignore
+    h(Exit(0x186, True, 4))
+    h(Exit(0x10, True, 1, vcpu=0))
+    assert [(r["vcpu"], r["access"]) for r in map(json.loads, buf.getvalue().splitlines())] == [(0, "write")]
+    assert {(s["msr"], s["access"]) for s in audit.summary()} == {("0x10", "read"), ("0x186", "write"),
+                                                                   ("0x10", "write")}

@@ -107,3 +107,17 @@ def test_ambiguous_failure_names_both_readings_unless_the_kernel_says():
     assert policy_decider(cp, lambda i, w: KernelMsr.INVALID)(0x13, False, True) == "gp-kernel"
     assert policy_decider(cp, lambda i, w: None)(0x13, False, True) == "gp-kernel|ignore"
     assert policy_decider(cp, lambda i, w: KernelMsr.UNKNOWN)(0x13, False, False) == "kernel"
+
+
+def test_kernel_classifier_is_asked_about_the_event_itself():
+    cp = compile_policy(parse_policy(POLICY))
+    seen = []
+
+    def kernel(index, write):
+        seen.append((index, write))
+        return KernelMsr.UNKNOWN if (index, write) == (0x13, True) else KernelMsr.INVALID
+
+    decide = policy_decider(cp, kernel)
+    assert decide(0x13, True, True) == "ignore"
+    assert decide(0x13, False, True) == "gp-kernel"
+    assert seen == [(0x13, True), (0x13, False)]
