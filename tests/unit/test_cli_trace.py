@@ -9,14 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from kvmgate.cli import build_parser, main
 from kvmgate.cli import learn as cli_learn, trace as cli_trace
 from kvmgate.msr.model import KernelMsr
 from kvmgate.policy import compile_policy, load_policy, parse_policy
-from kvmgate.trace import Trace, TraceWriter, naive_counts, policy_decider, replay, report_counts
+from kvmgate.trace import Trace, TraceWriter, policy_decider
 from kvmgate.trace.policy import verdict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,17 +214,6 @@ action = "ignore"
         "[policy]\ndefault='deny'\nlog=false\n[[rule]]\nmsr=0x10\naction='allow'\n"))
     assert quiet.exit_mask == 0
     assert verdict(quiet, 0x11, False) == "deny" and verdict(quiet, 0x10, False) == "kernel"
-
-
-def test_replay_with_policy_matches_per_event_reference():
-    rng = np.random.default_rng(5)
-    idx = rng.choice([0x10, 0x35, 0x186, 0x1A0, 0xC0000082, 0x808, 0x12345678], 5000)
-    write = rng.random(5000) < 0.4
-    exc = rng.random(5000) < 0.1
-    t = Trace.from_arrays(idx, write, exception=exc)
-    cp = compile_policy(load_policy(EXAMPLES / "deny-by-default.toml"))
-    d = policy_decider(cp)
-    assert report_counts(replay(t, d)) == naive_counts(idx, write, exc, d)
 
 
 # ---- damaged and partial traces, fleets, learn --from-trace
