@@ -49,7 +49,7 @@ def test_write_exit_leaves_the_guest_value_in_the_run_area():
         assert r.msr_exits[0].reply is None and r.gp_faults == []
         # the HLT exit after it does not touch the MSR member: what is there is what the
         # kernel put there, unless the exit loop wrote a reply into a write exit
-        assert m.vcpus[0].run64[RUN_MSR_DATA] == 0x5566778811223344
+        assert m.vcpus[0].run_struct().msr.data == 0x5566778811223344
 
 
 # The owner denies reads of 0x10 and writes of LSTAR in its filter and has no user-space exits:
