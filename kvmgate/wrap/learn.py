@@ -14,13 +14,14 @@ import time
 
 import numpy as np
 
-from ..learn.record import _aggregate, _merge
+from ..learn.access import accesses_from_summary
+from ..learn.record import merge_recordings
 from ..learn.render import render_policy, write_policy
 from ..trace import Recording
 
 
 class _ShimEvents:
-    """The shim's records as the trace columns `learn.record._merge` takes."""
+    """The shim's records as the trace columns `learn.record.merge_recordings` takes."""
 
     def __init__(self):
         self.rows: list[tuple[int, bool, int, bool, int]] = []
@@ -48,9 +49,7 @@ class WrapLearner:
 
     def start(self, pid: int) -> None:
         """Record QEMU's kvm:kvm_msr events (TracefsError/OSError if tracing is unavailable)."""
-        rec = Recording(pid=pid)
-        rec.__enter__()
-        self.rec = rec
+        self.rec = Recording(pid=pid).start()
 
     def add(self, realtime_ns: int, index: int, write: bool, value: int, gp: bool) -> None:
         self.shim.add(realtime_ns, index, write, value, gp)
@@ -59,10 +58,10 @@ class WrapLearner:
         """Stop recording, write the policy; (MSR/direction pairs seen, pairs allowed)."""
         trace = None
         if self.rec is not None:
-            self.rec.__exit__(None, None, None)
+            self.rec.__exit__(None, None, None)        # stop and drain (the `with` exit)
             trace = self.rec.trace
-        merged = _merge(trace, self.shim if self.shim.events else None)
-        accesses = _aggregate(merged)
+        merged = merge_recordings(trace, self.shim if self.shim.events else None)
+        accesses = accesses_from_summary(merged.summary())
         origin = ("Learned by `kvmgate wrap --learn` from a QEMU VM (kvm:kvm_msr events of its "
                   f"threads + {self.shim.events} MSR exits QEMU answered itself)")
         text = render_policy(accesses.values(), name=name, header=[origin])

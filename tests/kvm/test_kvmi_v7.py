@@ -235,6 +235,7 @@ def test_inject_exception_reaches_the_guest(workdir):
         def tool_side():
             tool = v7.Tool(accept(listener))
             tool.do_handshake()
+            assert m.wait_running(T)          # inject into the running guest, not before run()
             tool.pause_all_vcpus(1)
             ev = tool.next_event()
             tool.request(v7.INJECT_EXCEPTION, v7.VCPU_HDR.pack(0, 0, 0)

@@ -397,7 +397,7 @@ def test_handler_keeps_the_registers_it_is_given_and_reports_vcpu_and_direction(
     regs = Registers()
     cp = compiled(ALLOW + "[[rule]]\nmsr=0x186\naction='ignore'\n[[rule]]\nmsr=0x10\naction='deny'\nlog=true\n"
                   "[invalid]\naction='ignore'\n")
-    h = make_handler(cp, FakeMachine(), audit, regs)
+    h = make_handler(cp, audit, regs)
     assert h.registers is regs
     assert h(Exit(0x10, False, reason=EXIT_REASON_INVAL)) == 0        # [invalid] ignore
     h(Exit(0x186, True, 4))
