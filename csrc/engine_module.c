@@ -5,23 +5,14 @@
  * buffer (kg_state_init'ed; shareable across Engine objects so registers survive policy swaps),
  * or against no state (state=None: explain/replay verdicts).  Module functions wrap the state and
  * ring helpers for buffers (mmap, bytearray) the caller owns.  Nothing here allocates per
- * decision; decide() holds the GIL (it is a few dozen instructions). */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+ * decision; decide() holds the GIL (it is a few dozen instructions).  The C run loop and the
+ * audit drain are in loop_module.c. */
+#include "pymodule.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include "engine.h"
-#include "runloop.h"
-
-typedef struct {
-    PyObject_HEAD
-    struct kg_table_header *table;  /* aligned private copy */
-    Py_buffer state_view;
-    int has_state;
-} EngineObject;
 
 static int get_state(Py_buffer *view, struct kg_state **out)
 {
@@ -157,108 +148,15 @@ static PyObject *Engine_verdict(EngineObject *self, PyObject *const *args, Py_ss
     return decision_tuple(&d);
 }
 
-/* run_loop(fd, run_addr, ring, vcpu, counts, flags) -> (rc, answered): kg_loop_run (csrc/runloop.c)
- * with the GIL released.  run_addr: the address of the vCPU's kvm_run mapping (the caller keeps
- * it mapped and the fd open for the call); ring: an initialised kg_ring buffer or None (no
- * records); counts: a struct kg_counts buffer (n, capacity set) or None; flags: KG_LOOP_*.
- * rc: KG_LOOP_EXIT (an exit for the caller in kvm_run), KG_LOOP_DRAIN, or -errno of KVM_RUN. */
-static PyObject *Engine_run_loop(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "expected (fd, run_addr, ring, vcpu, counts, flags)");
-        return NULL;
-    }
-    unsigned long lflags = PyLong_AsUnsignedLong(args[5]);
-    if (lflags == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    if (lflags & ~(unsigned long)KG_LOOP_SYNC_REGS) {
-        PyErr_SetString(PyExc_ValueError, "unknown run_loop flags");
-        return NULL;
-    }
-    long fdl = PyLong_AsLong(args[0]);
-    if (fdl == -1 && PyErr_Occurred())
-        return NULL;
-    if (fdl < 0 || fdl > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "fd out of range");
-        return NULL;
-    }
-    int fd = (int)fdl;
-    void *run = PyLong_AsVoidPtr(args[1]);
-    if (run == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "run_addr is NULL");
-        return NULL;
-    }
-    unsigned long vcpu = PyLong_AsUnsignedLong(args[3]);
-    if (vcpu == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer rv;
-    int has_ring = args[2] != Py_None;
-    struct kg_ring *ring = NULL;
-    if (has_ring) {
-        if (PyObject_GetBuffer(args[2], &rv, PyBUF_WRITABLE) < 0)
-            return NULL;
-        ring = rv.buf;
-        if (((uintptr_t)rv.buf & 63u) || (size_t)rv.len < sizeof(struct kg_ring) ||
-            ring->magic != KG_RING_MAGIC || ring->version != 1 ||
-            ring->record_size != sizeof(struct kg_record) || ring->capacity < 2 ||
-            (ring->capacity & (ring->capacity - 1)) ||
-            kg_ring_size(ring->capacity) > (size_t)rv.len) {
-            PyBuffer_Release(&rv);
-            PyErr_SetString(PyExc_ValueError, "ring is not an initialised kvmgate audit ring");
-            return NULL;
-        }
-    }
-    Py_buffer cv;
-    int has_counts = args[4] != Py_None;
-    struct kg_counts *counts = NULL;
-    if (has_counts) {
-        if (PyObject_GetBuffer(args[4], &cv, PyBUF_WRITABLE) < 0) {
-            if (has_ring)
-                PyBuffer_Release(&rv);
-            return NULL;
-        }
-        counts = cv.buf;
-        if (((uintptr_t)cv.buf & 7u) || (size_t)cv.len < sizeof(struct kg_counts) ||
-            counts->capacity == 0 || counts->n > counts->capacity ||
-            sizeof(struct kg_counts) + (size_t)counts->capacity * sizeof(struct kg_count) >
-                (size_t)cv.len) {
-            PyBuffer_Release(&cv);
-            if (has_ring)
-                PyBuffer_Release(&rv);
-            PyErr_SetString(PyExc_ValueError, "counts is not a kvmgate count table of this size");
-            return NULL;
-        }
-    }
-    struct kg_loop l = {
-        .fd = fd, .run = run, .table = self->table, .counts = counts,
-        .state = self->has_state ? self->state_view.buf : NULL,
-        .ring = ring, .vcpu = (uint32_t)vcpu, .flags = (uint32_t)lflags, .ops = NULL,
-    };
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = kg_loop_run(&l);
-    Py_END_ALLOW_THREADS
-    if (has_ring)
-        PyBuffer_Release(&rv);
-    if (has_counts)
-        PyBuffer_Release(&cv);
-    if (rc == -EINTR && PyErr_CheckSignals() < 0)    /* Ctrl-C: KeyboardInterrupt now */
-        return NULL;
-    return Py_BuildValue("(iK)", rc, (unsigned long long)l.answered);
-}
-
 static PyMethodDef Engine_methods[] = {
     {"decide", (PyCFunction)(void (*)(void))Engine_decide, METH_FASTCALL,
      "decide(index, is_write, reason, data) -> (result, value, action, rule, flags)"},
     {"verdict", (PyCFunction)(void (*)(void))Engine_verdict, METH_FASTCALL,
      "verdict(index, is_write, reason, data): decide without register state (explain/replay)"},
-    {"run_loop", (PyCFunction)(void (*)(void))Engine_run_loop, METH_FASTCALL,
-     "run_loop(fd, run_addr, ring, vcpu, counts, flags) -> (rc, answered): KVM_RUN, MSR exits in C"},
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject EngineType = {
+PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kvmgate.engine._engine.Engine",
     .tp_basicsize = sizeof(EngineObject),
@@ -303,31 +201,69 @@ static PyObject *m_strerror(PyObject *mod, PyObject *arg)
     return PyUnicode_FromString(kg_strerror((int)c));
 }
 
-static PyObject *m_state_size(PyObject *mod, PyObject *arg)
+/* state_size/ring_size and state_init/ring_init: the same shape for both layouts */
+struct layout {
+    size_t (*size)(uint32_t n);
+    int (*init)(void *mem, size_t len, uint32_t n);
+    const char *bad;                /* ValueError text of a refused init */
+};
+
+static const struct layout STATE_LAYOUT = {
+    kg_state_size, kg_state_init,
+    "state: slots must be a power of two and the buffer 16-byte aligned and large enough"};
+static const struct layout RING_LAYOUT = {
+    kg_ring_size, kg_ring_init,
+    "ring: capacity must be a power of two >= 2 and the buffer 64-byte aligned and large enough"};
+
+static PyObject *layout_size(const struct layout *l, PyObject *arg)
 {
-    (void)mod;
     unsigned long n = PyLong_AsUnsignedLong(arg);
     if (n == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
-    return PyLong_FromSize_t(kg_state_size((uint32_t)n));
+    if (n > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "count is a u32");
+        return NULL;
+    }
+    return PyLong_FromSize_t(l->size((uint32_t)n));
+}
+
+static PyObject *layout_init(const struct layout *l, PyObject *args)
+{
+    Py_buffer v;
+    unsigned int n;
+    if (!PyArg_ParseTuple(args, "w*I", &v, &n))
+        return NULL;
+    int rc = l->init(v.buf, (size_t)v.len, n);
+    PyBuffer_Release(&v);
+    if (rc < 0) {
+        PyErr_SetString(PyExc_ValueError, l->bad);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_state_size(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    return layout_size(&STATE_LAYOUT, arg);
 }
 
 static PyObject *m_state_init(PyObject *mod, PyObject *args)
 {
     (void)mod;
-    Py_buffer v;
-    unsigned int n;
-    if (!PyArg_ParseTuple(args, "w*I", &v, &n))
-        return NULL;
-    int rc = kg_state_init(v.buf, (size_t)v.len, n);
-    PyBuffer_Release(&v);
-    if (rc < 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "state: slots must be a power of two and the buffer 16-byte aligned and "
-                        "large enough");
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return layout_init(&STATE_LAYOUT, args);
+}
+
+static PyObject *m_ring_size(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    return layout_size(&RING_LAYOUT, arg);
+}
+
+static PyObject *m_ring_init(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    return layout_init(&RING_LAYOUT, args);
 }
 
 static PyObject *m_state_get(PyObject *mod, PyObject *args)
@@ -350,7 +286,7 @@ static PyObject *m_state_get(PyObject *mod, PyObject *args)
     return PyLong_FromUnsignedLongLong(value);
 }
 
-static int get_ring(Py_buffer *v, struct kg_ring **out)
+int kg_py_get_ring(Py_buffer *v, struct kg_ring **out)
 {
     struct kg_ring *r = v->buf;
     if (((uintptr_t)v->buf & 63u) || (size_t)v->len < sizeof(struct kg_ring) ||
@@ -365,33 +301,6 @@ static int get_ring(Py_buffer *v, struct kg_ring **out)
     return 0;
 }
 
-static PyObject *m_ring_size(PyObject *mod, PyObject *arg)
-{
-    (void)mod;
-    unsigned long n = PyLong_AsUnsignedLong(arg);
-    if (n == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    return PyLong_FromSize_t(kg_ring_size((uint32_t)n));
-}
-
-static PyObject *m_ring_init(PyObject *mod, PyObject *args)
-{
-    (void)mod;
-    Py_buffer v;
-    unsigned int n;
-    if (!PyArg_ParseTuple(args, "w*I", &v, &n))
-        return NULL;
-    int rc = kg_ring_init(v.buf, (size_t)v.len, n);
-    PyBuffer_Release(&v);
-    if (rc < 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "ring: capacity must be a power of two >= 2 and the buffer 64-byte "
-                        "aligned and large enough");
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
 static PyObject *m_ring_push(PyObject *mod, PyObject *args)
 {
     (void)mod;
@@ -403,7 +312,7 @@ static PyObject *m_ring_push(PyObject *mod, PyObject *args)
     PyObject *res = NULL;
     if (rec.len != (Py_ssize_t)sizeof copy) {
         PyErr_SetString(PyExc_ValueError, "a record is 64 bytes");
-    } else if (get_ring(&v, &r) == 0) {
+    } else if (kg_py_get_ring(&v, &r) == 0) {
         memcpy(&copy, rec.buf, sizeof copy);
         res = PyBool_FromLong(kg_ring_push(r, &copy) == 0);
     }
@@ -420,7 +329,7 @@ static PyObject *m_ring_drain(PyObject *mod, PyObject *args)
     struct kg_ring *r;
     if (!PyArg_ParseTuple(args, "w*|I", &v, &max))
         return NULL;
-    if (get_ring(&v, &r) < 0) {
+    if (kg_py_get_ring(&v, &r) < 0) {
         PyBuffer_Release(&v);
         return NULL;
     }
@@ -513,7 +422,7 @@ PyMODINIT_FUNC PyInit__engine(void)
     if (m == NULL)
         return NULL;
     Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 || kg_py_add_types(m) < 0 ||
         PyModule_AddIntConstant(m, "API_VERSION", KG_API_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "TABLE_VERSION", KG_TABLE_VERSION) < 0) {
         Py_DECREF(m);

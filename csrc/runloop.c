@@ -73,6 +73,19 @@ static void count_decision(struct kg_counts *c, const struct kg_decision *d, uin
     e->count = 1;
 }
 
+static int intercepted(const struct kg_loop *l, uint32_t index)
+{
+    uint32_t lo = 0, hi = l->nintercept;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (l->intercept[mid] < index)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < l->nintercept && l->intercept[lo] == index;
+}
+
 int kg_loop_run(struct kg_loop *l)
 {
     const struct kg_loop_ops *ops = l->ops ? l->ops : &sys_ops;
@@ -87,7 +100,7 @@ int kg_loop_run(struct kg_loop *l)
         run->kvm_valid_regs = valid | KVM_SYNC_X86_REGS;
 
     for (;;) {
-        if ((l->ring && ring_nearly_full(l->ring)) ||
+        if ((l->ring && ring_nearly_full(l->ring)) || (l->keep && ring_nearly_full(l->keep)) ||
             (l->counts && l->counts->n >= l->counts->capacity)) {
             rc = KG_LOOP_DRAIN;
             break;
@@ -103,6 +116,12 @@ int kg_loop_run(struct kg_loop *l)
         int is_write = reason == KVM_EXIT_X86_WRMSR;
         uint32_t index = run->msr.index, why = run->msr.reason;
         uint64_t data = is_write ? run->msr.data : 0;
+        if (why == KG_REASON_FILTER &&
+            ((l->flags & KG_LOOP_FILTER_RETURNS) ||
+             (is_write && l->nintercept && intercepted(l, index)))) {
+            rc = KG_LOOP_EXIT;
+            break;
+        }
         kg_decide(l->table, l->state, index, is_write, why, data, &d);
         if (d.result == KG_RES_HOST) {
             uint64_t v = data;
@@ -133,7 +152,13 @@ int kg_loop_run(struct kg_loop *l)
             if (!is_write)
                 run->msr.data = d.value;
         }
+        if (l->keep) {
+            kg_record_fill(&rec, &d, l->vcpu, 0, 0, index, is_write, why, data);
+            kg_ring_push(l->keep, &rec);
+        }
         answered++;
+        if (l->live)
+            __atomic_store_n(l->live, *l->live + 1, __ATOMIC_RELAXED);
     }
     if (sync)
         run->kvm_valid_regs = valid;

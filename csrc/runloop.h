@@ -31,6 +31,10 @@
 #define KG_LOOP_SYNC_REGS 0x1u  /* RIP of logged records from kvm_run.s.regs (KVM_CAP_SYNC_REGS,
                                    KVM_SYNC_X86_REGS set in kvm_valid_regs during the call and
                                    restored after) instead of a KVM_GET_REGS per record */
+#define KG_LOOP_FILTER_RETURNS 0x2u  /* every exit with reason KVM_MSR_EXIT_REASON_FILTER returns
+                                        to the caller unanswered (kvmgate: write interceptions
+                                        forced FILTER into an exit mask the policy lacks it in) */
+#define KG_LOOP_FLAGS (KG_LOOP_SYNC_REGS | KG_LOOP_FILTER_RETURNS)
 
 struct kg_loop_ops {
     int (*run)(int fd, void *ctx);                     /* KVM_RUN: 0 or -errno */
@@ -74,6 +78,17 @@ struct kg_loop {
     uint32_t flags;                          /* KG_LOOP_* */
     uint64_t answered;                       /* out: MSR exits answered by this call */
     const struct kg_loop_ops *ops;           /* NULL: the real kernel */
+    /* every answered exit as a record (kvmgate's keep_exits: the caller lists them), or NULL;
+     * kg_record_fill of the final decision, no RIP, KG_RF_LOG as the policy said */
+    struct kg_ring *keep;
+    /* MSR indices, sorted ascending, whose WRMSR exits with reason FILTER return to the caller
+     * unanswered (kvmgate's write interceptions); NULL when nintercept is 0 */
+    const uint32_t *intercept;
+    uint32_t nintercept;
+    uint32_t reserved;
+    /* NULL, or a counter the loop adds each answered exit to (a relaxed atomic store by this
+     * thread only), so other threads can read the vCPU's progress while it runs */
+    uint64_t *live;
 };
 
 int kg_loop_run(struct kg_loop *l);

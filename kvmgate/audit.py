@@ -135,6 +135,43 @@ class AuditLog:
         with self._lock:
             self.counts[(index, write, action, result)] += n
 
+    # ---- bulk entry for a writer that counts, rate-limits and formats records itself (the C
+    # engine's audit drain, kvmgate/engine/auditsink.py: the same lines, no Python per record)
+    def write_lines(self, data: bytes, lines: int) -> bool:
+        """`lines` complete records in one write: True when written (counted in `written`);
+        False, or AuditFailure under "stop", as record() for one (all of them are then lost)."""
+        with self._lock:
+            try:
+                ok = self._write(data)
+            except AuditFailure:
+                self.failed += lines - 1
+                raise
+            if ok:
+                self.written += lines
+            else:
+                self.failed += lines - 1
+            return ok
+
+    def add_counts(self, rows, suppressed: int = 0) -> None:
+        """Such a writer's counters: rows of (index, write, action, result, decisions,
+        unlogged), and the records its rate limit suppressed."""
+        with self._lock:
+            for index, write, action, result, n, unlogged in rows:
+                key = (index, write, action, result)
+                self.counts[key] += n
+                if unlogged:
+                    self.unlogged[key] += unlogged
+            self.suppressed += suppressed
+
+    def owe(self, index: int, write: bool, n: int) -> None:
+        """Suppressed records of (index, write) such a writer did not report: close() (or the
+        next record of that MSR and direction) writes them, as for its own."""
+        with self._lock:
+            b = self._buckets.get((index, write))
+            if b is None:
+                b = self._buckets[(index, write)] = [float(self.burst), self.clock(), 0]
+            b[2] += n
+
     def summary(self) -> list[dict]:
         """Counters per MSR, direction, action and result; `unlogged`: decisions of logged
         actions whose record was not written (rate limited, or lost to a write failure)."""
@@ -192,18 +229,18 @@ class AuditLog:
                 raise error
 
     # ---- with _lock held
-    def _write(self, line: str) -> bool:
-        """One whole line, or nothing: True when written.  A failure raises AuditFailure
+    def _write(self, line: str | bytes) -> bool:
+        """One whole line (or several, as bytes), or nothing: True when written.  A failure raises AuditFailure
         ("stop") or warns once per failing stretch ("warn")."""
         if self._fd < 0:
             if self._out is None:
                 return True
             try:
-                self._out.write(line)
+                self._out.write(line if isinstance(line, str) else line.decode())
                 return True
             except (OSError, ValueError) as e:
                 return self._failed(getattr(e, "errno", None) or errno.EIO, str(e))
-        data = line.encode()
+        data = line.encode() if isinstance(line, str) else line
         try:
             start = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError:

@@ -43,5 +43,6 @@ def make_engine_handler(engine: Engine, audit=None, rings=None):
             return InjectGP
         return d[1] if result == RES_VALUE else None
 
-    handler.engine = engine
+    handler.engine = engine      # what the C run loop (runloop.py) answers this handler's exits with
+    handler.audit = audit
     return handler

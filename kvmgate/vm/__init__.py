@@ -4,12 +4,13 @@ machine   `Machine`: lifecycle, memory, configuration, run()
 threads   vCPU thread coordination: kick, park, quiesce, stop (KICK_SIGNAL)
 gate      the MSR gate: the owner's filter and handler or a bound policy, interceptions
           layered over them, routing of MSR exits (PolicyBinding, marshal_filter)
-loop      the exit loop: a dispatch over the decoded exits of kvmgate.vcpu_exit
+loop      the exit loop: a dispatch over the decoded exits of kvmgate.vcpu_exit, and the
+          registration of run loops that take over KVM_RUN (register_run_loop)
 """
 from .gate import Interception, MsrGate, PolicyBinding, marshal_filter
-from .loop import LoopContext, run_vcpu
+from .loop import LoopContext, register_run_loop, run_vcpu, unregister_run_loop
 from .machine import Machine
 from .threads import KICK_SIGNAL, VcpuState, VcpuThreads, install_kick_handler
 
 __all__ = ["Machine", "MsrGate", "Interception", "PolicyBinding", "marshal_filter", "LoopContext",
-           "run_vcpu", "KICK_SIGNAL", "VcpuState", "VcpuThreads", "install_kick_handler"]
+           "register_run_loop", "unregister_run_loop", "run_vcpu", "KICK_SIGNAL", "VcpuState", "VcpuThreads", "install_kick_handler"]

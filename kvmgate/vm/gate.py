@@ -84,6 +84,16 @@ class MsrGate:
         self._slot: Interception | None = None    # intercept_msr_writes' registration
         self.handler: Callable | None = None      # what the exit loop calls
 
+    @property
+    def owner(self) -> Callable | None:
+        """The owner's handler (on_msr, or the bound policy's), without the interception router."""
+        return self._owner
+
+    @property
+    def intercepted(self) -> frozenset:
+        """The MSR indices whose guest writes interceptions take (see _routing_handler)."""
+        return self._intercepted()
+
     # ---- the owner's side
     def on_msr(self, fn: Callable | None) -> None:
         self._owner = fn

@@ -7,6 +7,15 @@
 * INTERRUPTED (a kick): stop if asked, else park if asked and call the kick hooks.
 * anything else ends the run with GuestError.
 
+Run loops (`register_run_loop`): a registered factory may take over KVM_RUN for a run, e.g.
+kvmgate.engine's C run loop (csrc/runloop.c), which answers the exits a policy bound through
+the C engine decides without entering Python and returns only the exits that need Python
+(handled here as below).  Exits it answered count in the vCPU's exits and MSR exits.
+
+Live counts: every 256 exits (and on each interruption) the loop publishes
+`st.live = (exits, msr exits, run loop part or None)` (see vm.threads.VcpuState.live_exits), so
+metrics can read a vCPU's progress while it runs.
+
 `run_vcpu` takes duck-typed parts, so it runs on a fake vCPU over a fake kvm_run buffer in the
 unit tests: `vcpu` has run(), set_immediate_exit(), get_regs(); `gate` has `handler`;
 `threads` has `stopping` and interrupted(st); `ports` maps port -> fn(machine, value).
@@ -21,21 +30,56 @@ from ..vcpu_exit import Hlt, Interrupted, PortIo, Rdmsr, Wrmsr
 U32, U64 = u.U32, u.U64
 
 
+_run_loops: list = []
+
+
+def register_run_loop(factory) -> None:
+    """Register `factory(machine) -> run loop | None`, asked at the start of every
+    Machine.run(); the first that returns a run loop runs that run's vCPUs (kvmgate.engine
+    registers the C run loop on import when the C engine is built).  A run loop has:
+
+    vcpu(st)   for each vCPU, on its thread before its first exit: an object whose run()
+               replaces Vcpu.run() (returns a vcpu_exit value, INTERRUPTED for -EINTR, raises
+               KvmError) and whose `answered` is the MSR exits it answered itself (read by
+               other threads while it runs)
+    finish()   after every vCPU stopped: an exception to raise from run(), or None
+    """
+    if factory not in _run_loops:
+        _run_loops.append(factory)
+
+
+def unregister_run_loop(factory) -> None:
+    if factory in _run_loops:
+        _run_loops.remove(factory)
+
+
+def run_loop_for(machine):
+    """The run loop of the registered factories for this run of `machine`, or None."""
+    for factory in _run_loops:
+        loop = factory(machine)
+        if loop is not None:
+            return loop
+    return None
+
+
 class LoopContext:
     """What the loop needs beyond the vCPU: the gate, the threads, port handlers, the machine
-    handed to port handlers, the #GP callback and whether exits are kept."""
-    __slots__ = ("gate", "threads", "ports", "machine", "on_gp", "keep_exits")
+    handed to port handlers, the #GP callback, whether exits are kept, and a registered run
+    loop (or None: Vcpu.run())."""
+    __slots__ = ("gate", "threads", "ports", "machine", "on_gp", "keep_exits", "run_loop")
 
-    def __init__(self, gate, threads, ports: dict, machine, on_gp=None, keep_exits=True):
+    def __init__(self, gate, threads, ports: dict, machine, on_gp=None, keep_exits=True,
+                 run_loop=None):
         self.gate, self.threads, self.ports, self.machine = gate, threads, ports, machine
-        self.on_gp, self.keep_exits = on_gp, keep_exits
+        self.on_gp, self.keep_exits, self.run_loop = on_gp, keep_exits, run_loop
 
 
 def run_vcpu(st, cx: LoopContext) -> None:
     """Run vCPU `st` until HLT (return), a stop (return with threads.stopping), or an error
     (raised).  Counts every exit in st.exits, MSR exits in st.msr_count."""
     vcpu = st.vcpu
-    run = vcpu.run
+    c = cx.run_loop.vcpu(st) if cx.run_loop is not None else None
+    run = vcpu.run if c is None else c.run
     gate, threads = cx.gate, cx.threads
     append = st.msr_exits.append if cx.keep_exits else None
     vid = st.index
@@ -45,12 +89,15 @@ def run_vcpu(st, cx: LoopContext) -> None:
             ex = run()
             cls = ex.__class__
             if cls is Interrupted:
+                st.live = (n, m, c)
                 if threads.stopping:
                     return
                 vcpu.set_immediate_exit(False)
                 threads.interrupted(st)
                 continue
             n += 1
+            if not n & 255:
+                st.live = (n, m, c)
             if cls is Rdmsr or cls is Wrmsr:
                 m += 1
                 is_write = cls is Wrmsr
@@ -81,8 +128,10 @@ def run_vcpu(st, cx: LoopContext) -> None:
             else:
                 raise unexpected_exit(st, ex)
     finally:
-        st.exits = n
-        st.msr_count = m
+        k = c.answered if c is not None else 0
+        st.exits = n + k
+        st.msr_count = m + k
+        st.live = (n + k, m + k, None)
 
 
 def port_exit(st, ex: PortIo, cx: LoopContext) -> None:

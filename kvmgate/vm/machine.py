@@ -19,7 +19,7 @@ from ..exits import Regs, RunResult, Stopped, VcpuResult
 from ..kvm import Kvm
 from .control import Extensions, VcpuControl
 from .gate import Interception, MsrGate
-from .loop import LoopContext, run_vcpu
+from .loop import LoopContext, run_loop_for, run_vcpu
 from .threads import KICK_SIGNAL, VcpuState, VcpuThreads, install_kick_handler
 
 
@@ -214,6 +214,7 @@ class Machine(Extensions, VcpuControl):
                          self.keep_exits)
         try:
             self.reset()
+            cx.run_loop = run_loop_for(self)      # vm.loop.register_run_loop (the C run loop)
             others = [threading.Thread(target=self._thread_main, args=(st, cx), daemon=True,
                                        name=f"kvmgate-vcpu{st.index}") for st in threads.states[1:]]
             for t in others:
@@ -230,6 +231,10 @@ class Machine(Extensions, VcpuControl):
                 timer.cancel()
                 if timer.is_alive():
                     timer.join()
+            if cx.run_loop is not None:
+                err = cx.run_loop.finish()
+                if err is not None and threads.states and not any(st.error for st in threads.states):
+                    threads.states[0].error = err
             states = list(threads.states)
             result = self.last_result = self._result(time.monotonic() - started)
             threads.end()                 # close() from another thread waits for this
@@ -257,6 +262,10 @@ class Machine(Extensions, VcpuControl):
             guest.entry_regs(regs, st.index, self.mem_size)
             vcpu.set_regs(regs)
             st.reset()
+
+    def exit_counts(self) -> dict[int, int]:
+        """Exits per vCPU of the current (or last) run, readable while it runs (metrics)."""
+        return {st.index: st.live_exits()[0] for st in self._threads.states}
 
     def _result(self, seconds: float) -> RunResult:
         """What every vCPU did in the run that just ended (also kept as `last_result`, so a run

@@ -40,7 +40,7 @@ install_kick_handler()
 class VcpuState:
     """One vCPU, its thread's identity and what it did in the current run."""
     __slots__ = ("index", "vcpu", "msr_exits", "gp_faults", "exits", "msr_count", "gp_count",
-                 "ident", "alive", "error", "parked")
+                 "ident", "alive", "error", "parked", "live")
 
     def __init__(self, index: int, vcpu):
         self.index = index
@@ -57,6 +57,15 @@ class VcpuState:
         self.msr_count = 0
         self.gp_count = 0
         self.error = None
+        self.live = (0, 0, None)    # published by vm.loop while running: see live_exits()
+
+    def live_exits(self) -> tuple[int, int]:
+        """(exits, MSR exits) of the current run so far, from any thread: what the exit loop
+        last published (every 256 exits, each interruption, the end) plus, while a run loop
+        answers exits itself, its live count."""
+        n, m, c = self.live
+        k = c.answered if c is not None else 0
+        return n + k, m + k
 
 
 class VcpuThreads:
