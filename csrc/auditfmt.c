@@ -538,10 +538,10 @@ const char *kg_audit_buffer(const struct kg_audit *a, size_t *len, uint32_t *lin
     return a->buf;
 }
 
-void kg_audit_commit(struct kg_audit *a, int written)
+void kg_audit_commit(struct kg_audit *a, size_t written)
 {
-    if (!written) {
-        for (size_t i = 0; i < a->nlines; i++) {
+    {
+        for (size_t i = written; i < a->nlines; i++) {
             struct line *l = &a->lines[i];
             struct bucket *b = bucket_find(a, l->bucket, 0);
             if (b != NULL)

@@ -7,9 +7,9 @@
  * record of each logged decision the bucket lets through into one output buffer, byte for
  * byte as audit.py's json.dumps() writes it ("schema": 1, the same keys in the same order,
  * `time` = round(record time, 6) printed as Python's repr of a float).  The caller writes the
- * buffer (one write for many records) and reports the outcome with kg_audit_commit(); a
- * failed write counts its records as unlogged and owes their suppressed counts again, as
- * audit.py does for one record.
+ * buffer (one write for many records) and reports how many lines went out with
+ * kg_audit_commit(); the others count as unlogged and owe their suppressed counts again, as
+ * audit.py does for one record whose write fails.
  *
  * Strings that need JSON escaping come pre-escaped from the caller (json.dumps in Python):
  * the rule descriptions of the table that made the records (struct kg_audit_rules) and the MSR
@@ -70,8 +70,8 @@ int kg_audit_drain(struct kg_audit *a, struct kg_ring *ring, const struct kg_aud
                    size_t max_bytes, uint32_t *missing);
 /* The formatted lines since the last commit. */
 const char *kg_audit_buffer(const struct kg_audit *a, size_t *len, uint32_t *lines);
-/* The buffer was written whole (written != 0) or not at all; empties it. */
-void kg_audit_commit(struct kg_audit *a, int written);
+/* The buffer's first `written` lines went out, the others did not; empties it. */
+void kg_audit_commit(struct kg_audit *a, size_t written);
 /* Rows with counts since the last kg_audit_take_rows (*n of them; valid until the next call
  * into `a`), and the decisions the rate limit suppressed meanwhile; the caller adds them to
  * its counters, then calls kg_audit_clear_rows. */

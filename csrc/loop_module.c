@@ -429,10 +429,10 @@ static PyObject *Audit_lines(AuditObject *self, PyObject *unused)
 
 static PyObject *Audit_commit(AuditObject *self, PyObject *arg)
 {
-    int ok = PyObject_IsTrue(arg);
-    if (ok < 0 || audit_ready(self) < 0)
+    Py_ssize_t n = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if ((n == -1 && PyErr_Occurred()) || audit_ready(self) < 0)
         return NULL;
-    kg_audit_commit(self->a, ok);
+    kg_audit_commit(self->a, n < 0 ? 0 : (size_t)n);
     Py_RETURN_NONE;
 }
 
@@ -498,7 +498,7 @@ static PyMethodDef Audit_methods[] = {
     {"drain", (PyCFunction)Audit_drain, METH_VARARGS,
      "drain(ring, rules, max_bytes) -> (status, missing): KG_AUDIT_EMPTY/FULL/NAME"},
     {"lines", (PyCFunction)Audit_lines, METH_NOARGS, "lines() -> (bytes, n): uncommitted lines"},
-    {"commit", (PyCFunction)Audit_commit, METH_O, "commit(written): the lines went out (or not)"},
+    {"commit", (PyCFunction)Audit_commit, METH_O, "commit(n): the first n lines went out, the rest did not"},
     {"take_rows", (PyCFunction)Audit_take_rows, METH_NOARGS,
      "take_rows() -> (rows, suppressed) since the last call"},
     {"take_owed", (PyCFunction)Audit_take_owed, METH_NOARGS,

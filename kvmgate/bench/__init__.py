@@ -10,13 +10,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from . import exits, policy, replay, wrap
+from . import exits, policy, replay, runloop, wrap
 from .common import BenchError
 
 BENCHES: dict[str, Callable[[list[str]], int]] = {
     "exits": exits.main,          # handler path vs bare C KVM_RUN loop, per exit
     "policy": policy.main,        # compile times; policy handler vs bare handler, per exit
     "vcpus": exits.main_vcpus,    # 1/2/4 vCPU throughput, Python vs C loops
+    "runloop": runloop.main,      # Machine's C run loop (policy exits, logged or not, 1/2/4 vCPUs) and
+                                  # the on_msr Python path vs the bare C loop
     "wrap": wrap.main,            # the QEMU shim: shim vs QEMU answering, wrapped vs unwrapped
     "replay": replay.main,        # trace replay from Parquet vs DuckDB's GROUP BY, one core
 }

@@ -27,6 +27,10 @@ def cmd_demo(a) -> int:
 def cmd_info(a) -> int:
     info = host_info(a.device)
     info["engine"] = {"available": engine_available(), "reason": unavailable_reason()}
+    info["exit_path"] = ("C run loop (csrc/runloop.c) for policies bound through the C engine "
+                         "(kvmgate run --policy, EnginePolicy); Python exit loop for on_msr "
+                         "handlers" if engine_available() else
+                         "Python exit loop (no C engine: " + unavailable_reason() + ")")
     if a.json:
         emit(info, True)
         return 0
@@ -40,6 +44,7 @@ def cmd_info(a) -> int:
     print(f"MSRs KVM saves/restores:     {info['msrs_saved_by_kvm']}")
     eng = info["engine"]
     print(f"C policy engine:             {'yes' if eng['available'] else 'NO: ' + eng['reason']}")
+    print(f"exit path:                   {info['exit_path']}")
     return 0
 
 

@@ -73,15 +73,16 @@ def cmd_run(a) -> int:
 
 
 def _binder(mode: str):
-    """How a loaded policy is installed: as itself (the Python handlers), or, in permissive
-    (audit) mode, through the C engine, which implements that mode."""
-    if mode == "enforce":
-        return lambda policy: policy
+    """How a loaded policy is installed: through the C engine when it is built (the vCPUs then
+    run the C run loop: exits the policy answers never enter Python), else as itself (the
+    Python handlers).  Permissive (audit) mode needs the engine, which implements it."""
     from ..engine import EnginePolicy, available, unavailable_reason
     from ..errors import UserError
     from ..hostinfo import ignore_msrs
     from ..policy import compile_policy
     if not available():
+        if mode == "enforce":
+            return lambda policy: policy
         raise UserError(f"permissive mode needs the C policy engine: {unavailable_reason()}", "--mode")
     return lambda policy: EnginePolicy(compile_policy(policy, ignore_msrs()), mode)
 
@@ -91,7 +92,8 @@ def _metrics(a, m, audit):
     if a.metrics_port is None and not a.metrics_file:
         return None
     from ..metrics import Metrics
-    metrics = Metrics(audit=audit)        # decisions, audit and reload counters (read at scrape)
+    # decisions, audit and reload counters and the vCPUs' live exit counts (read at scrape)
+    metrics = Metrics(audit=audit, exits=m.exit_counts)
     if a.metrics_port is not None:
         port = metrics.serve(a.metrics_port, a.metrics_addr)
         print(f"kvmgate: metrics on http://{a.metrics_addr}:{port}/metrics", file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@ that pops ring records, counts every decision, applies the log's token bucket pe
 direction and formats the JSON line of each logged decision it lets through, byte for byte
 as AuditLog.record() writes it (the record's `time` is its decision time, CLOCK_REALTIME,
 which is also the bucket's clock), with the GIL released.  Python then hands the batch to
-`AuditLog.write_lines` (one write; the log's failure mode, `stop` or `warn`, and SIGUSR1's
+`AuditLog.write_lines` (one write, a short one cut back to whole lines; the log's failure mode, `stop` or `warn`, and SIGUSR1's
 reopen apply as for one record) and the counters to `AuditLog.add_counts`: Python runs once per
 batch and once per MSR name, never per record.
 
@@ -58,11 +58,14 @@ class AuditSink:
                 c.set_name(missing, json.dumps(names.describe(missing)).encode())
                 continue
             data, n = c.lines()
-            ok = False
+            done = 0
             try:
-                ok = audit.write_lines(data, n) if n else True
+                done = audit.write_lines(data, n) if n else 0
+            except Exception as e:
+                done = getattr(e, "lines_written", 0)
+                raise
             finally:
-                c.commit(ok)
+                c.commit(done)
                 self._counts()
             if status == empty:
                 return

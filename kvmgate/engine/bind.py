@@ -16,9 +16,13 @@ from .table import mode_of
 
 
 class EnginePolicy:
-    def __init__(self, cp, mode: str | None = None):
+    """`c_loop`: let the machine answer this policy's exits in the C run loop (runloop.py);
+    False keeps every exit on the Python exit loop (same answers, records and counts)."""
+
+    def __init__(self, cp, mode: str | None = None, c_loop: bool = True):
         self.cp = cp
         self.mode = mode_of(cp, mode)
+        self.c_loop = c_loop
 
     def bind(self, machine, audit=None, carry=None):
         state = carry if isinstance(carry, State) else State()
@@ -28,4 +32,5 @@ class EnginePolicy:
             # permissive: every access the filter denies must reach the engine to be logged
             # and carried out, also where enforce mode would let KVM inject the #GP itself
             mask |= EXIT_REASON_FILTER
-        return PolicyBinding(self.cp.filter, mask, make_engine_handler(engine, audit), self.cp, state)
+        return PolicyBinding(self.cp.filter, mask, make_engine_handler(engine, audit, c_loop=self.c_loop),
+                             self.cp, state)

@@ -12,8 +12,10 @@ from .binding import DF_COUNT, DF_LOG, RES_GP, RES_HOST, RES_VALUE, Engine, _eng
 from .ring import decode, deliver
 
 
-def make_engine_handler(engine: Engine, audit=None, rings=None):
-    """on_msr handler deciding with `engine`; `rings[vcpu]` (optional) receives the records."""
+def make_engine_handler(engine: Engine, audit=None, rings=None, c_loop: bool = True):
+    """on_msr handler deciding with `engine`; `rings[vcpu]` (optional) receives the records.
+    With c_loop the handler carries `engine` and `audit` as attributes: a Machine then answers
+    its exits in the C run loop (runloop.py), and the handler only those that reach Python."""
     decide = engine.decide_raw
     rules = engine.table.rules
     host_done, record_fill = _engine.host_done, _engine.record_fill
@@ -43,6 +45,7 @@ def make_engine_handler(engine: Engine, audit=None, rings=None):
             return InjectGP
         return d[1] if result == RES_VALUE else None
 
-    handler.engine = engine      # what the C run loop (runloop.py) answers this handler's exits with
-    handler.audit = audit
+    if c_loop and rings is None:
+        handler.engine = engine      # what the C run loop (runloop.py) answers its exits with
+        handler.audit = audit
     return handler

@@ -84,6 +84,7 @@ def run_vcpu(st, cx: LoopContext) -> None:
     append = st.msr_exits.append if cx.keep_exits else None
     vid = st.index
     n = m = 0
+    st.live = (0, 0, c)
     try:
         while True:
             ex = run()
