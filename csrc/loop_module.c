@@ -20,6 +20,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #include "auditfmt.h"
 #include "runloop.h"
@@ -250,6 +251,194 @@ static PyTypeObject LoopType = {
     .tp_methods = Loop_methods,
     .tp_getset = Loop_getset,
     .tp_init = (initproc)Loop_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---------------------------------------------------------------- HandlerLoop */
+
+/* HandlerLoop(fd, run_addr, gate, exit_type, inject_gp, vcpu_index, owner, keep): the Python exit
+ * loop's MSR branch (kvmgate/vm/loop.py run_vcpu) in C, for handlers written in Python: KVM_RUN
+ * with the GIL released; per MSR exit exit_type(index, is_write, data, reason, vcpu_index, None,
+ * owner) (an MsrExit), appended to `keep` (a list, or None), handed to gate.handler (read at each
+ * exit, as the Python loop does); its answer applied in kvm_run: InjectGP (returned or raised)
+ * or None for a read -> #GP (reply "gp"); a read's value & 2**64-1 -> data (reply = value).
+ * Any other exception ends run() with it.  run() returns as Loop.run() does (0: an exit that is
+ * no MSR exit is in kvm_run; -errno of KVM_RUN). */
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    struct kvm_run *run;
+    PyObject *gate, *exit_type, *inject_gp, *vid, *owner, *keep;
+    uint64_t live;
+} HandlerLoopObject;
+
+static PyObject *S_HANDLER, *S_REPLY, *S_GP, *U64_MASK;
+
+static int HandlerLoop_init(HandlerLoopObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "run_addr", "gate", "exit_type", "inject_gp", "vcpu", "owner",
+                             "keep", NULL};
+    PyObject *addr, *gate, *exit_type, *inject_gp, *vid, *owner, *keep = Py_None;
+    int fd;
+    if (self->run != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "HandlerLoop already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOO!O|O", kwlist, &fd, &addr, &gate,
+                                     &exit_type, &inject_gp, &PyLong_Type, &vid, &owner, &keep))
+        return -1;
+    if (keep != Py_None && !PyList_Check(keep)) {
+        PyErr_SetString(PyExc_TypeError, "keep must be a list or None");
+        return -1;
+    }
+    void *run = PyLong_AsVoidPtr(addr);
+    if (run == NULL || fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bad fd or run_addr");
+        return -1;
+    }
+    self->fd = fd;
+    self->run = run;
+    PyObject *objs[] = {gate, exit_type, inject_gp, vid, owner, keep};
+    PyObject **slots[] = {&self->gate, &self->exit_type, &self->inject_gp, &self->vid,
+                          &self->owner, &self->keep};
+    for (int i = 0; i < 6; i++) {
+        Py_INCREF(objs[i]);
+        Py_XSETREF(*slots[i], objs[i]);
+    }
+    return 0;
+}
+
+static void HandlerLoop_dealloc(HandlerLoopObject *self)
+{
+    Py_XDECREF(self->gate);
+    Py_XDECREF(self->exit_type);
+    Py_XDECREF(self->inject_gp);
+    Py_XDECREF(self->vid);
+    Py_XDECREF(self->owner);
+    Py_XDECREF(self->keep);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* One MSR exit through the handler: 0, or -1 with an exception set. */
+static int handle_msr(HandlerLoopObject *self, struct kvm_run *run, int is_write)
+{
+    PyObject *a[7];
+    a[0] = PyLong_FromUnsignedLong(run->msr.index);
+    a[1] = is_write ? Py_True : Py_False;
+    a[2] = PyLong_FromUnsignedLongLong(run->msr.data);
+    a[3] = PyLong_FromUnsignedLong(run->msr.reason);
+    a[4] = self->vid;
+    a[5] = Py_None;
+    a[6] = self->owner;
+    PyObject *rec = (a[0] && a[2] && a[3]) ? PyObject_Vectorcall(self->exit_type, a, 7, NULL)
+                                           : NULL;
+    Py_XDECREF(a[0]);
+    Py_XDECREF(a[2]);
+    Py_XDECREF(a[3]);
+    if (rec == NULL)
+        return -1;
+    __atomic_store_n(&self->live, self->live + 1, __ATOMIC_RELAXED);
+    int rc = -1;
+    PyObject *handler = NULL, *value = NULL;
+    if (self->keep != Py_None && PyList_Append(self->keep, rec) < 0)
+        goto out;
+    handler = PyObject_GetAttr(self->gate, S_HANDLER);
+    if (handler == NULL)
+        goto out;
+    if (handler == Py_None) {
+        value = Py_NewRef(self->inject_gp);
+    } else {
+        value = PyObject_CallOneArg(handler, rec);
+        if (value == NULL) {
+            if (!PyErr_ExceptionMatches(self->inject_gp))
+                goto out;
+            PyErr_Clear();
+            value = Py_NewRef(self->inject_gp);
+        }
+    }
+    if (value == self->inject_gp || (value == Py_None && !is_write)) {
+        if (PyObject_SetAttr(rec, S_REPLY, S_GP) < 0)
+            goto out;
+        run->msr.error = 1;
+    } else if (is_write) {
+        run->msr.error = 0;
+    } else {
+        PyObject *masked = PyNumber_And(value, U64_MASK);
+        if (masked == NULL)
+            goto out;
+        unsigned long long v = PyLong_AsUnsignedLongLong(masked);
+        Py_DECREF(masked);
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            goto out;
+        run->msr.data = v;
+        run->msr.error = 0;
+        if (PyObject_SetAttr(rec, S_REPLY, value) < 0)
+            goto out;
+    }
+    rc = 0;
+out:
+    Py_XDECREF(value);
+    Py_XDECREF(handler);
+    Py_DECREF(rec);
+    return rc;
+}
+
+static PyObject *HandlerLoop_run(HandlerLoopObject *self, PyObject *unused)
+{
+    (void)unused;
+    struct kvm_run *run = self->run;
+    if (run == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "HandlerLoop not initialised");
+        return NULL;
+    }
+    for (;;) {
+        int rc, err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        rc = ioctl(self->fd, KVM_RUN, 0);
+        if (rc < 0)
+            err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc < 0) {
+            if (err == EINTR && PyErr_CheckSignals() < 0)
+                return NULL;
+            return PyLong_FromLong(-err);
+        }
+        uint32_t reason = run->exit_reason;
+        if (reason != KVM_EXIT_X86_RDMSR && reason != KVM_EXIT_X86_WRMSR)
+            return PyLong_FromLong(KG_LOOP_EXIT);
+        if (handle_msr(self, run, reason == KVM_EXIT_X86_WRMSR) < 0)
+            return NULL;
+    }
+}
+
+static PyObject *HandlerLoop_answered(HandlerLoopObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&self->live, __ATOMIC_RELAXED));
+}
+
+static PyMethodDef HandlerLoop_methods[] = {
+    {"run", (PyCFunction)HandlerLoop_run, METH_NOARGS,
+     "run() -> rc: KVM_RUN, MSR exits through gate.handler, until another exit"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef HandlerLoop_getset[] = {
+    {"answered", (getter)HandlerLoop_answered, NULL, "MSR exits handled so far (any thread)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject HandlerLoopType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvmgate.engine._engine.HandlerLoop",
+    .tp_basicsize = sizeof(HandlerLoopObject),
+    .tp_dealloc = (destructor)HandlerLoop_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "HandlerLoop(fd, run_addr, gate, exit_type, inject_gp, vcpu, owner, keep=None)",
+    .tp_methods = HandlerLoop_methods,
+    .tp_getset = HandlerLoop_getset,
+    .tp_init = (initproc)HandlerLoop_init,
     .tp_new = PyType_GenericNew,
 };
 
@@ -567,9 +756,15 @@ static PyMethodDef functions[] = {
 
 int kg_py_add_types(PyObject *m)
 {
-    static PyTypeObject *types[] = {&LoopType, &RulesType, &AuditType};
-    static const char *names[] = {"Loop", "Rules", "Audit"};
-    for (int i = 0; i < 3; i++) {
+    static PyTypeObject *types[] = {&LoopType, &HandlerLoopType, &RulesType, &AuditType};
+    static const char *names[] = {"Loop", "HandlerLoop", "Rules", "Audit"};
+    S_HANDLER = PyUnicode_InternFromString("handler");
+    S_REPLY = PyUnicode_InternFromString("reply");
+    S_GP = PyUnicode_InternFromString("gp");
+    U64_MASK = PyLong_FromUnsignedLongLong(~0ull);
+    if (!S_HANDLER || !S_REPLY || !S_GP || !U64_MASK)
+        return -1;
+    for (int i = 0; i < 4; i++) {
         if (PyType_Ready(types[i]) < 0)
             return -1;
         Py_INCREF(types[i]);

@@ -5,11 +5,15 @@ Python.  Only exits that need Python come back to vm.loop.run_vcpu: ports, HLT, 
 interruptions (kicks, stop(), timeouts, Ctrl-C, policy swaps), and the writes of MSRs an
 interception takes (Machine.add_interception, introspection).
 
+Python on_msr handlers (and Python policies) run from C too, with HANDLERS_IN_C:
+_engine.HandlerLoop does the exit loop's MSR branch (an MsrExit per exit, gate.handler read at
+each exit, its answer applied, InjectGP and exceptions as in vm/loop.py) without Python
+bytecode of the loop itself.
+
 Registration: importing kvmgate.engine registers `CRunLoop.for_run` with
-vm.register_run_loop when the C engine is built.  A run uses it when, as it starts, the
-machine's MSR handler is the handler of an EnginePolicy (kvmgate.engine.make_engine_handler);
-otherwise the Python loop runs and pays nothing.  Within the run each vCPU follows the gate:
-after a swap to a Python policy or on_msr handler its exits go through Vcpu.run() again.
+vm.register_run_loop when the C engine is built, so every Machine.run() uses it.  Within the
+run each vCPU follows the gate (checked before each KVM_RUN): an engine policy's handler -> the
+engine loop; anything else -> the handler loop.
 
 Audit records: logged and counted decisions go into a per-vCPU ring (struct kg_ring); the
 C drain (auditsink.py) writes them to the policy's AuditLog: on the vCPU's thread when the
@@ -27,7 +31,7 @@ import errno
 import threading
 
 from ..audit import AuditFailure
-from ..errors import KvmError
+from ..errors import InjectGP, KvmError
 from ..exits import MsrExit
 from ..msr.model import EXIT_REASON_FILTER
 from ..vcpu_exit import INTERRUPTED
@@ -40,6 +44,9 @@ from .ring import RECORD, RF_WRITE, Ring
 RING_CAPACITY = 8192        # audit records per vCPU (512 KiB); nearly full: the vCPU drains
 KEEP_CAPACITY = 4096        # keep_exits records per vCPU
 DRAIN_PERIOD = 0.05         # seconds between the drain thread's passes
+# Python on_msr handlers called from C too (_engine.HandlerLoop: the exit loop's MSR branch
+# without its Python bytecode); False: Vcpu.run() and vm.loop's dispatch for them
+HANDLERS_IN_C = True
 KVM_CAP_SYNC_REGS, KVM_SYNC_X86_REGS = 74, 0x1    # linux/kvm.h; api.rst "KVM_CAP_SYNC_REGS"
 
 
@@ -67,7 +74,8 @@ class CRunLoop:
     def for_run(cls, machine):
         """The registered factory: a CRunLoop when the machine's MSR handler is an engine
         policy's as the run starts, else None."""
-        if not binding.available() or engine_handler(machine.gate.owner) is None:
+        if not binding.available() or \
+                (not HANDLERS_IN_C and engine_handler(machine.gate.owner) is None):
             return None
         return cls(machine)
 
@@ -126,6 +134,7 @@ class VcpuLoop:
         self._handler = object()        # the gate handler the loop is configured for
         self._loop = None               # _engine.Loop while the handler is an engine's
         self._c = None                  # the Loop object (kept across engine swaps)
+        self._h = None                  # the HandlerLoop (Python handlers), made on first use
         self.audit_pair = None          # (AuditSink, Rules) of the records in the ring
         self.ring = None
         self.keep = Ring(KEEP_CAPACITY) if owner.keep_exits else None
@@ -133,8 +142,20 @@ class VcpuLoop:
 
     @property
     def answered(self) -> int:
+        """MSR exits handled in C (by the engine or through a Python handler) so far."""
+        return self.engine_answered + self.handler_answered
+
+    @property
+    def engine_answered(self) -> int:
+        """MSR exits the engine answered (no Python at all)."""
         c = self._c
         return c.answered if c is not None else 0
+
+    @property
+    def handler_answered(self) -> int:
+        """MSR exits the handler loop gave to a Python handler."""
+        h = self._h
+        return h.answered if h is not None else 0
 
     def run(self):
         """Vcpu.run() with the C loop: the next exit Python must handle."""
@@ -143,6 +164,13 @@ class VcpuLoop:
         loop = self._loop
         if loop is None:
             return self.vcpu.run()
+        if loop is self._h:
+            rc = loop.run()
+            if rc == 0:
+                return self._decode()
+            if rc == -errno.EINTR:
+                return INTERRUPTED
+            raise KvmError(-rc, "KVM_RUN", self.vcpu)
         run = loop.run
         while True:
             rc = run()
@@ -165,7 +193,12 @@ class VcpuLoop:
         handler = gate.handler
         eh = engine_handler(gate.owner)
         if eh is None:
-            self._loop = None
+            if HANDLERS_IN_C and self._h is None:
+                st = self.st
+                self._h = binding.native().HandlerLoop(
+                    self.vcpu.fd, self.vcpu.run_addr, gate, MsrExit, InjectGP, st.index,
+                    self.vcpu, st.msr_exits if self.owner.keep_exits else None)
+            self._loop = self._h
             self._handler = handler
             return
         engine, audit = eh

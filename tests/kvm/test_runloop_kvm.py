@@ -15,7 +15,7 @@ import pytest
 
 from kvmgate import Machine
 from kvmgate.audit import AuditFailure, AuditLog
-from kvmgate.engine import CRunLoop, EnginePolicy
+from kvmgate.engine import CRunLoop, EnginePolicy, runloop
 from kvmgate.exits import Stopped
 from kvmgate.policy import compile_policy, parse_policy
 from kvmgate.vm import register_run_loop, unregister_run_loop
@@ -86,24 +86,31 @@ def test_c_loop_answers_every_policy_exit(cp, loops):
     r, recs, counts = run(EnginePolicy(cp))
     check_enforced(r, recs, {(m, a, res): n for (m, _acc, a, res, _u), n in counts.items()})
     (loop,) = loops
-    assert [v.answered for v in loop.vcpus] == [MSR_EXITS]       # none went through Python
+    assert [v.engine_answered for v in loop.vcpus] == [MSR_EXITS]    # none went through Python
+    assert [v.handler_answered for v in loop.vcpus] == [0]
     assert r.vcpus[0].exits == MSR_EXITS + PORT_EXITS + 1        # + HLT
     assert r.msr_exit_count == MSR_EXITS == len(r.msr_exits)    # keep_exits lists them
 
 
-def test_python_loop_with_c_loop_off(cp, loops):
+def test_python_handler_path_with_c_loop_off(cp, loops, monkeypatch):
     r, _recs, _ = run(EnginePolicy(cp, c_loop=False))
-    assert loops == []
+    (loop,) = loops
+    assert [(v.engine_answered, v.handler_answered) for v in loop.vcpus] == [(0, MSR_EXITS)]
     assert len(r.msr_exits) == MSR_EXITS and r.vcpus[0].exits == MSR_EXITS + PORT_EXITS + 1
+    monkeypatch.setattr(runloop, "HANDLERS_IN_C", False)    # the Python exit loop alone
+    r2, _recs, _ = run(EnginePolicy(cp, c_loop=False))
+    assert len(loops) == 1 and kept(r2) == kept(r)
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
 @pytest.mark.parametrize("mode", ["enforce", "audit"])
 def test_c_loop_equals_python_loop(cp, loops, mode, vcpus):
     c_r, c_recs, c_counts = run(EnginePolicy(cp, mode=mode), vcpus)
-    p_r, p_recs, p_counts = run(EnginePolicy(cp, mode=mode, c_loop=False), vcpus)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runloop, "HANDLERS_IN_C", False)         # the Python exit loop alone
+        p_r, p_recs, p_counts = run(EnginePolicy(cp, mode=mode, c_loop=False), vcpus)
     (loop,) = loops
-    assert sum(v.answered for v in loop.vcpus) == vcpus * MSR_EXITS
+    assert sum(v.engine_answered for v in loop.vcpus) == vcpus * MSR_EXITS
     key = lambda x: (x["vcpu"], x["msr"], x["access"])         # noqa: E731 (vCPUs interleave)
     assert sorted(untimed(c_recs), key=key) == sorted(untimed(p_recs), key=key)
     assert [x for x in untimed(c_recs) if x["vcpu"] == 0] == [x for x in untimed(p_recs) if x["vcpu"] == 0]
@@ -225,7 +232,8 @@ def test_interception_reaches_python_for_its_msrs(cp, loops):
         assert m.get_msrs([0x175])[0x175] == 0x4000          # stored host-initiated
         handle.remove()
     assert seen == [(0x175, 0x4000)]
-    assert [v.answered for v in loops[0].vcpus] == [MSR_EXITS]   # the policy's, in C
+    assert [v.engine_answered for v in loops[0].vcpus] == [MSR_EXITS]   # the policy's, in C
+    assert [v.handler_answered for v in loops[0].vcpus] == [0]    # vm.loop dispatched it
     assert r.msr_exit_count == MSR_EXITS + 1 and r.msr_exits[-1].index == 0x175
     assert (r.regs.r8, r.regs.r10, r.regs.r11) == (0x10001, 0x1111, 0x10)
 
@@ -254,7 +262,8 @@ def test_swapping_to_a_python_policy_mid_run_leaves_the_c_loop(cp, loops):
         finally:
             t.join()
         python_part = sum(r["count"] for r in audit.summary())
-        c_part = loops[0].vcpus[0].answered
+        c_part = loops[0].vcpus[0].engine_answered
+        assert loops[0].vcpus[0].handler_answered == python_part
         assert python_part >= 100 and c_part >= 500
         assert m.last_result.msr_exit_count == python_part + c_part
 
@@ -310,4 +319,70 @@ def test_metrics_see_exits_rise_during_a_run(cp, loops, engine):
             metrics.close()
         first, second = seen
         assert 0 < first < second <= m.last_result.vcpus[0].exits
-        assert bool(loops) is engine
+        v = loops[0].vcpus[0]
+        assert (v.engine_answered > 0, v.handler_answered > 0) == (engine, not engine)
+
+
+HANDLED = """
+    mov ecx, 0x10
+    rdmsr                       ; handler returns a value
+    mov r8, rax
+    mov ecx, 0x11
+    rdmsr                       ; handler returns None for a read: #GP
+    mov ecx, 0x12
+    rdmsr                       ; handler raises InjectGP
+    mov ecx, 0x13
+    mov eax, 5
+    xor edx, edx
+    wrmsr                       ; handler returns InjectGP for a write
+    mov ecx, 0x14
+    wrmsr                       ; a write completed
+    mov ecx, 0x15
+    rdmsr                       ; a value wider than 64 bits: masked
+    mov r9, rax
+    mov r10, rdx
+    hlt
+"""
+
+
+def _handled(in_c, monkeypatch, boom=False):
+    from kvmgate.errors import InjectGP
+    from kvmgate.msr.model import MsrFilter, MsrRange, READ, WRITE
+    monkeypatch.setattr(runloop, "HANDLERS_IN_C", in_c)
+    seen = []
+
+    def handler(ex):
+        seen.append((ex.index, ex.is_write, ex.data, ex.reason, ex.vcpu))
+        if boom and ex.index == 0x14:
+            raise ValueError("handler failed")
+        return {0x10: 0x1234, 0x11: None, 0x13: InjectGP, 0x14: None, 0x15: (1 << 70) | 7}.get(
+            ex.index) if ex.index != 0x12 else (_ for _ in ()).throw(InjectGP())
+
+    with Machine(HANDLED) as m:
+        m.set_msr_filter(MsrFilter([MsrRange.all(READ | WRITE, 0x10, 6, allow=False)]))
+        m.enable_user_space_msr(4)
+        m.on_msr(handler)
+        if boom:
+            with pytest.raises(ValueError, match="handler failed"):
+                m.run(timeout=30)
+            return m.last_result, seen
+        return m.run(timeout=30), seen
+
+
+def test_python_handlers_called_from_c_behave_as_in_the_python_loop(monkeypatch, loops):
+    c_r, c_seen = _handled(True, monkeypatch)
+    p_r, p_seen = _handled(False, monkeypatch)
+    assert len(loops) == 1 and loops[0].vcpus[0].handler_answered == 6
+    assert c_seen == p_seen and kept(c_r) == kept(p_r)
+    assert [x[-1] for x in kept(c_r)[0]] == [0x1234, "gp", "gp", "gp", None, (1 << 70) | 7]
+    assert (c_r.regs.r8, c_r.regs.r9, c_r.regs.r10) == (0x1234, 7, 0) == \
+        (p_r.regs.r8, p_r.regs.r9, p_r.regs.r10)
+    assert [f.index for f in c_r.gp_faults] == [0x11, 0x12, 0x13] == [f.index for f in p_r.gp_faults]
+    assert c_r.vcpus[0].exits == p_r.vcpus[0].exits
+
+
+def test_a_handler_exception_ends_the_run_from_c_as_from_python(monkeypatch, loops):
+    c_r, c_seen = _handled(True, monkeypatch, boom=True)
+    p_r, p_seen = _handled(False, monkeypatch, boom=True)
+    assert c_seen == p_seen and kept(c_r) == kept(p_r)
+    assert c_r.msr_exit_count == p_r.msr_exit_count == 5
