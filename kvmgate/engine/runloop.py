@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import weakref
 
 from ..audit import AuditFailure
 from ..errors import InjectGP, KvmError
@@ -128,7 +129,8 @@ class VcpuLoop:
     """One vCPU's side of a CRunLoop: run() for vm.loop.run_vcpu."""
 
     def __init__(self, owner: CRunLoop, st):
-        self.owner = owner
+        self._owner = weakref.ref(owner)    # no cycle: the run's objects go with the run
+        self.gate, self.sync, self.keep_exits = owner.gate, owner.sync, owner.keep_exits
         self.st = st
         self.vcpu = st.vcpu
         self._handler = object()        # the gate handler the loop is configured for
@@ -159,7 +161,7 @@ class VcpuLoop:
 
     def run(self):
         """Vcpu.run() with the C loop: the next exit Python must handle."""
-        if self.owner.gate.handler is not self._handler:
+        if self.gate.handler is not self._handler:
             self._configure()
         loop = self._loop
         if loop is None:
@@ -189,7 +191,7 @@ class VcpuLoop:
 
     def _configure(self) -> None:
         """Follow the gate: the engine, audit log and interceptions of its current handler."""
-        gate = self.owner.gate
+        gate = self.gate
         handler = gate.handler
         eh = engine_handler(gate.owner)
         if eh is None:
@@ -197,7 +199,7 @@ class VcpuLoop:
                 st = self.st
                 self._h = binding.native().HandlerLoop(
                     self.vcpu.fd, self.vcpu.run_addr, gate, MsrExit, InjectGP, st.index,
-                    self.vcpu, st.msr_exits if self.owner.keep_exits else None)
+                    self.vcpu, st.msr_exits if self.keep_exits else None)
             self._loop = self._h
             self._handler = handler
             return
@@ -212,9 +214,11 @@ class VcpuLoop:
                 self.audit_pair = pair
         if pair is not None and self.ring is None:
             self.ring = Ring(RING_CAPACITY)
-            self.owner.audit_started()
+            owner = self._owner()
+            if owner is not None:
+                owner.audit_started()
         intercepted = sorted(gate.intercepted)
-        flags = binding.native().LOOP_SYNC_REGS if self.owner.sync else 0
+        flags = binding.native().LOOP_SYNC_REGS if self.sync else 0
         if intercepted and not gate.exit_mask & EXIT_REASON_FILTER:
             flags |= binding.native().LOOP_FILTER_RETURNS   # as the router: KVM's #GP for the owner
         ring = None if pair is None else self.ring.buffer

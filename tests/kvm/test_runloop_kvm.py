@@ -386,3 +386,28 @@ def test_a_handler_exception_ends_the_run_from_c_as_from_python(monkeypatch, loo
     p_r, p_seen = _handled(False, monkeypatch, boom=True)
     assert c_seen == p_seen and kept(c_r) == kept(p_r)
     assert c_r.msr_exit_count == p_r.msr_exit_count == 5
+
+
+def test_without_the_extension_the_python_loop_runs(monkeypatch, loops):
+    """As kvmgate installed without a C compiler: no run loop, vm.loop's dispatch over
+    Vcpu.run() (the same answers)."""
+    monkeypatch.setattr(runloop.binding, "available", lambda: False)
+    p_r, p_seen = _handled(True, monkeypatch)
+    assert loops == []
+    monkeypatch.undo()
+    c_r, c_seen = _handled(True, monkeypatch)
+    assert len(loops) == 1 and c_seen == p_seen and kept(c_r) == kept(p_r)
+
+
+def test_info_names_the_exit_path():
+    import subprocess
+    import sys
+    from pathlib import Path
+    from kvmgate.engine import available
+    out = subprocess.run([sys.executable, "-m", "kvmgate", "info", "--json"],
+                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    path = json.loads(out.stdout)["exit_path"]
+    assert path.startswith("C run loop") is available()
+    assert path.startswith("Python exit loop") is not available()

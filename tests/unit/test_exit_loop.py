@@ -255,3 +255,46 @@ def test_exit_views_have_no_instance_dict():
     assert not hasattr(ex, "__dict__") and C.sizeof(u.kvm_run) <= len(v.buf)
     assert isinstance(FakeVcpu([io(1, True)]).run(), PortIo) and HLT.reason == u.KVM_EXIT_HLT
     assert (READ, WRITE) == (1, 2)
+
+
+class CountingRunLoop:
+    """A run loop (vm.register_run_loop's protocol) that 'answers' `k` MSR exits itself before
+    handing each exit of the script to Python."""
+
+    def __init__(self, k):
+        self.k, self.made, self.finished = k, [], False
+
+    def vcpu(self, st):
+        outer = self
+
+        class V:
+            answered = 0
+
+            def run(self):
+                self.answered += outer.k
+                return st.vcpu.run()
+        v = V()
+        self.made.append(v)
+        return v
+
+    def finish(self):
+        self.finished = True
+
+
+def test_a_run_loop_replaces_kvm_run_and_its_exits_are_counted_live():
+    st = VcpuState(0, FakeVcpu([msr(False, 0x10), interrupted, io(0x80, True, 1), hlt]))
+    rl = CountingRunLoop(3)
+    seen = []
+
+    class Threads:
+        stopping = False
+
+        def interrupted(self, s):
+            seen.append(s.live_exits())
+
+    run_vcpu(st, LoopContext(Gate(lambda ex: 5), Threads(), {0x80: lambda m, v: None}, "machine",
+                             None, True, rl))
+    # 4 calls of run(): 3 answered each; Python saw the RDMSR, the port and HLT (3 exits)
+    assert st.exits == 3 + 12 and st.msr_count == 1 + 12
+    assert st.live_exits() == (15, 13) and st.live[2] is None
+    assert seen == [(1 + 6, 1 + 6)]            # at the kick: 1 exit of Python's, 6 of the loop's
