@@ -73,8 +73,8 @@ class CRunLoop:
 
     @classmethod
     def for_run(cls, machine):
-        """The registered factory: a CRunLoop when the machine's MSR handler is an engine
-        policy's as the run starts, else None."""
+        """The registered factory: a CRunLoop for every run when the C engine is built (with
+        HANDLERS_IN_C off: only when an engine policy is bound as the run starts), else None."""
         if not binding.available() or \
                 (not HANDLERS_IN_C and engine_handler(machine.gate.owner) is None):
             return None
