@@ -85,7 +85,7 @@ def bench_runloop(n: int = 20000, rounds: int = 9, vcpu_counts=(1, 2, 4), progre
             m.on_msr(lambda exit: 0 if not exit.is_write else None)
             m.run(timeout=120)
             res = paired(rounds, lambda: _time_run(m), lambda: time_c(m, n), progress)
-        rows.append(_row("on_msr handler (Python loop)", res, "<= 1.35x"))
+        rows.append(_row("on_msr Python handler", res, "<= 1.35x"))
     for k in vcpu_counts:
         m, _ = _policy_machine(n, k, False, None)
         with m:

@@ -41,6 +41,7 @@ from . import binding
 from .auditsink import rules_for, sink_for
 from .binding import RES_GP, RES_VALUE
 from .ring import RECORD, RF_WRITE, Ring
+from .table import logs as table_logs
 
 RING_CAPACITY = 8192        # audit records per vCPU (512 KiB); nearly full: the vCPU drains
 KEEP_CAPACITY = 4096        # keep_exits records per vCPU
@@ -218,7 +219,10 @@ class VcpuLoop:
             if owner is not None:
                 owner.audit_started()
         intercepted = sorted(gate.intercepted)
-        flags = binding.native().LOOP_SYNC_REGS if self.sync else 0
+        # RIPs from kvm_run.s.regs only when records can need them: KVM copying the registers
+        # at every exit is not free (about 5% of an exit here)
+        flags = binding.native().LOOP_SYNC_REGS if self.sync and pair is not None and \
+            table_logs(engine.table) else 0
         if intercepted and not gate.exit_mask & EXIT_REASON_FILTER:
             flags |= binding.native().LOOP_FILTER_RETURNS   # as the router: KVM's #GP for the owner
         ring = None if pair is None else self.ring.buffer

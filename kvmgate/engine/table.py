@@ -173,6 +173,15 @@ def build_table(cp, mode: str | None = None, registry: list[str] | None = None) 
     return EngineTable(bytes(data), tuple(rules), mode)
 
 
+def logs(table: EngineTable) -> bool:
+    """Whether decisions of this table can make audit records (a logged action, or audit
+    mode's would-deny records): the C run loop needs the exit's RIP only then."""
+    if table.mode == "audit":
+        return True
+    view = read_table(table.data)
+    return any(flags & AF_LOG for _kind, flags, *_rest in view.actions)
+
+
 @dataclass(frozen=True)
 class TableView:
     """A table read back (for tests and `policy explain --table`): header fields and sections."""
