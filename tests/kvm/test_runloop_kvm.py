@@ -411,3 +411,43 @@ def test_info_names_the_exit_path():
     path = json.loads(out.stdout)["exit_path"]
     assert path.startswith("C run loop") is available()
     assert path.startswith("Python exit loop") is not available()
+
+
+def test_reopen_while_the_c_drain_writes(cp, loops, tmp_path):
+    """logrotate's move + SIGUSR1's reopen() while the C loop logs: every line lands whole in
+    the old or the new file, and the two hold every record the log counts as written."""
+    loud = compile_policy(parse_policy(POLICY.replace('[policy]\n', '[policy]\naudit_rate = 1e6\n'
+                                                      'audit_burst = 1000000\n'), "loud.toml"))
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(str(path), rate=1e6, burst=1000000)
+
+    def lines(p):
+        return p.read_text().splitlines() if p.exists() else []
+
+    with Machine(SPIN, keep_exits=False) as m:
+        m.set_policy(EnginePolicy(loud), audit)
+
+        def rotator():
+            try:
+                deadline = time.monotonic() + 60
+                while len(lines(path)) < 50 and time.monotonic() < deadline:
+                    time.sleep(0.005)       # polling a condition
+                path.rename(tmp_path / "audit.jsonl.1")
+                audit.reopen()
+                while len(lines(path)) < 50 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            finally:
+                m.stop()
+
+        t = threading.Thread(target=rotator)
+        t.start()
+        try:
+            with pytest.raises(Stopped):
+                m.run(timeout=120)
+        finally:
+            t.join()
+    audit.close()
+    old, new = lines(tmp_path / "audit.jsonl.1"), lines(path)
+    assert len(old) >= 50 and len(new) >= 50
+    recs = [json.loads(x) for x in old + new]
+    assert len(recs) == audit.written and all(r["msr"] == "0x35" for r in recs)
