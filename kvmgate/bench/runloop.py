@@ -76,7 +76,7 @@ def bench_runloop(n: int = 20000, rounds: int = 9, vcpu_counts=(1, 2, 4), progre
                                 ("policy log=true, audit file", True, os.path.join(tmp, "a1.jsonl"))):
             m, audit = _policy_machine(n, 1, log, path)
             with m:
-                res = paired(rounds, lambda: _time_run(m), lambda: time_c(m, n), progress)
+                res = paired(rounds, lambda m=m: _time_run(m), lambda m=m: time_c(m, n), progress)
             if audit is not None:
                 audit.close()
             rows.append(_row(name, res, "<= 1.10x"))
@@ -84,12 +84,12 @@ def bench_runloop(n: int = 20000, rounds: int = 9, vcpu_counts=(1, 2, 4), progre
             m.enable_user_space_msr(7)
             m.on_msr(lambda exit: 0 if not exit.is_write else None)
             m.run(timeout=120)
-            res = paired(rounds, lambda: _time_run(m), lambda: time_c(m, n), progress)
+            res = paired(rounds, lambda m=m: _time_run(m), lambda m=m: time_c(m, n), progress)
         rows.append(_row("on_msr Python handler", res, "<= 1.35x"))
     for k in vcpu_counts:
         m, _ = _policy_machine(n, k, False, None)
         with m:
-            res = paired(rounds, lambda: _time_run(m), lambda: time_c(m, n), progress)
+            res = paired(rounds, lambda m=m: _time_run(m), lambda m=m: time_c(m, n), progress)
         row = _row(f"policy log=false, {k} vCPU(s)", res, ">= 0.9x exits/s")
         row.update(vcpus=k, exits_per_s=1 / res["measured"], c_exits_per_s=1 / res["baseline"],
                    throughput_vs_c=1 / res["ratio"])

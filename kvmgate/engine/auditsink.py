@@ -85,8 +85,8 @@ class AuditSink:
                 self.audit.owe(index, write, n)
 
 
-_sinks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_rules: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_sinks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_rules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 

@@ -81,7 +81,7 @@ class CRunLoop:
             return None
         return cls(machine)
 
-    def vcpu(self, st) -> "VcpuLoop":
+    def vcpu(self, st) -> VcpuLoop:
         v = VcpuLoop(self, st)
         with self._lock:
             self.vcpus.append(v)

@@ -111,7 +111,7 @@ def test_c_loop_equals_python_loop(cp, loops, mode, vcpus):
         p_r, p_recs, p_counts = run(EnginePolicy(cp, mode=mode, c_loop=False), vcpus)
     (loop,) = loops
     assert sum(v.engine_answered for v in loop.vcpus) == vcpus * MSR_EXITS
-    key = lambda x: (x["vcpu"], x["msr"], x["access"])         # noqa: E731 (vCPUs interleave)
+    key = lambda x: (x["vcpu"], x["msr"], x["access"])
     assert sorted(untimed(c_recs), key=key) == sorted(untimed(p_recs), key=key)
     assert [x for x in untimed(c_recs) if x["vcpu"] == 0] == [x for x in untimed(p_recs) if x["vcpu"] == 0]
     assert c_counts == p_counts
@@ -347,7 +347,7 @@ HANDLED = """
 
 def _handled(in_c, monkeypatch, boom=False):
     from kvmgate.errors import InjectGP
-    from kvmgate.msr.model import MsrFilter, MsrRange, READ, WRITE
+    from kvmgate.msr.model import READ, WRITE, MsrFilter, MsrRange
     monkeypatch.setattr(runloop, "HANDLERS_IN_C", in_c)
     seen = []
 
@@ -403,8 +403,9 @@ def test_info_names_the_exit_path():
     import subprocess
     import sys
     from pathlib import Path
+
     from kvmgate.engine import available
-    out = subprocess.run([sys.executable, "-m", "kvmgate", "info", "--json"],
+    out = subprocess.run(check=False, args=[sys.executable, "-m", "kvmgate", "info", "--json"],
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
