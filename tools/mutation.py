@@ -84,9 +84,9 @@ def prepare(work: Path, modules: list[str], tests: list[str], ignore: list[str])
     cfg += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
     cfg += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -q"]
     cfg += [f"    --ignore={t}" for t in ignore]
-    # tests that read files outside kvmgate/ and tests/ (the MSR-name generator, the docs
+    # tests that read files outside kvmgate/ and tests/ (the MSR-name generator, the C headers, the docs
     # that citations must resolve to) need them in mutmut's copy too
-    cfg += ["also_copy =", "    tools", "    docs"]
+    cfg += ["also_copy =", "    tools", "    docs", "    csrc"]
     cfg += ["timeout_multiplier = 10.0", "timeout_constant = 20.0", ""]
     (work / "setup.cfg").write_text("\n".join(cfg))
     # mutmut 3 keeps mutants and verdicts in mutants/ and does not notice every change (a new
