@@ -113,6 +113,17 @@ def positive_seconds(text: str) -> float:
     return v
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port 0..65535 (0: any free port)."""
+    try:
+        v = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is 0..65535 (0: any free port)")
+    return v
+
+
 def vcpu_count(text: str) -> int:
     """argparse type: 1..MAX_VCPUS, what a Machine runs."""
     try:

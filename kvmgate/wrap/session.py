@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audit import AuditLog
-from ..engine import Ring, build_table, decode, result_text
+from ..engine import Ring, build_table, decode
 from ..engine.ring import RECORD
-from ..engine.table import KIND_NAMES
 from ..errors import UserError
 from ..hostinfo import ignore_msrs
 from ..introspection.connector import HandshakeError, _connect, handshake
@@ -36,7 +35,7 @@ from ..introspection.owner import Introspection
 from ..introspection.session import dialect_for, parse_spec
 from ..policy import Policy, compile_policy, load_policy
 from ..report import table
-from . import layout
+from . import counters, layout
 from .introspect import WrapBackend
 from .library import shim_path
 
@@ -95,7 +94,8 @@ class Wrap:
     def __init__(self, argv: list[str], policy: str | None = None, audit: str | None = None,
                  mode: str | None = None, stderr=None, max_vcpus: int = 64,
                  ring_capacity: int = 2048, vmm_stdout=None, vmm_stderr=None,
-                 learn: str | None = None, introspect: IntrospectOptions | None = None):
+                 learn: str | None = None, introspect: IntrospectOptions | None = None,
+                 reload_counter=None):
         if not argv:
             raise UserError("no VMM command given: kvmgate wrap [options] -- VMM [ARGS...]",
                             "argument VMM")
@@ -123,6 +123,8 @@ class Wrap:
         self.active = threading.Event()
         self.failures: list[str] = []
         self.reloads = {"done": 0, "refused": 0}
+        self.reload_counter = reload_counter   # e.g. kvmgate.metrics.Reloads: count(applied)
+        self._counts_collected = False         # the shared-memory counts are in self.audit
         self.announce: dict | None = None     # set: an audit `event` record when the shim is active
         self._seq = 0
         self._rules = self.compiled.table.rules
@@ -174,11 +176,10 @@ class Wrap:
 
     def stats(self) -> dict:
         """The shim's exit counters, summed over vCPUs."""
-        out = {"policy": 0, "vmm": 0, "gp": 0, "host": 0, "tool": 0}
-        for i in range(min(self.header.vcpus, self.plan["max_vcpus"])):
-            s = layout.ShimStats.from_buffer(self.mem, self.plan["stats_off"] + i * C.sizeof(layout.ShimStats))
+        out = dict.fromkeys(counters.EXIT_KINDS, 0)
+        for s in counters.exit_stats(self.mem, self.plan, self.header).values():
             for k in out:
-                out[k] += getattr(s, k)
+                out[k] += s[k]
         return out
 
     # ------------------------------------------------------------ rings
@@ -223,19 +224,37 @@ class Wrap:
         """Add the decisions the vCPUs counted in shared memory (not logged) to the audit
         counters; once, after the VMM is gone."""
         n = 0
-        size = C.sizeof(layout.ShimCount)
-        slots = self.plan["counts_slots"]
-        for i in range(min(self.header.vcpus, self.plan["max_vcpus"])):
-            base = self.plan["counts_off"] + i * slots * size
-            for j in range(slots):
-                c = layout.ShimCount.from_buffer(self.mem, base + j * size)
-                if not c.key:
-                    continue
-                index, write, action, result, would = c.decode()
-                self.audit.count(index, write, KIND_NAMES.get(action, f"action({action})"),
-                                 result_text(result, c.value, would), n=c.count)
-                n += c.count
+        with self._drain_lock:
+            if self._counts_collected:
+                return 0
+            for key, count in counters.shared_counts(self.mem, self.plan, self.header):
+                self.audit.count(*key, n=count)
+                n += count
+            self._counts_collected = True
         return n
+
+    # ------------------------------------------------------------ live counters (metrics)
+    def decisions(self) -> list[dict]:
+        """Decisions so far, as AuditLog.summary() rows: the drained ring records plus, while
+        the VMM runs, the counts its vCPUs keep in shared memory (read, not moved: the vCPUs
+        keep adding; collect_counts() moves them into the audit counters at the end)."""
+        with self._drain_lock:
+            rows = self.audit.summary()
+            if self._counts_collected or not hasattr(self, "mem"):
+                return rows
+            live = list(counters.shared_counts(self.mem, self.plan, self.header))
+        return counters.add_counts(rows, live)
+
+    def exits_by_vcpu(self) -> dict[int, int]:
+        """MSR exits per vCPU so far, all kinds (the shim's per-vCPU counters)."""
+        if not hasattr(self, "mem"):
+            return {}
+        return {i: sum(s.values()) for i, s in counters.exit_stats(self.mem, self.plan, self.header).items()}
+
+    def _count_reload(self, applied: bool) -> None:
+        self.reloads["done" if applied else "refused"] += 1
+        if self.reload_counter is not None:
+            self.reload_counter.count(applied)
 
     def ring_drops(self) -> int:
         return sum(r.dropped for r in self._rings.values())
@@ -334,11 +353,11 @@ class Wrap:
             c = prepare(self.policy_path, self.mode, self._registry)
         except UserError as e:
             print(f"kvmgate: reload refused, old policy stays: {e}", file=self.err, flush=True)
-            self.reloads["refused"] += 1
+            self._count_reload(False)
             return False
         if not self.active.is_set():
             print("kvmgate: reload refused, old policy stays: no VM yet", file=self.err, flush=True)
-            self.reloads["refused"] += 1
+            self._count_reload(False)
             return False
         self._rules = c.table.rules          # a superset: old rule ids keep their meaning
         seq = self._write_mailbox(c)
@@ -352,12 +371,12 @@ class Wrap:
             why = "the VMM did not answer" if ok else "timed out waiting for the VMM"
         if why:
             print(f"kvmgate: reload refused, old policy stays: {c.source}: {why}", file=self.err, flush=True)
-            self.reloads["refused"] += 1
+            self._count_reload(False)
             return False
         self.compiled = c
         self.audit.rate, self.audit.burst = c.rate, c.burst
         print(f"kvmgate: reloaded {c.source}", file=self.err, flush=True)
-        self.reloads["done"] += 1
+        self._count_reload(True)
         return True
 
     # ------------------------------------------------------------ the VMM
