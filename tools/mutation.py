@@ -40,7 +40,7 @@ MODULES = [
     "kvmgate/policy/compile.py",
     "kvmgate/policy/handlers.py",
     "kvmgate/audit.py",
-    "kvmgate/trace/policy.py",
+    "kvmgate/engine/verdict.py",
     "kvmgate/introspection/permissions.py",
     "kvmgate/introspection/protocol.py",
 ]
