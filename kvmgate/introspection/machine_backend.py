@@ -311,13 +311,19 @@ class MachineBackend(Backend):
 
     def _sync(self, adding: bool) -> int:
         """Make the machine's interception set the controlled set; 0 or a negative KVM code."""
-        if not adding and self._current_vcpu() is not None:
-            # Undoing from a vCPU thread (a close there): do it on another thread, because
-            # a quiesce must not wait for its own caller's siblings blocked behind it.  Until
-            # then the extra exits are answered with the guest's value.
+        vid = self._current_vcpu() if not adding else None
+        if vid is not None and not self._waiting[vid]:
+            # Undoing from a vCPU thread that is not counted as parked: do it on another
+            # thread, because a quiesce must not wait for its own caller's siblings blocked
+            # behind it.  Until then the extra exits are answered with the guest's value.
             self._submit(("sync",))
             return 0
+        # A vCPU thread that closes while it waits for the tool (it read EOF or a bad reply
+        # itself, inbox.py) counts as parked: it undoes the interception at once, or defers.
         if not self._apply_lock.acquire(timeout=APPLY_LOCK_TIMEOUT):
+            if vid is not None:
+                self._submit(("sync",))
+                return 0
             return -ids.KVM_EBUSY
         try:
             return self._apply()
