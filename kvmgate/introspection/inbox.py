@@ -12,9 +12,13 @@ reply reaches it with no thread hand-off:
   gets the token and reads until its own reply has been handled (or the connection closes, or
   its time is up), then gives the token back.  Threads waiting for replies get the token before
   the reader thread does.
-* The session's reader thread (`serve`) holds the token only while nobody waits for a reply.  It
-  sleeps in poll(2) on the socket and an eventfd; `want()` writes the eventfd when the reader
-  thread sits in poll, and the reader thread gives the token up.
+* The session's reader thread (`serve`) holds the token while nobody waits for a reply: it
+  sleeps in poll(2) on the socket and an eventfd, which `want()` writes to get the token from it.
+  After a waiting thread gives the token back, the reader thread takes it again only once it
+  has been free for LINGER seconds: while events follow each other, the reader thread stays
+  out of the way (no wake-up of it per event, no contention for the GIL), and a command the
+  tool sends while no vCPU waits is answered at most LINGER later (or at once by a vCPU
+  waiting for an event reply meanwhile).
 * `stop()` (the session closes) wakes everybody; waiting threads return at once, the holder
   returns when its recv(2) sees the socket shut down.  `finish()` (the reader thread's last act)
   closes the socket once no thread can be reading it any more.
@@ -35,6 +39,7 @@ from .protocol import Message, ProtocolError, Reader
 __all__ = ["Inbox", "Waiter"]
 
 CHUNK = 65536
+LINGER = 0.005                # the token stays with the vCPU side this long after its last use
 TIMED_OUT = object()          # _recv: no bytes before the deadline
 _READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -61,7 +66,10 @@ class Inbox:
         self._handle = handle
         self._on_internal = on_internal
         self.reader = Reader()                  # the bytes read so far; only the holder uses it
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)      # threads waiting for the token
+        self._reader_cond = threading.Condition(self._lock)   # the reader thread
+        self._released_at = 0.0                 # when a waiting thread last gave it back
         self._holder: int | None = None
         self._wanted = 0                        # threads between want() and the end of wait()
         self._polling = False                   # the reader thread holds the token, in poll(2)
@@ -80,18 +88,25 @@ class Inbox:
         """The reader thread's loop: hold the token whenever nobody waits for a reply, read and
         handle messages.  Returns why it ended (EOF, a protocol or socket error, a stop)."""
         me = threading.get_ident()
-        cond = self._cond
         while True:
-            with cond:
-                while (self._holder is not None or self._wanted) and not self._stop:
-                    cond.wait()
-                if self._stop:
-                    return "closed"
+            with self._lock:
+                while True:
+                    if self._stop:
+                        return "closed"
+                    if self._holder is None and not self._wanted:
+                        idle = time.monotonic() - self._released_at
+                        if idle >= LINGER:
+                            break
+                        self._reader_cond.wait(LINGER - idle)
+                    else:
+                        # Not woken when the token comes back (that would cost a wake-up
+                        # per event): it looks again every LINGER.
+                        self._reader_cond.wait(LINGER)
                 self._holder = me
             try:
                 reason = self._read_safely(self._yield_to_waiters, None, True)
             finally:
-                self._release()
+                self._release(False)
             if reason is not None:
                 return reason
 
@@ -142,7 +157,7 @@ class Inbox:
             return self._read_safely(lambda: w.done, deadline, False)
         finally:
             if not nested:
-                self._release()
+                self._release(True)
 
     def finish_waiter(self, w: Waiter) -> None:
         """Mark `w` finished (its reply was handled, or it is released) and wake it."""
@@ -152,19 +167,23 @@ class Inbox:
 
     def stop(self) -> None:
         """The session is closing: wake every waiting thread and the reader thread."""
-        with self._cond:
+        with self._lock:
             self._stop = True
             self._cond.notify_all()
+            self._reader_cond.notify_all()
             if not self._kicked and self._holder != -1:
                 self._kicked = True
                 os.eventfd_write(self._efd, 1)
 
     # --- the holder -------------------------------------------------------------------------
 
-    def _release(self) -> None:
-        with self._cond:
+    def _release(self, linger: bool) -> None:
+        with self._lock:
             self._holder = None
-            self._cond.notify_all()
+            if linger:
+                self._released_at = time.monotonic()
+            if self._wanted or self._stop:
+                self._cond.notify_all()
 
     def _read_safely(self, done, deadline, reader_thread: bool) -> str | None:
         """_read, with whatever it raises turned into the reason to close."""

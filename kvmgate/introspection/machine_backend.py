@@ -52,17 +52,13 @@ from . import ids
 from .backend import Backend
 from .ids import CONTINUE, CRASH, RETRY
 from .owner import Introspection
-from .protocol import PAGE_SIZE, REGS_SIZE, msr_valid, pack_state
+from .protocol import PAGE_SIZE, msr_valid, pack_state
+from .vcpu_state import STATE_MSR_INDICES, SYNC_MASK, EventState, vcpu_mode
 
 __all__ = ["MachineBackend", "IntrospectionCrash", "attach", "vcpu_mode", "STATE_MSR_INDICES"]
 
 log = logging.getLogger("kvmgate.introspection")
 
-# The 9 MSRs of every vCPU event's state block, in the wire order (protocol.STATE_MSRS).
-STATE_MSR_INDICES = (0x174, 0x175, 0x176, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
-                     0x277, 0xC0000102)
-EFER_LMA = 1 << 10
-CR0_PE = 1
 KICK_INTERVAL = 0.002     # re-kick a vCPU this often while a command waits for its mutex
 PAUSE_WAIT = 1.0          # VM_PAUSE_VCPU with wait: at most this long for the vCPU to stop
 APPLY_LOCK_TIMEOUT = 2.0  # a command waiting for another filter swap / PAUSE: -KVM_EBUSY after
@@ -81,13 +77,6 @@ class IntrospectionCrash(GuestError):
                          vcpu, rip)
         self.event = event
         self.msr = msr
-
-
-def vcpu_mode(sregs) -> int:
-    """KVMI's mode: 8 (64-bit), 4 (32-bit) or 2 (16-bit) code, from EFER.LMA, CR0.PE, CS.L/D."""
-    if sregs.efer & EFER_LMA and sregs.cs.l:
-        return 8
-    return 4 if sregs.cs.db else 2
 
 
 # --- the backend -----------------------------------------------------------------------------
@@ -110,6 +99,8 @@ class MachineBackend(Backend):
         self._kicked = [threading.Event() for _ in range(self._n)]
         self._jobs: deque = deque()
         self._worker: threading.Thread | None = None
+        sync = bool(machine.kvm.check_extension(u.KVM_CAP_SYNC_REGS) & SYNC_MASK == SYNC_MASK)
+        self._states = [EventState(v, sync) for v in self._vcpus]   # vcpu_state.py
         # Counters (for tests and the bench).
         self.msr_writes = 0          # intercepted guest writes seen
         self.msr_events = 0          # of which sent to the tool
@@ -256,8 +247,12 @@ class MachineBackend(Backend):
         return vcpu_mode(sregs), bytes(regs), bytes(sregs), [(i, values[i]) for i in msrs]
 
     def set_registers(self, vcpu: int, regs: bytes) -> None:
-        # On the vCPU's thread inside an event, or while it is parked (PAUSE without the hook).
-        self._vcpus[vcpu].set_regs(u.kvm_regs.from_buffer_copy(bytes(regs)[:REGS_SIZE]))
+        # On the vCPU's thread inside an event (through kvm_run.s.regs and kvm_dirty_regs when
+        # synced, vcpu_state.py), or while it is parked (PAUSE without the hook): KVM_SET_REGS.
+        st = self._states[vcpu]
+        if self.machine.vcpu_thread(vcpu) != threading.get_ident():
+            st = EventState(self._vcpus[vcpu], False)
+        st.set_regs(regs)
 
     # --- Backend: MSR interception --------------------------------------------------------
 
@@ -352,16 +347,21 @@ class MachineBackend(Backend):
         vid, msr, new = ex.vcpu, ex.index, ex.data
         if intro is None or not intro.msr_wanted(vid, msr):
             return None
-        # One KVM_GET_MSRS for the old value and the event's state MSRs.
-        wanted = STATE_MSR_INDICES if msr in STATE_MSR_INDICES else STATE_MSR_INDICES + (msr,)
-        values = self._vcpus[vid].get_msrs(wanted)
-        old = values.get(msr)
+        # One KVM_GET_MSRS (prebuilt) for the old value and the event's state MSRs; the
+        # registers from kvm_run.s (vcpu_state.py).
+        st = self._states[vid]
+        values = None
+        old = st.read_msrs(msr)
+        if old is None:                 # KVM cannot read one of them: ask one by one
+            wanted = STATE_MSR_INDICES if msr in STATE_MSR_INDICES \
+                else STATE_MSR_INDICES + (msr,)
+            values = self._vcpus[vid].get_msrs(wanted)
+            old = values.get(msr)
         if old is None or old == new:
             return None
         self.msr_events += 1
         with self._blocked(vid):
-            action, value = intro.msr_event(vid, msr, old, new,
-                                            lambda: self.state(vid, values))
+            action, value = intro.msr_event(vid, msr, old, new, st.fill(values))
         if action == CRASH:
             exc = IntrospectionCrash(vid, ids.VCPU_EVENT_MSR, msr)
             self.crashes.append(exc)
