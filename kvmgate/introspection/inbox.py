@@ -47,10 +47,11 @@ _READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 class Waiter:
     """One thread waiting for the reply to its event: `seq`, the event, its reply size; filled
     by `finish` (action None: released without a reply)."""
-    __slots__ = ("seq", "event", "reply_size", "done", "action", "data", "regs")
+    __slots__ = ("seq", "event", "reply_size", "done", "action", "data", "regs", "thread")
 
     def __init__(self, seq: int, event: int, reply_size: int):
         self.seq, self.event, self.reply_size = seq, event, reply_size
+        self.thread = threading.get_ident()
         self.done = False
         self.action = None
         self.data = b""
@@ -161,6 +162,9 @@ class Inbox:
 
     def finish_waiter(self, w: Waiter) -> None:
         """Mark `w` finished (its reply was handled, or it is released) and wake it."""
+        if w.thread == self._holder == threading.get_ident():
+            w.done = True                       # its own thread read it: nobody to wake
+            return
         with self._cond:
             w.done = True
             self._cond.notify_all()

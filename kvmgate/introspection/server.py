@@ -498,17 +498,17 @@ class IntrospectionServer:
         w.action = _ACTIONS[r.action]
         self._inbox.finish_waiter(w)
 
-    def _deliver(self, vcpu: int, event: int, build: Callable[[int], bytes],
+    def _deliver(self, vcpu: int, event: int, state: bytes, payload: bytes,
                  reply_size: int) -> EventResult:
-        """Send build(seq) and read the socket (inbox.py) until the matching reply, a close, or
-        the event timeout."""
+        """Send the event (`state` block, `payload`) and read the socket (inbox.py) until the
+        matching reply, a close, or the event timeout."""
         lock = self._vcpu_locks.get(vcpu)
         if lock is None:
             lock = self._vcpu_locks.setdefault(vcpu, threading.Lock())
         with lock:
             seq = next(self._seq) & 0xFFFFFFFF
             w = Waiter(seq, event, reply_size)
-            data = build(seq)
+            data = self.abi.pack_vcpu_event(seq, event, vcpu, state, payload)
             with self._lock:
                 if self._closed:
                     return RELEASED
@@ -539,9 +539,7 @@ class IntrospectionServer:
             return RELEASED
         st = state_bytes(state)
         reply_size = REPLY_SIZES.get(event, 0)
-        return self._deliver(vcpu, event,
-                             lambda seq: self.abi.pack_vcpu_event(seq, event, vcpu, st, payload),
-                             reply_size)
+        return self._deliver(vcpu, event, st, payload, reply_size)
 
     def msr_event(self, vcpu: int, msr: int, old: int, new: int, state=None) -> tuple[Action, int]:
         """A guest write of `new` to `msr` (currently `old`): (action, value to write).
@@ -558,13 +556,10 @@ class IntrospectionServer:
         if not evs or ids.VCPU_EVENT_MSR not in evs \
                 or not self._perms.event_allowed(ids.VCPU_EVENT_MSR):
             return CONTINUE, new
-        st = state_bytes(state)
         old &= U64
         new &= U64
-        res = self._deliver(vcpu, ids.VCPU_EVENT_MSR,
-                            lambda seq: self.abi.pack_vcpu_event(
-                                seq, Event.MSR, vcpu, st, MSR_EVENT.pack(msr, 0, old, new)),
-                            MSR_REPLY.size)
+        res = self._deliver(vcpu, Event.MSR, state_bytes(state),
+                            MSR_EVENT.pack(msr, 0, old, new), MSR_REPLY.size)
         if not res.delivered:
             return CONTINUE, new
         if res.action == CONTINUE:

@@ -38,6 +38,7 @@ _REGS_AT = 8
 _SREGS_AT = _REGS_AT + REGS_SIZE
 _MSRS_AT = _SREGS_AT + SREGS_SIZE
 _MSRS = struct.Struct("=9Q")
+_NSTATE = len(STATE_MSR_INDICES)
 # In kvm_sregs: EFER and the CS descriptor's L and D/B bits (vcpu_mode's inputs).
 _EFER = u.kvm_sregs.efer.offset
 _CS_L = u.kvm_sregs.cs.offset + u.kvm_segment.l.offset
@@ -85,6 +86,8 @@ class EventState:
         self.sync_regs = sync_regs          # the host has KVM_CAP_SYNC_REGS
         self._synced = False                # this thread set kvm_valid_regs at an earlier exit
         self.block = bytearray(STATE_SIZE)
+        self._block_sregs = memoryview(self.block)[_SREGS_AT:_MSRS_AT]
+        self._block_msrs = memoryview(self.block).cast("Q")[_MSRS_AT // 8:]
         self._regs = bytearray(REGS_SIZE)
         self._sregs = bytearray(SREGS_SIZE)
         self._bufs: dict[int, _MsrBuffer] = {}
@@ -116,7 +119,7 @@ class EventState:
         else by ioctl (and from then on KVM copies them); MSRs from the last read_msrs(), or
         `msrs` (index -> value, 0 for a missing one)."""
         block, vcpu = self.block, self.vcpu
-        if self._synced_now():
+        if self._synced and vcpu.valid_regs() & SYNC_MASK == SYNC_MASK:
             view = vcpu.sync_regs_view()
             block[_REGS_AT:_SREGS_AT] = view[0:REGS_SIZE]
             block[_SREGS_AT:_MSRS_AT] = view[_SYNC_SREGS:_SYNC_SREGS + SREGS_SIZE]
@@ -129,10 +132,9 @@ class EventState:
             if self.sync_regs:
                 vcpu.set_valid_regs(vcpu.valid_regs() | SYNC_MASK)
                 self._synced = True
-        block[0] = mode_of(memoryview(block)[_SREGS_AT:_MSRS_AT])
+        block[0] = mode_of(self._block_sregs)
         if msrs is None and self._last is not None:
-            values = self._last.values
-            _MSRS.pack_into(block, _MSRS_AT, *values[:len(STATE_MSR_INDICES)])
+            self._block_msrs[:] = self._last.values[:_NSTATE]
         else:
             msrs = msrs or {}
             _MSRS.pack_into(block, _MSRS_AT, *(msrs.get(i, 0) for i in STATE_MSR_INDICES))
