@@ -27,8 +27,9 @@ How each part maps onto the Machine:
 
 * GET_CPUID answers from KVM_GET_SUPPORTED_CPUID, which Machine installs on every vCPU;
   INJECT_EXCEPTION sets the exception injected with KVM_SET_VCPU_EVENTS (CR2 with
-  KVM_SET_SREGS for #PF) from the reader thread, kicking the vCPU out of KVM_RUN as above;
-  GET_MAX_GFN is the last page of guest RAM.
+  KVM_SET_SREGS for #PF), kicking the vCPU out of KVM_RUN as above; for a vCPU whose thread
+  does not run yet it stays pending until the vCPU runs (run() resets the vCPUs, which would
+  drop it), then the vCPU's own thread sets it; GET_MAX_GFN is the last page of guest RAM.
 
 Only Machine's public API is used: kick(), blocked(), quiesced(), vcpu_thread(), fail_run(),
 add_kick_hook(), intercept_msr_writes(), vcpus, memory, mem_size and kvm.
@@ -63,6 +64,7 @@ KICK_INTERVAL = 0.002     # re-kick a vCPU this often while a command waits for 
 PAUSE_WAIT = 1.0          # VM_PAUSE_VCPU with wait: at most this long for the vCPU to stop
 APPLY_LOCK_TIMEOUT = 2.0  # a command waiting for another filter swap / PAUSE: -KVM_EBUSY after
 QUIESCE_TIMEOUT = 5.0
+INJECT_POLL = 0.05         # a pending INJECT_EXCEPTION: kick again / look for a run this often
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 PF_VECTOR = 14
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})   # x86 SDM vol. 3 6.13
@@ -97,6 +99,8 @@ class MachineBackend(Backend):
         self._cpuid: list | None = None
         self._waiting = [False] * self._n       # vCPU blocked on the tool
         self._kicked = [threading.Event() for _ in range(self._n)]
+        self._injections: dict[int, tuple[int, int, int]] = {}   # INJECT_EXCEPTION before run()
+        self._injected = [threading.Event() for _ in range(self._n)]
         self._jobs: deque = deque()
         self._worker: threading.Thread | None = None
         sync = bool(machine.kvm.check_extension(u.KVM_CAP_SYNC_REGS) & SYNC_MASK == SYNC_MASK)
@@ -157,6 +161,10 @@ class MachineBackend(Backend):
         return pack_state(vcpu_mode(sregs), bytes(regs), bytes(sregs),
                           [msrs.get(i, 0) for i in STATE_MSR_INDICES])
 
+    def event_state(self, vid: int) -> EventState:
+        """vCPU `vid`'s prebuilt event buffers and sync-regs state (vcpu_state.py)."""
+        return self._states[vid]
+
     def _pause_state(self, vid: int) -> bytes:
         self.pause_events += 1          # called once per PAUSE event actually sent
         return self.state(vid)
@@ -212,25 +220,62 @@ class MachineBackend(Backend):
 
     def inject_exception(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
         """KVM_SET_VCPU_EVENTS with the exception injected (CR2 = `address` for #PF, through
-        KVM_SET_SREGS); delivered at the vCPU's next entry.  -KVM_EBUSY if one is pending."""
-        v = self._vcpus[vcpu]
+        KVM_SET_SREGS); delivered at the vCPU's next entry.  -KVM_EBUSY if one is pending.
 
-        def inject():
-            ev = v.get_vcpu_events()
-            if ev.exception_injected or ev.exception_pending:
+        A vCPU whose thread does not run yet keeps it pending here: run() resets every vCPU
+        (KVM_SET_REGS drops an injected exception), so it is set by the vCPU's own thread once
+        it runs (a kick, then its kick hook)."""
+        with self._lock:
+            if vcpu in self._injections:
                 return -ids.KVM_EBUSY
-            if vector == PF_VECTOR:
-                sregs = v.get_sregs()
-                sregs.cr2 = address
-                v.set_sregs(sregs)
-            ev.exception_injected, ev.exception_nr = 1, vector
-            ev.exception_has_error_code = int(vector in ERROR_CODE_VECTORS)
-            ev.exception_error_code = error_code & 0xFFFFFFFF
-            ev.flags = 0
-            v.set_vcpu_events(ev)
-            return 0
+            if self.machine.vcpu_thread(vcpu) is None:
+                self._injections[vcpu] = (vector, error_code, address)
+                threading.Thread(target=self._inject_when_running, args=(vcpu,),
+                                 name=f"kvmi-inject{vcpu}", daemon=True).start()
+                return 0
+        return self._vcpu_call(vcpu, self._inject_now, vcpu, vector, error_code, address)
 
-        return self._vcpu_call(vcpu, inject)
+    def _inject_now(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
+        v = self._vcpus[vcpu]
+        ev = v.get_vcpu_events()
+        if ev.exception_injected or ev.exception_pending:
+            return -ids.KVM_EBUSY
+        if vector == PF_VECTOR:
+            sregs = v.get_sregs()
+            sregs.cr2 = address
+            v.set_sregs(sregs)
+        ev.exception_injected, ev.exception_nr = 1, vector
+        ev.exception_has_error_code = int(vector in ERROR_CODE_VECTORS)
+        ev.exception_error_code = error_code & 0xFFFFFFFF
+        ev.flags = 0
+        v.set_vcpu_events(ev)
+        return 0
+
+    def _take_injection(self, vid: int) -> None:
+        """On vCPU `vid`'s thread while it runs: set the exception kept pending, if any."""
+        with self._lock:
+            args = self._injections.pop(vid, None)
+        if args is not None:
+            if self._inject_now(vid, *args):
+                log.warning("vCPU %d: an exception is already pending; INJECT_EXCEPTION of "
+                            "vector %d dropped", vid, args[0])
+            self._injected[vid].set()
+
+    def _inject_when_running(self, vid: int) -> None:
+        """Until the pending exception of `vid` is set: wait for a run (wait_running), then kick
+        the vCPU so that its kick hook sets it; between runs, look again every INJECT_POLL."""
+        done = self._injected[vid]
+        while vid in self._injections:
+            intro = self.intro
+            if intro is None or not intro.connected:     # the session ended: dropped
+                with self._lock:
+                    self._injections.pop(vid, None)
+                return
+            done.clear()
+            if self.machine.wait_running(INJECT_POLL) and self.machine.kick(vid):
+                done.wait(INJECT_POLL)        # set by the hook; else kick again
+            elif not self.machine.wait_running(0):
+                done.wait(INJECT_POLL)        # between runs: look for the next one
 
     # --- Backend: registers ---------------------------------------------------------------
 
@@ -360,8 +405,15 @@ class MachineBackend(Backend):
         if old is None or old == new:
             return None
         self.msr_events += 1
-        with self._blocked(vid):
-            action, value = intro.msr_event(vid, msr, old, new, st.fill(values))
+        state = st.fill(values)
+        self._waiting[vid] = True           # _blocked(), inline: this is the hot path
+        parked = self.machine.blocked(vid)
+        parked.__enter__()
+        try:
+            action, value = intro.msr_event(vid, msr, old, new, state)
+        finally:
+            parked.__exit__(None, None, None)
+            self._waiting[vid] = False
         if action == CRASH:
             exc = IntrospectionCrash(vid, ids.VCPU_EVENT_MSR, msr)
             self.crashes.append(exc)
@@ -389,6 +441,8 @@ class MachineBackend(Backend):
     def _on_kick(self, vid: int) -> None:
         """A Machine kick hook: on vCPU `vid`'s thread after each kick (KVM_RUN returned EINTR)."""
         self._kicked[vid].set()
+        if self._injections:
+            self._take_injection(vid)
         intro = self.intro
         if intro is None or not intro.pending_pauses(vid):
             return
