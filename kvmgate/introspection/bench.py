@@ -5,9 +5,10 @@
   * `exit`    - a FILTER deny on LSTAR writes and an `m.on_msr` handler storing the value with
                 KVM_SET_MSRS (one user-space exit per write: the baseline; the interception
                 path stores the same way); `exit_bare`: the handler only returns (write dropped),
-  * `event`   - introspection, v12: a tool in its own process controls LSTAR with the MSR event
-                enabled and answers CONTINUE (exit + event message + reply + the owner's
-                KVM_GET_MSRS/REGS/SREGS for the event's state + KVM_SET_MSRS),
+  * `event`   - introspection, v12: a tool in its own process (a minimal responder) controls
+                LSTAR with the MSR event enabled and answers CONTINUE (exit + the owner's
+                KVM_GET_MSRS, registers from kvm_run.s + event message + reply, read by the
+                vCPU thread itself + KVM_SET_MSRS; docs/introspection.md §5),
   * `event_v7` - the same in the kvmi-v7 (libkvmi) ABI,
   * `quiet`   - LSTAR controlled but the MSR event not enabled: the exit, no message.
 Every path runs once per round, the paths interleaved, for `rounds` (>= 7) rounds after a

@@ -13,14 +13,19 @@ How each part maps onto the Machine:
   nothing is intercepted (no user-space exit at all) for MSRs nobody controls.
 * A guest write to an intercepted MSR calls `_on_write` on the vCPU's thread: when the tool
   wants that write (MSR controlled on that vCPU, MSR event enabled and allowed) and the value
-  changes (old value from KVM_GET_MSRS), the MSR event is sent and the vCPU waits; CONTINUE
+  changes (old value from KVM_GET_MSRS), the MSR event is sent and the vCPU waits (reading
+  the socket itself until its reply, inbox.py); CONTINUE
   stores the tool's `new_val` (host-initiated KVM_SET_MSRS, by the machine), RETRY keeps the
   old value, CRASH raises `IntrospectionCrash` out of `m.run()`.
 * While a vCPU waits for the tool it counts as parked for `Machine.quiesced()`, so the tool may
   send VCPU_CONTROL_MSR (a filter swap) from its event handler without a deadlock.
-* Commands that need a vCPU ioctl (registers, MSRs, TSC) run on the reader thread; a vCPU in
-  KVM_RUN holds its mutex, so the vCPU is kicked (immediate_exit + signal) until the ioctl
-  gets through.
+* Commands run on the thread holding the session's reader token (inbox.py): the reader thread,
+  or a vCPU thread waiting for its event reply.  Those that need a vCPU ioctl (registers,
+  MSRs, TSC) on a vCPU in KVM_RUN (which holds the vCPU's mutex) kick it (immediate_exit +
+  signal) until the ioctl gets through; on the caller's own vCPU they call it directly.
+* The MSR event's state: registers from kvm_run.s (KVM_CAP_SYNC_REGS), MSRs with one prebuilt
+  KVM_GET_MSRS, the tool's register writes through kvm_dirty_regs (vcpu_state.py,
+  docs/introspection.md §5).
 * VM_PAUSE_VCPU: the vCPU is kicked and sends its PAUSE event from its own thread (through
   `Machine.add_kick_hook`); if its thread is not running, a worker thread sends the event while
   every vCPU is held outside KVM_RUN (`quiesced()`).
