@@ -14,7 +14,6 @@ machine_backend  `MachineBackend` (the Backend on a live Machine), `attach(machi
 listener     `IntrospectionListener`: a unix socket that hooks the tool that connects
 connector    `IntrospectionConnector`: connect to a listening tool with QEMU's handshake
 session      `serve(machine, spec, ...)`: listen or connect as a spec says (`kvmgate run`)
-bench        `bench_events()`: event round trip vs a plain user-space MSR exit
 """
 from .abi import V7, V12, Dialect
 from .backend import Backend

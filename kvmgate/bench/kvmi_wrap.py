@@ -13,7 +13,7 @@ new value) between two RDTSCs.  Paths, one wrapped QEMU run each, interleaved fo
   event only, which ends the guest's sync loop.
 
 Figures: median cycles per write, median of the per-round event / policy ratios, load average.
-`python -m kvmgate.wrap.kvmi_bench [N] [ROUNDS]` prints them as JSON.
+`python -m kvmgate.bench.kvmi_wrap [N] [ROUNDS]` prints them as JSON.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import pvhguest
-from .session import IntrospectOptions, Wrap
+from ..wrap import pvhguest
+from ..wrap.session import IntrospectOptions, Wrap
 
 LSTAR = 0xC0000082
 LSTAR_BASE = 0xFFFFFFFF81A00000

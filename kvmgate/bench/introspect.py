@@ -13,7 +13,7 @@
 Every path runs once per round, the paths interleaved, for `rounds` (>= 7) rounds after a
 warm-up; each figure is the median per-write time, and `ratio` the median of the per-round
 event / exit ratios.  The load average is reported with them.
-`python -m kvmgate.introspection.bench [N]` prints it as JSON.
+`python -m kvmgate.bench.introspect [N]` prints it as JSON.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from ..machine import Machine
 from ..msr.model import EXIT_REASON_FILTER, WRITE, MsrFilter, MsrRange
-from .abi import V7, V12, Dialect
-from .machine_backend import attach
+from ..introspection.abi import V7, V12, Dialect
+from ..introspection.machine_backend import attach
 
 LSTAR = 0xC0000082
 ROUNDS = 7
