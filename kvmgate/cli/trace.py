@@ -9,7 +9,7 @@ from ..errors import UserError
 from ..report import emit, table
 from ..trace import import_trace_cmd_to, parse_dask, record_tracefs_to
 from ..trace.dryrun import replay_policy
-from ..trace.store import DEFAULT_FLUSH_SECONDS
+from ..trace.writing import DEFAULT_FLUSH_SECONDS
 from .common import (Progress, StopOnSignals, in_path, nonneg_int, nonneg_seconds, out_path,
                      positive_int, positive_seconds)
 

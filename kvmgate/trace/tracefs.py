@@ -36,7 +36,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import UserError
-from .store import DEFAULT_FLUSH_SECONDS, Trace, TraceFile, TraceWriter, default_host, vcpu_of_comm
+from .columns import default_host, vcpu_of_comm
+from .memory import Trace
+from .reading import TraceFile
+from .writing import DEFAULT_FLUSH_SECONDS, TraceWriter
 
 DEFAULT_ROOT = Path("/sys/kernel/tracing")
 EVENT_DIR = Path("events/kvm/kvm_msr")
@@ -588,7 +591,7 @@ def record_tracefs_to(path, duration: float | None = None, pid: int | Iterable[i
                       row_group_events: int | None = None) -> TraceFile:
     """Like record_tracefs, streaming into a Parquet trace at `path`, crash-safe: events are
     flushed to PATH.parts/ every `flush_seconds` (and every full row group); a recording killed
-    on the way keeps everything up to its last flush there (kvmgate.trace.store)."""
+    on the way keeps everything up to its last flush there (kvmgate.trace.writing)."""
     kw = {"row_group_events": row_group_events} if row_group_events else {}
     with TraceWriter(path, crash_safe=True, flush_seconds=flush_seconds, **kw) as w:
         w.meta.update(_record(lambda cols: w.append(**cols), duration, pid, stop, progress, ready,

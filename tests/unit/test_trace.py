@@ -22,8 +22,8 @@ from kvmgate.trace import (SCHEMA, Summary, Trace, TraceFile, TraceFormatError, 
                            naive_counts, parse_line, replay, report_counts)
 from kvmgate.bench.replay import bench_replay, sixteen_range_filter, synthetic_columns
 from kvmgate.trace.pagecheck import PageError, check_column_chunk
-from kvmgate.trace.schema import META_KEY
-from kvmgate.trace.store import MARKER
+from kvmgate.trace.schema import META_KEY, document_crc
+from kvmgate.trace.writing import MARKER
 from kvmgate.trace.textimport import parse_lines
 from kvmgate.trace.tracefs import EventLayout, _Merger, _columns, parse_page
 
@@ -250,8 +250,7 @@ def test_random_bytes_after_magic_and_damaged_metadata_are_refused(tmp_path):
     with pytest.raises(TraceFormatError, match="checksum"):
         replay(tmp_path / "doc.parquet", lambda *a: "x")
     # a consistent document that disagrees with the events: only the full check can see it
-    from kvmgate.trace.store import _doc_crc
-    doc["crc"] = _doc_crc(doc)
+    doc["crc"] = document_crc(doc)
     pq.write_table(t.replace_schema_metadata({META_KEY: json.dumps(doc)}), tmp_path / "doc2.parquet",
                    row_group_size=1000, write_page_checksum=True)
     with pytest.raises(TraceFormatError, match="disagree"):
