@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from ..cli.common import positive_int
+from ..argtypes import positive_int
 
 MIN_ROUNDS = 7
 

@@ -13,12 +13,11 @@ new value) between two RDTSCs.  Paths, one wrapped QEMU run each, interleaved fo
   event only, which ends the guest's sync loop.
 
 Figures: median cycles per write, median of the per-round event / policy ratios, load average.
-`python -m kvmgate.bench.kvmi_wrap [N] [ROUNDS]` prints them as JSON.
+`kvmgate bench wrap-introspect [-n N] [--rounds R] [--json]` prints them.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from ..wrap import pvhguest
 from ..wrap.session import IntrospectOptions, Wrap
+from .common import count_arg, emit, load_average, load_row, parser
 
 LSTAR = 0xC0000082
 LSTAR_BASE = 0xFFFFFFFF81A00000
@@ -154,5 +154,19 @@ def bench(n: int = 2000, rounds: int = ROUNDS) -> dict:
     }
 
 
-if __name__ == "__main__":
-    print(json.dumps(bench(*(int(a) for a in sys.argv[1:3])), indent=2))
+def main(argv: list[str]) -> int:
+    ap = parser("wrap-introspect", __doc__, rounds=ROUNDS)
+    ap.add_argument("-n", type=count_arg, default=2000, help="LSTAR writes per guest run")
+    a = ap.parse_args(argv)
+    before = load_average()
+    res = bench(a.n, a.rounds)
+    res["load_average"] = [before, load_average()]
+    lo, hi = res["ratio_spread"]
+    emit(res, a.json, [
+        ("LSTAR writes per guest run", str(res["writes"])),
+        ("answered by a policy rule in the shim", f"{res['policy_cycles_per_write']} cycles/write (median)"),
+        ("MSR event round trip (kvmi-v7 tool)", f"{res['event_cycles_per_write']} cycles/write (median)"),
+        ("ratio event / policy", (f"{res['ratio_event_vs_policy']:.2f}x median of {res['rounds']} "
+                                  f"interleaved rounds (spread {lo:.2f}x .. {hi:.2f}x)")),
+        load_row(res)])
+    return 0

@@ -5,7 +5,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "kvmgate"
 LAYERS = [
-    {"uapi", "errors", "report", "schemas", "inputs"},         # ABI facts, errors, table output, user files
+    {"uapi", "errors", "report", "schemas", "inputs", "argtypes"},  # ABI facts, errors, tables, user files, options
     {"kvm", "vcpu_exit", "asm", "hostinfo"},                   # fds, ioctls, decoded exits; the assembler
     {"msr"},                                                   # the pure MSR model
     {"guest", "exits", "vm", "machine"},                       # guests, the machine and its exit loop
