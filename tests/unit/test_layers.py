@@ -1,6 +1,7 @@
 """Imports go only downward through the layers (lazy imports inside functions included)."""
 import ast
 import functools
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "kvmgate"
@@ -323,3 +324,20 @@ def test_no_access_to_other_modules_private_names():
     bad += [b for path in sorted(tests.rglob("*.py")) for b in private_access(path, only_imports=True)
             if "kvmgate" in b]
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_readme_layering_section_is_this_list():
+    """README's "### Layering" numbers the layers; each item's top-level names (backticked,
+    outside parentheses) are exactly LAYERS' (the package's own __main__/__init__ aside)."""
+    text = (PKG.parent / "README.md").read_text()
+    section = text.split("### Layering\n", 1)[1].split("\n#", 1)[0]
+    listing = section[section.index("\n1. "):].split("\n\n")[0]
+    items = re.split(r"\n\d+\. ", listing)[1:]
+    got = []
+    for item in items:
+        flat = " ".join(item.split())
+        while re.search(r"\([^()]*\)", flat):
+            flat = re.sub(r"\([^()]*\)", "", flat)
+        got.append(set(re.findall(r"`([\w.]+)`", flat)))
+    want = [names - {"__main__", "__init__"} for names in LAYERS]
+    assert got == want
