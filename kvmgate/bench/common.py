@@ -64,6 +64,15 @@ def paired(rounds: int, measure: Callable[[], float], baseline: Callable[[], flo
             "load_average": [before, load_average()]}
 
 
+def with_load_average(run: Callable[[], dict]) -> dict:
+    """run()'s result with "load_average": [before, after] (for benchmarks that interleave
+    their rounds themselves)."""
+    before = load_average()
+    res = run()
+    res["load_average"] = [before, load_average()]
+    return res
+
+
 def median_of(rounds: int, fn: Callable[[], float]) -> float:
     return statistics.median(fn() for _ in range(rounds))
 

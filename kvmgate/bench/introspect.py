@@ -30,7 +30,8 @@ from ..machine import Machine
 from ..msr.model import EXIT_REASON_FILTER, WRITE, MsrFilter, MsrRange
 from ..introspection.abi import V7, V12, Dialect
 from ..introspection.machine_backend import attach
-from .common import count_arg, emit, load_average, load_row, parser
+from .common import count_arg, emit, load_row, parser, with_load_average
+from .kvmi_tool import fd_tool, reap
 
 LSTAR = 0xC0000082
 ROUNDS = 7
@@ -51,8 +52,8 @@ again:
 
 
 # The tools run in their own process (as a real tool would: with a thread of ours it would
-# also compete for this process's GIL).  v12: kvmgate's Client.  v7: a bare responder in the
-# libkvmi dialect (event = message 1, reply = message 0 with the vCPU header).
+# also compete for this process's GIL).  v12: kvmgate's Client.  v7: the bare libkvmi-dialect
+# responder of bench.kvmi_tool.
 _TOOL_V12 = """
 import socket, sys
 from kvmgate.introspection import Client, ids
@@ -62,30 +63,6 @@ if sys.argv[2] == "1":
 c.control_msr(0, {lstar})
 sys.stdout.write("ready\\n"); sys.stdout.flush()
 c.serve(on_msr=lambda ev: None)
-"""
-_TOOL_V7 = """
-import socket, struct, sys
-s = socket.socket(fileno=int(sys.argv[1]))
-f = s.makefile("rb")
-def request(mid, body):
-    s.sendall(struct.pack("=HHI", mid, len(body), 1) + body)
-    h = f.read(8); size = struct.unpack("=HHI", h)[1]; err = struct.unpack_from("=i", f.read(size))[0]
-    assert err == 0, err
-vcpu0 = struct.pack("=HHI", 0, 0, 0)
-if sys.argv[2] == "1":
-    request(9, vcpu0 + struct.pack("=HBBI", 2, 1, 0, 0))        # CONTROL_EVENTS(MSR)
-request(11, vcpu0 + struct.pack("=BBHI", 1, 0, 0, {lstar}))     # CONTROL_MSR(LSTAR)
-sys.stdout.write("ready\\n"); sys.stdout.flush()
-while True:
-    h = f.read(8)
-    if len(h) < 8:
-        break
-    mid, size, seq = struct.unpack("=HHI", h)
-    body = f.read(size)
-    vcpu = struct.unpack_from("=H", body, 2)[0]
-    new = struct.unpack_from("=Q", body, 544 + 16)[0]            # kvmi_event_msr.new_value
-    s.sendall(struct.pack("=HHI", 0, 24, seq) + struct.pack("=HHI", vcpu, 0, 0)
-              + struct.pack("=BBHI", 0, 2, 0, 0) + struct.pack("=Q", new))
 """
 
 
@@ -129,25 +106,16 @@ def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
     stack.callback(intro.unhook)
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    script = (_TOOL_V7 if abi is V7 else _TOOL_V12).format(lstar=LSTAR)
+    script = fd_tool(LSTAR) if abi is V7 else _TOOL_V12.format(lstar=LSTAR)
     proc = subprocess.Popen([sys.executable, "-c", script, str(b.fileno()),
                              "1" if enable_event else "0"], pass_fds=[b.fileno()],
                             stdout=subprocess.PIPE, text=True, env=env)
     b.close()
-    stack.callback(_reap, proc)
+    stack.callback(reap, proc)
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("the bench tool did not start")
     path.backend = intro.backend
     return path
-
-
-def _reap(proc: subprocess.Popen) -> None:
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
 
 
 def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
@@ -192,9 +160,7 @@ def main(argv: list[str]) -> int:
     ap = parser("introspect", __doc__, rounds=ROUNDS)
     ap.add_argument("-n", type=count_arg, default=2000, help="LSTAR writes per run")
     a = ap.parse_args(argv)
-    before = load_average()
-    res = bench_events(a.n, a.rounds)
-    res["load_average"] = [before, load_average()]
+    res = with_load_average(lambda: bench_events(a.n, a.rounds))
     us = lambda k: f"{res[k + '_us']:.2f} us/write (median)"  # noqa: E731
     emit(res, a.json, [
         ("LSTAR writes per run", str(res["writes"])),

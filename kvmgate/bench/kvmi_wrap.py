@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ..wrap import pvhguest
 from ..wrap.session import IntrospectOptions, Wrap
-from .common import count_arg, emit, load_average, load_row, parser
+from .common import count_arg, emit, load_row, parser, with_load_average
+from .kvmi_tool import listening_tool, reap
 
 LSTAR = 0xC0000082
 LSTAR_BASE = 0xFFFFFFFF81A00000
@@ -43,41 +44,6 @@ access = "write"
 action = "ignore"
 log = false
 """
-
-# A bare kvmi-v7 tool (libkvmi's dialect): listen, QEMU's handshake, CONTROL_EVENTS(MSR) and
-# CONTROL_MSR(LSTAR) on vCPU 0, then answer MSR events; the first is reverted (old value).
-_TOOL = """
-import os, socket, struct, sys
-path = sys.argv[1]
-ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); ls.bind(path); ls.listen(1)
-sys.stdout.write("listening\\n"); sys.stdout.flush()
-s, _ = ls.accept(); ls.close()
-f = s.makefile("rb")
-size = struct.unpack("=I", f.read(4))[0]; f.read(size - 4)
-s.sendall(struct.pack("=I20s", 24, bytes(20)))
-seq = [0]
-def request(mid, body):
-    seq[0] += 1
-    s.sendall(struct.pack("=HHI", mid, len(body), seq[0]) + body)
-    h = f.read(8); size = struct.unpack("=HHI", h)[1]; err = struct.unpack_from("=i", f.read(size))[0]
-    assert err == 0, err
-vcpu0 = struct.pack("=HHI", 0, 0, 0)
-request(9, vcpu0 + struct.pack("=HBBI", 2, 1, 0, 0))
-request(11, vcpu0 + struct.pack("=BBHI", 1, 0, 0, {lstar}))
-first = True
-while True:
-    h = f.read(8)
-    if len(h) < 8:
-        break
-    mid, size, seq_ = struct.unpack("=HHI", h)
-    body = f.read(size)
-    vcpu = struct.unpack_from("=H", body, 2)[0]
-    old, new = struct.unpack_from("=QQ", body, 544 + 8)
-    s.sendall(struct.pack("=HHI", 0, 24, seq_) + struct.pack("=HHI", vcpu, 0, 0)
-              + struct.pack("=BBHI", 0, 2, 0, 0) + struct.pack("=Q", old if first else new))
-    first = False
-"""
-
 
 def _cycles(out: Path, what: str) -> int:
     res = pvhguest.parse(out.read_text())
@@ -99,7 +65,7 @@ def run_event(elf: Path, tmp: Path) -> tuple[int, dict]:
     out, sock = tmp / "event.out", tmp / "tool.sock"
     if sock.exists():
         sock.unlink()
-    tool = subprocess.Popen([sys.executable, "-c", _TOOL.replace("{lstar}", str(LSTAR)),
+    tool = subprocess.Popen([sys.executable, "-c", listening_tool(LSTAR),
                              str(sock)], stdout=subprocess.PIPE, text=True)
     try:
         if tool.stdout.readline().strip() != "listening":
@@ -111,12 +77,7 @@ def run_event(elf: Path, tmp: Path) -> tuple[int, dict]:
             r = w.run()
         events = w.kvmi.msr_events
     finally:
-        try:
-            tool.wait(10)
-        except subprocess.TimeoutExpired:
-            tool.kill()
-            tool.wait()
-        tool.stdout.close()
+        reap(tool)
     return _cycles(out, "event"), {**r.exits, "events": events}
 
 
@@ -158,9 +119,7 @@ def main(argv: list[str]) -> int:
     ap = parser("wrap-introspect", __doc__, rounds=ROUNDS)
     ap.add_argument("-n", type=count_arg, default=2000, help="LSTAR writes per guest run")
     a = ap.parse_args(argv)
-    before = load_average()
-    res = bench(a.n, a.rounds)
-    res["load_average"] = [before, load_average()]
+    res = with_load_average(lambda: bench(a.n, a.rounds))
     lo, hi = res["ratio_spread"]
     emit(res, a.json, [
         ("LSTAR writes per guest run", str(res["writes"])),

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..uapi import U32
 from .schema import DIRECTIONS, SCHEMA
 from .summary import TraceFormatError
 
@@ -38,7 +39,7 @@ def columns(index, write, value=None, exception=None, pid=None, time_ns=None, vc
     n = index.shape[0] if index.ndim == 1 else -1
     if n < 0:
         raise ValueError("index must be one-dimensional")
-    if index.size and (index.min() < 0 or index.max() > 0xFFFFFFFF):
+    if index.size and (index.min() < 0 or index.max() > U32):
         raise ValueError("MSR index outside u32")
     out = {"index": index.astype(np.uint32, copy=False)}
     for name, a, default in (("write", write, 0), ("value", value, 0), ("exception", exception, 0),
