@@ -10,6 +10,7 @@ import fcntl
 import functools
 import mmap
 import os
+import struct
 from typing import Iterable
 
 from . import uapi as u
@@ -32,6 +33,10 @@ REQUIRED_CAPS = {
 
 _ioctl = fcntl.ioctl
 _KVM_RUN = u.KVM_RUN
+_SYNC_WORD = struct.Struct("=Q")
+_VALID_REGS = u.kvm_run.kvm_valid_regs.offset
+_DIRTY_REGS = u.kvm_run.kvm_dirty_regs.offset
+_SYNC_REGS = u.kvm_run.s.offset
 
 
 def ioctl(fd: int, request: int, arg=0, obj: object = None) -> int:
@@ -114,6 +119,11 @@ class Kvm(_Fd):
     def msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves/restores for its guests."""
         return self._index_list(u.KVM_GET_MSR_INDEX_LIST)
+
+    def msr_feature_index_list(self) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: the feature MSRs (read with KVM_GET_MSRS on the
+        /dev/kvm fd: what the host can offer, e.g. IA32_ARCH_CAPABILITIES)."""
+        return self._index_list(u.KVM_GET_MSR_FEATURE_INDEX_LIST)
 
     def _index_list(self, request: int) -> list[int]:
         n = 1024
@@ -204,6 +214,7 @@ class Vcpu(_Fd):
             raise KvmError(e.errno, "mmap", self) from None
         self.run_addr = C.addressof(C.c_char.from_buffer(self._mm))
         self._run_view = memoryview(self._mm)
+        self._sync_view: memoryview | None = None
         self.exits = ExitDecoder(self._run_view)
 
     def __repr__(self) -> str:
@@ -213,6 +224,8 @@ class Vcpu(_Fd):
         mm = getattr(self, "_mm", None)
         if mm is not None:
             self.exits.release()
+            if self._sync_view is not None:
+                self._sync_view.release()
             self._run_view.release()
             self._mm = None
             mm.close()
@@ -235,6 +248,31 @@ class Vcpu(_Fd):
     def set_immediate_exit(self, on: bool = True) -> None:
         """kvm_run.immediate_exit (KVM_CAP_IMMEDIATE_EXIT): KVM_RUN returns -EINTR at once."""
         self.exits.set_immediate_exit(on)
+
+    # KVM_CAP_SYNC_REGS (kernel Documentation/virt/kvm/api.rst, "kvm_valid_regs" and
+    # "kvm_sync_regs"; docs/introspection.md §5): register sets carried in kvm_run.s.
+    def set_valid_regs(self, mask: int) -> None:
+        """kvm_run.kvm_valid_regs = `mask` (KVM_SYNC_X86_* bits): from the next KVM_RUN on, KVM
+        copies those register sets into kvm_run.s at every return (0 stops it)."""
+        _SYNC_WORD.pack_into(self._run_view, _VALID_REGS, mask)
+
+    def valid_regs(self) -> int:
+        return _SYNC_WORD.unpack_from(self._run_view, _VALID_REGS)[0]
+
+    def set_dirty_regs(self, mask: int) -> None:
+        """kvm_run.kvm_dirty_regs = `mask`: the next KVM_RUN loads those sets from kvm_run.s
+        (as KVM_SET_REGS/KVM_SET_SREGS would) and clears their bits."""
+        _SYNC_WORD.pack_into(self._run_view, _DIRTY_REGS, mask)
+
+    def dirty_regs(self) -> int:
+        return _SYNC_WORD.unpack_from(self._run_view, _DIRTY_REGS)[0]
+
+    def sync_regs_view(self) -> memoryview:
+        """The bytes of struct kvm_sync_regs in kvm_run.s (regs, sregs, events at their uapi
+        offsets), read and written in place; valid until close()."""
+        if self._sync_view is None:
+            self._sync_view = self._run_view[_SYNC_REGS:_SYNC_REGS + C.sizeof(u.kvm_sync_regs)]
+        return self._sync_view
 
     def run_struct(self) -> u.kvm_run:
         """A copy of the kvm_run area as struct kvm_run."""

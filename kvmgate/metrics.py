@@ -39,20 +39,25 @@ class Reloads:
 
 class RunCollector:
     """Reads a run's counters at scrape time.  `audit` is an AuditLog (or None), `exits` a callable
-    returning {vcpu: exits}, `reloads` a Reloads (or None)."""
+    returning {vcpu: exits}, `reloads` a Reloads (or None), `decisions` a callable returning
+    rows as AuditLog.summary() does (default: the audit's summary; `kvmgate wrap` adds the
+    counts the shim keeps in shared memory, kvmgate.wrap.session.Wrap.decisions)."""
 
     def __init__(self, audit=None, exits: Callable[[], dict[int, int]] | None = None,
-                 reloads: Reloads | None = None):
+                 reloads: Reloads | None = None, decisions: Callable[[], list[dict]] | None = None):
         self.audit, self.exits, self.reloads = audit, exits, reloads
+        self.decisions = decisions
 
     def collect(self):
         d = CounterMetricFamily("kvmgate_decisions", "User-space MSR decisions",
                                 labels=["msr", "name", "access", "action", "result"])
         written = suppressed = 0
+        rows = self.decisions() if self.decisions is not None else \
+            self.audit.summary() if self.audit is not None else []
+        for row in rows:
+            d.add_metric([row["msr"], row["name"], row["access"], row["action"], row["result"]],
+                         row["count"])
         if self.audit is not None:
-            for row in self.audit.summary():
-                d.add_metric([row["msr"], row["name"], row["access"], row["action"], row["result"]],
-                             row["count"])
             written, suppressed = self.audit.written, self.audit.suppressed
         yield d
         yield CounterMetricFamily("kvmgate_audit_records", "Audit records written", value=written)
@@ -71,10 +76,10 @@ class RunCollector:
 class Metrics:
     """A registry holding one RunCollector; serve it on a port or write it as a textfile."""
 
-    def __init__(self, audit=None, exits=None, reloads: Reloads | None = None):
+    def __init__(self, audit=None, exits=None, reloads: Reloads | None = None, decisions=None):
         self.reloads = reloads if reloads is not None else Reloads()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(RunCollector(audit, exits, self.reloads))
+        self.registry.register(RunCollector(audit, exits, self.reloads, decisions))
         self._server = None
         self._writer: threading.Thread | None = None
         self._stop = threading.Event()

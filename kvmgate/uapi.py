@@ -102,6 +102,18 @@ class kvm_vcpu_events(C.Structure):
                 ("exception_has_payload", u8), ("exception_payload", u64)]
 
 
+# struct kvm_sync_regs (x86): the register sets KVM copies to and from kvm_run.s
+# (KVM_CAP_SYNC_REGS; kvm_run.kvm_valid_regs / kvm_dirty_regs take KVM_SYNC_X86_* bits)
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
+KVM_SYNC_X86_VALID_FIELDS = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+
+
+class kvm_sync_regs(C.Structure):
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
 class kvm_enable_cap(C.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
@@ -230,6 +242,7 @@ KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_SYNC_REGS = 74
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189

@@ -7,8 +7,9 @@ pinned to one core; DuckDB runs with threads=1):
 
   kvmgate       replay of the file against a 16-range filter: the key columns' page checksums
                 checked, the stored key summaries merged, one verdict per distinct key;
-  kvmgate-full  the same from every decoded event (what replay does with --full-check or a
-                file written by another tool);
+  kvmgate-full  what replay does with --full-check: every page of every column checked against
+                its CRC32, the key columns decoded and counted per key (numpy.bincount,
+                kvmgate.trace.fastcount), the counts compared with the stored summaries;
   duckdb        SELECT index, direction, exception, count(*) ... GROUP BY ALL over the file.
 
 The medians (of >= 7 rounds) are printed with the load average; the counts of all three are

@@ -113,6 +113,17 @@ def positive_seconds(text: str) -> float:
     return v
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port 0..65535 (0: any free port)."""
+    try:
+        v = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is 0..65535 (0: any free port)")
+    return v
+
+
 def vcpu_count(text: str) -> int:
     """argparse type: 1..MAX_VCPUS, what a Machine runs."""
     try:
@@ -144,26 +155,6 @@ def nonneg_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not v >= 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds >= 0")
-    return v
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
-    return v
-
-
-def nonneg_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
     return v
 
 

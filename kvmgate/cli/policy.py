@@ -1,14 +1,16 @@
-"""`kvmgate policy check|compile|explain|diff`."""
+"""`kvmgate policy check|compile|explain|diff|export`."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 from ..hostinfo import ignore_msrs
 from ..policy import compile_policy, load_policy
+from ..policy.export import FORMATS
 from ..policy.host import ask_kvm
 from ..policy.report import compile_report, diff_rows, explain_rows, mentioned_msrs
 from ..report import emit, table
-from .common import parse_msrs
+from .common import out_path, parse_msrs
 
 
 def _compiled(path: str):
@@ -75,6 +77,22 @@ def cmd_policy_diff(a) -> int:
     return 0
 
 
+def cmd_policy_export(a) -> int:
+    from ..policy.export import export_text, write_export
+    if a.output:
+        out_path(a.output, "export file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # in the document's "warnings"
+        cp = _compiled(a.file)
+    if not a.output:
+        sys.stdout.write(export_text(cp))
+        return 0
+    write_export(cp, a.output)
+    print(f"{a.output}: policy {cp.policy.name!r}, {len(cp.filter.ranges)}/16 filter ranges, "
+          f"exit mask {cp.exit_mask}", file=sys.stderr)
+    return 0
+
+
 def register(sub) -> None:
     pol = sub.add_parser("policy", help="check, compile, explain and diff policies")
     psub = pol.add_subparsers(dest="pcmd", required=True, metavar="ACTION")
@@ -99,3 +117,10 @@ def register(sub) -> None:
     p.add_argument("msrs", nargs="*", metavar="MSR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_policy_diff)
+    p = psub.add_parser("export", help="the compiled KVM filter, exit mask and user-space actions "
+                                       "as JSON, for VMMs that install it themselves")
+    p.add_argument("file")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="kvm-filter-json: see docs/kvm-msr.md §7 and `kvmgate schema kvm-filter`")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here (atomically) instead of stdout")
+    p.set_defaults(fn=cmd_policy_export)

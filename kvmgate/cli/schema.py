@@ -1,4 +1,4 @@
-"""`kvmgate schema audit|policy`: print a shipped JSON Schema."""
+"""`kvmgate schema audit|policy|kvm-filter`: print a shipped JSON Schema."""
 from __future__ import annotations
 
 from ..schemas import SCHEMAS, schema_text
@@ -10,6 +10,6 @@ def cmd_schema(a) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("schema", help="print the JSON Schema of audit records or policy files")
+    p = sub.add_parser("schema", help="print the JSON Schema of audit records, policy files or exported KVM filters")
     p.add_argument("name", choices=SCHEMAS)
     p.set_defaults(fn=cmd_schema)

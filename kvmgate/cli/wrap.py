@@ -5,8 +5,10 @@ import json
 import sys
 
 from ..errors import UserError
-from .common import out_path
+from .common import out_path, port_number, writable_file
 from .introspect import add_run_arguments, read_key
+
+METRICS_EVERY = 5.0          # seconds between textfile writes (--metrics-file)
 
 
 def cmd_wrap(a) -> int:
@@ -24,15 +26,43 @@ def cmd_wrap(a) -> int:
     elif a.kvmi_abi or a.introspect_key or a.allow_commands or a.allow_events:
         raise UserError("--kvmi-abi, --introspect-key, --allow-commands, --allow-events: only "
                         "with --introspect", "kvmgate wrap")
-    w = Wrap(argv, policy=a.policy, audit=a.audit, mode=a.mode, learn=a.learn, introspect=intro)
-    w.start()
-    w.install_signal_handlers()
-    r = w.wait()
+    reloads = None
+    if a.metrics_port is not None or a.metrics_file:
+        from ..metrics import Reloads
+        reloads = Reloads()
+    w = Wrap(argv, policy=a.policy, audit=a.audit, mode=a.mode, learn=a.learn, introspect=intro,
+             reload_counter=reloads)
+    metrics = _metrics(a, w, reloads)
+    try:
+        w.start()
+        w.install_signal_handlers()
+        r = w.wait()
+    finally:
+        if metrics is not None:
+            if a.metrics_file:
+                metrics.write_textfile(a.metrics_file)     # the final counts, after wait()
+            metrics.close()
     if a.json:
         print(json.dumps(as_json(r)), file=sys.stderr)
     else:
         report(r, sys.stderr)
     return r.returncode
+
+
+def _metrics(a, w, reloads):
+    """Prometheus metrics of the wrapped VM on --metrics-port / --metrics-file, or None: the
+    decisions (drained audit rings + the shim's shared-memory counts), MSR exits per vCPU,
+    audit records written and suppressed, reloads (kvmgate/metrics.py)."""
+    if reloads is None:
+        return None
+    from ..metrics import Metrics
+    metrics = Metrics(audit=w.audit, exits=w.exits_by_vcpu, reloads=reloads, decisions=w.decisions)
+    if a.metrics_port is not None:
+        port = metrics.serve(a.metrics_port, a.metrics_addr)
+        print(f"kvmgate: metrics on http://{a.metrics_addr}:{port}/metrics", file=sys.stderr, flush=True)
+    if a.metrics_file:
+        metrics.write_every(a.metrics_file, METRICS_EVERY)
+    return metrics
 
 
 def register(sub) -> None:
@@ -46,6 +76,12 @@ def register(sub) -> None:
     p.add_argument("--learn", metavar="OUT.toml", help="record every MSR access of the VM (no policy) and "
                                                         "write the minimal policy that lets it run")
     p.add_argument("--json", action="store_true", help="run-end counters as one JSON line on stderr")
+    p.add_argument("--metrics-port", type=port_number,
+                   help="serve Prometheus metrics on this port (0: any free port)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port")
+    p.add_argument("--metrics-file", type=writable_file("metrics file"),
+                   help="write Prometheus metrics to this file (node_exporter textfile) every "
+                        f"{METRICS_EVERY:g} s and at the end")
     add_run_arguments(p)
     p.add_argument("vmm", nargs="...", metavar="-- VMM [ARGS...]")
     p.set_defaults(fn=cmd_wrap)

@@ -1,7 +1,9 @@
 """What the introspection server needs from a live VM (implemented by `Machine`).
 
-Threads: every method except `set_registers` is called from the server's reader thread,
-whether or not the guest runs at that moment, so each must be safe against running vCPUs.
+Threads: every method except `set_registers` is called from the thread that holds the
+session's reader token (inbox.py): the server's reader thread, or a thread waiting in
+`send_event` for its own reply (a vCPU's, which may be the vCPU a command names), whether or
+not the guest runs at that moment, so each must be safe against running vCPUs.
 `set_registers` is called by the thread that sent the event, inside `send_event`, after the
 tool replied (the kernel's "delayed registers"): the vCPU's own thread, or (MachineBackend's
 PAUSE of a vCPU whose thread is not running) a worker while every vCPU is held outside KVM_RUN, so plain
@@ -61,7 +63,7 @@ class Backend(abc.ABC):
         """Kick `vcpu` so its thread calls `Introspection.handle_pauses` soon.
 
         With `wait`, return once the vCPU has left guest mode, never later (its PAUSE event
-        needs the reader thread, which is the caller).  Return None/0, or a negative KVM code.
+        needs the reader token, which the caller holds).  Return None/0, or a negative KVM code.
         """
 
     # Optional: commands a libkvmi MSR monitor uses (GET_CPUID, INJECT_EXCEPTION, GET_MAX_GFN).

@@ -13,22 +13,28 @@ How each part maps onto the Machine:
   nothing is intercepted (no user-space exit at all) for MSRs nobody controls.
 * A guest write to an intercepted MSR calls `_on_write` on the vCPU's thread: when the tool
   wants that write (MSR controlled on that vCPU, MSR event enabled and allowed) and the value
-  changes (old value from KVM_GET_MSRS), the MSR event is sent and the vCPU waits; CONTINUE
+  changes (old value from KVM_GET_MSRS), the MSR event is sent and the vCPU waits (reading
+  the socket itself until its reply, inbox.py); CONTINUE
   stores the tool's `new_val` (host-initiated KVM_SET_MSRS, by the machine), RETRY keeps the
   old value, CRASH raises `IntrospectionCrash` out of `m.run()`.
 * While a vCPU waits for the tool it counts as parked for `Machine.quiesced()`, so the tool may
   send VCPU_CONTROL_MSR (a filter swap) from its event handler without a deadlock.
-* Commands that need a vCPU ioctl (registers, MSRs, TSC) run on the reader thread; a vCPU in
-  KVM_RUN holds its mutex, so the vCPU is kicked (immediate_exit + signal) until the ioctl
-  gets through.
+* Commands run on the thread holding the session's reader token (inbox.py): the reader thread,
+  or a vCPU thread waiting for its event reply.  Those that need a vCPU ioctl (registers,
+  MSRs, TSC) on a vCPU in KVM_RUN (which holds the vCPU's mutex) kick it (immediate_exit +
+  signal) until the ioctl gets through; on the caller's own vCPU they call it directly.
+* The MSR event's state: registers from kvm_run.s (KVM_CAP_SYNC_REGS), MSRs with one prebuilt
+  KVM_GET_MSRS, the tool's register writes through kvm_dirty_regs (vcpu_state.py,
+  docs/introspection.md §5).
 * VM_PAUSE_VCPU: the vCPU is kicked and sends its PAUSE event from its own thread (through
   `Machine.add_kick_hook`); if its thread is not running, a worker thread sends the event while
   every vCPU is held outside KVM_RUN (`quiesced()`).
 
 * GET_CPUID answers from KVM_GET_SUPPORTED_CPUID, which Machine installs on every vCPU;
   INJECT_EXCEPTION sets the exception injected with KVM_SET_VCPU_EVENTS (CR2 with
-  KVM_SET_SREGS for #PF) from the reader thread, kicking the vCPU out of KVM_RUN as above;
-  GET_MAX_GFN is the last page of guest RAM.
+  KVM_SET_SREGS for #PF), kicking the vCPU out of KVM_RUN as above; for a vCPU whose thread
+  does not run yet it stays pending until the vCPU runs (run() resets the vCPUs, which would
+  drop it), then the vCPU's own thread sets it; GET_MAX_GFN is the last page of guest RAM.
 
 Only Machine's public API is used: kick(), blocked(), quiesced(), vcpu_thread(), fail_run(),
 add_kick_hook(), intercept_msr_writes(), vcpus, memory, mem_size and kvm.
@@ -47,26 +53,24 @@ from typing import Sequence
 from .. import uapi as u
 from ..errors import FilterError, KvmError
 from ..exits import GuestError
-from ..msr.model import WRITE, X2APIC_FIRST, X2APIC_LAST
+from ..msr.model import WRITE
 from . import ids
 from .backend import Backend
+from .controlled import ControlledMsrs
 from .ids import CONTINUE, CRASH, RETRY
 from .owner import Introspection
-from .protocol import PAGE_SIZE, REGS_SIZE, msr_valid, pack_state
+from .protocol import PAGE_SIZE, pack_state
+from .vcpu_state import STATE_MSR_INDICES, SYNC_MASK, EventState, vcpu_mode
 
 __all__ = ["MachineBackend", "IntrospectionCrash", "attach", "vcpu_mode", "STATE_MSR_INDICES"]
 
 log = logging.getLogger("kvmgate.introspection")
 
-# The 9 MSRs of every vCPU event's state block, in the wire order (protocol.STATE_MSRS).
-STATE_MSR_INDICES = (0x174, 0x175, 0x176, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083,
-                     0x277, 0xC0000102)
-EFER_LMA = 1 << 10
-CR0_PE = 1
 KICK_INTERVAL = 0.002     # re-kick a vCPU this often while a command waits for its mutex
 PAUSE_WAIT = 1.0          # VM_PAUSE_VCPU with wait: at most this long for the vCPU to stop
 APPLY_LOCK_TIMEOUT = 2.0  # a command waiting for another filter swap / PAUSE: -KVM_EBUSY after
 QUIESCE_TIMEOUT = 5.0
+INJECT_POLL = 0.05         # a pending INJECT_EXCEPTION: kick again / look for a run this often
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 PF_VECTOR = 14
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})   # x86 SDM vol. 3 6.13
@@ -83,13 +87,6 @@ class IntrospectionCrash(GuestError):
         self.msr = msr
 
 
-def vcpu_mode(sregs) -> int:
-    """KVMI's mode: 8 (64-bit), 4 (32-bit) or 2 (16-bit) code, from EFER.LMA, CR0.PE, CS.L/D."""
-    if sregs.efer & EFER_LMA and sregs.cs.l:
-        return 8
-    return 4 if sregs.cs.db else 2
-
-
 # --- the backend -----------------------------------------------------------------------------
 
 class MachineBackend(Backend):
@@ -102,14 +99,18 @@ class MachineBackend(Backend):
         self._n = len(self._vcpus)
         self._lock = threading.Lock()
         self._apply_lock = threading.RLock()    # one filter swap / quiesce of ours at a time
-        self._controlled: dict[int, set[int]] = {}
+        self._controlled = ControlledMsrs(self.owner_denies, self._sync)
         self._installed: frozenset = frozenset()
         self._tsc_khz: int | None = None
         self._cpuid: list | None = None
         self._waiting = [False] * self._n       # vCPU blocked on the tool
         self._kicked = [threading.Event() for _ in range(self._n)]
+        self._injections: dict[int, tuple[int, int, int]] = {}   # INJECT_EXCEPTION before run()
+        self._injected = [threading.Event() for _ in range(self._n)]
         self._jobs: deque = deque()
         self._worker: threading.Thread | None = None
+        sync = bool(machine.kvm.check_extension(u.KVM_CAP_SYNC_REGS) & SYNC_MASK == SYNC_MASK)
+        self._states = [EventState(v, sync) for v in self._vcpus]   # vcpu_state.py
         # Counters (for tests and the bench).
         self.msr_writes = 0          # intercepted guest writes seen
         self.msr_events = 0          # of which sent to the tool
@@ -166,6 +167,10 @@ class MachineBackend(Backend):
         return pack_state(vcpu_mode(sregs), bytes(regs), bytes(sregs),
                           [msrs.get(i, 0) for i in STATE_MSR_INDICES])
 
+    def event_state(self, vid: int) -> EventState:
+        """vCPU `vid`'s prebuilt event buffers and sync-regs state (vcpu_state.py)."""
+        return self._states[vid]
+
     def _pause_state(self, vid: int) -> bytes:
         self.pause_events += 1          # called once per PAUSE event actually sent
         return self.state(vid)
@@ -221,25 +226,62 @@ class MachineBackend(Backend):
 
     def inject_exception(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
         """KVM_SET_VCPU_EVENTS with the exception injected (CR2 = `address` for #PF, through
-        KVM_SET_SREGS); delivered at the vCPU's next entry.  -KVM_EBUSY if one is pending."""
-        v = self._vcpus[vcpu]
+        KVM_SET_SREGS); delivered at the vCPU's next entry.  -KVM_EBUSY if one is pending.
 
-        def inject():
-            ev = v.get_vcpu_events()
-            if ev.exception_injected or ev.exception_pending:
+        A vCPU whose thread does not run yet keeps it pending here: run() resets every vCPU
+        (KVM_SET_REGS drops an injected exception), so it is set by the vCPU's own thread once
+        it runs (a kick, then its kick hook)."""
+        with self._lock:
+            if vcpu in self._injections:
                 return -ids.KVM_EBUSY
-            if vector == PF_VECTOR:
-                sregs = v.get_sregs()
-                sregs.cr2 = address
-                v.set_sregs(sregs)
-            ev.exception_injected, ev.exception_nr = 1, vector
-            ev.exception_has_error_code = int(vector in ERROR_CODE_VECTORS)
-            ev.exception_error_code = error_code & 0xFFFFFFFF
-            ev.flags = 0
-            v.set_vcpu_events(ev)
-            return 0
+            if self.machine.vcpu_thread(vcpu) is None:
+                self._injections[vcpu] = (vector, error_code, address)
+                threading.Thread(target=self._inject_when_running, args=(vcpu,),
+                                 name=f"kvmi-inject{vcpu}", daemon=True).start()
+                return 0
+        return self._vcpu_call(vcpu, self._inject_now, vcpu, vector, error_code, address)
 
-        return self._vcpu_call(vcpu, inject)
+    def _inject_now(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
+        v = self._vcpus[vcpu]
+        ev = v.get_vcpu_events()
+        if ev.exception_injected or ev.exception_pending:
+            return -ids.KVM_EBUSY
+        if vector == PF_VECTOR:
+            sregs = v.get_sregs()
+            sregs.cr2 = address
+            v.set_sregs(sregs)
+        ev.exception_injected, ev.exception_nr = 1, vector
+        ev.exception_has_error_code = int(vector in ERROR_CODE_VECTORS)
+        ev.exception_error_code = error_code & 0xFFFFFFFF
+        ev.flags = 0
+        v.set_vcpu_events(ev)
+        return 0
+
+    def _take_injection(self, vid: int) -> None:
+        """On vCPU `vid`'s thread while it runs: set the exception kept pending, if any."""
+        with self._lock:
+            args = self._injections.pop(vid, None)
+        if args is not None:
+            if self._inject_now(vid, *args):
+                log.warning("vCPU %d: an exception is already pending; INJECT_EXCEPTION of "
+                            "vector %d dropped", vid, args[0])
+            self._injected[vid].set()
+
+    def _inject_when_running(self, vid: int) -> None:
+        """Until the pending exception of `vid` is set: wait for a run (wait_running), then kick
+        the vCPU so that its kick hook sets it; between runs, look again every INJECT_POLL."""
+        done = self._injected[vid]
+        while vid in self._injections:
+            intro = self.intro
+            if intro is None or not intro.connected:     # the session ended: dropped
+                with self._lock:
+                    self._injections.pop(vid, None)
+                return
+            done.clear()
+            if self.machine.wait_running(INJECT_POLL) and self.machine.kick(vid):
+                done.wait(INJECT_POLL)        # set by the hook; else kick again
+            elif not self.machine.wait_running(0):
+                done.wait(INJECT_POLL)        # between runs: look for the next one
 
     # --- Backend: registers ---------------------------------------------------------------
 
@@ -256,8 +298,12 @@ class MachineBackend(Backend):
         return vcpu_mode(sregs), bytes(regs), bytes(sregs), [(i, values[i]) for i in msrs]
 
     def set_registers(self, vcpu: int, regs: bytes) -> None:
-        # On the vCPU's thread inside an event, or while it is parked (PAUSE without the hook).
-        self._vcpus[vcpu].set_regs(u.kvm_regs.from_buffer_copy(bytes(regs)[:REGS_SIZE]))
+        # On the vCPU's thread inside an event (through kvm_run.s.regs and kvm_dirty_regs when
+        # synced, vcpu_state.py), or while it is parked (PAUSE without the hook): KVM_SET_REGS.
+        st = self._states[vcpu]
+        if self.machine.vcpu_thread(vcpu) != threading.get_ident():
+            st = EventState(self._vcpus[vcpu], False)
+        st.set_regs(regs)
 
     # --- Backend: MSR interception --------------------------------------------------------
 
@@ -271,9 +317,7 @@ class MachineBackend(Backend):
 
     def controlled(self) -> frozenset:
         """MSRs the tool controls on some vCPU (what should be intercepted)."""
-        with self._lock:
-            return frozenset().union(*self._controlled.values()) if self._controlled \
-                else frozenset()
+        return self._controlled.union()
 
     @property
     def intercepted(self) -> frozenset:
@@ -281,43 +325,23 @@ class MachineBackend(Backend):
         return self._installed
 
     def control_msr(self, vcpu: int, msr: int, enable: bool) -> int:
-        if not msr_valid(msr):
-            return -ids.KVM_EINVAL
-        if enable:
-            if X2APIC_FIRST <= msr <= X2APIC_LAST:
-                return -ids.KVM_EOPNOTSUPP      # KVM never filters x2APIC MSRs
-            if self.owner_denies(msr):
-                return -ids.KVM_EPERM
-        with self._lock:
-            s = self._controlled.setdefault(vcpu, set())
-            had = msr in s
-            if enable:
-                s.add(msr)
-            else:
-                s.discard(msr)
-                if not s:
-                    del self._controlled[vcpu]
-        if had == enable:
-            return 0
-        err = self._sync(adding=enable)
-        if err and enable:
-            with self._lock:
-                s = self._controlled.get(vcpu)
-                if s is not None:
-                    s.discard(msr)
-                    if not s:
-                        del self._controlled[vcpu]
-        return err
+        return self._controlled.control(vcpu, msr, enable)
 
     def _sync(self, adding: bool) -> int:
         """Make the machine's interception set the controlled set; 0 or a negative KVM code."""
-        if not adding and self._current_vcpu() is not None:
-            # Undoing from a vCPU thread (a close there): do it on another thread, because
-            # a quiesce must not wait for its own caller's siblings blocked behind it.  Until
-            # then the extra exits are answered with the guest's value.
+        vid = self._current_vcpu() if not adding else None
+        if vid is not None and not self._waiting[vid]:
+            # Undoing from a vCPU thread that is not counted as parked: do it on another
+            # thread, because a quiesce must not wait for its own caller's siblings blocked
+            # behind it.  Until then the extra exits are answered with the guest's value.
             self._submit(("sync",))
             return 0
+        # A vCPU thread that closes while it waits for the tool (it read EOF or a bad reply
+        # itself, inbox.py) counts as parked: it undoes the interception at once, or defers.
         if not self._apply_lock.acquire(timeout=APPLY_LOCK_TIMEOUT):
+            if vid is not None:
+                self._submit(("sync",))
+                return 0
             return -ids.KVM_EBUSY
         try:
             return self._apply()
@@ -346,16 +370,28 @@ class MachineBackend(Backend):
         vid, msr, new = ex.vcpu, ex.index, ex.data
         if intro is None or not intro.msr_wanted(vid, msr):
             return None
-        # One KVM_GET_MSRS for the old value and the event's state MSRs.
-        wanted = STATE_MSR_INDICES if msr in STATE_MSR_INDICES else STATE_MSR_INDICES + (msr,)
-        values = self._vcpus[vid].get_msrs(wanted)
-        old = values.get(msr)
+        # One KVM_GET_MSRS (prebuilt) for the old value and the event's state MSRs; the
+        # registers from kvm_run.s (vcpu_state.py).
+        st = self._states[vid]
+        values = None
+        old = st.read_msrs(msr)
+        if old is None:                 # KVM cannot read one of them: ask one by one
+            wanted = STATE_MSR_INDICES if msr in STATE_MSR_INDICES \
+                else STATE_MSR_INDICES + (msr,)
+            values = self._vcpus[vid].get_msrs(wanted)
+            old = values.get(msr)
         if old is None or old == new:
             return None
         self.msr_events += 1
-        with self._blocked(vid):
-            action, value = intro.msr_event(vid, msr, old, new,
-                                            lambda: self.state(vid, values))
+        state = st.fill(values)
+        self._waiting[vid] = True           # _blocked(), inline: this is the hot path
+        parked = self.machine.blocked(vid)
+        parked.__enter__()
+        try:
+            action, value = intro.msr_event(vid, msr, old, new, state)
+        finally:
+            parked.__exit__(None, None, None)
+            self._waiting[vid] = False
         if action == CRASH:
             exc = IntrospectionCrash(vid, ids.VCPU_EVENT_MSR, msr)
             self.crashes.append(exc)
@@ -383,6 +419,8 @@ class MachineBackend(Backend):
     def _on_kick(self, vid: int) -> None:
         """A Machine kick hook: on vCPU `vid`'s thread after each kick (KVM_RUN returned EINTR)."""
         self._kicked[vid].set()
+        if self._injections:
+            self._take_injection(vid)
         intro = self.intro
         if intro is None or not intro.pending_pauses(vid):
             return

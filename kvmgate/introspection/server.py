@@ -3,10 +3,14 @@
 One server speaks one wire dialect (`abi.V12` or `abi.V7`, see abi.py); everything below is
 the same for both, by meaning: handlers are per `abi.Op`, permissions per v12 command/event.
 
-A reader thread answers commands (whether or not the guest runs) and hands event replies to the
-vCPU thread waiting in `send_event`.  Anything malformed, oversized or out of order closes the
+Messages are read by the thread holding the session's reader token (inbox.py): a vCPU thread
+waiting in `send_event` reads the socket itself until its reply comes, answering the commands
+and handing over the other vCPUs' replies it meets on the way; the reader thread reads
+whenever no vCPU waits, so commands are answered whether or not the guest runs.  Anything
+malformed, oversized or out of order closes the
 connection: waiting vCPUs are released with CONTINUE, every MSR interception is undone and
-`on_close(reason)` tells the owner.  Nothing a tool sends can raise out of the reader thread.
+`on_close(reason)` tells the owner.  Nothing a tool sends can raise out of the reader thread or
+into a vCPU thread.
 
 Closing rules (KVMI's: the kernel ends the receiving thread on these):
 * a message id the dialect does not know at all;
@@ -47,11 +51,12 @@ from . import ids
 from .abi import V12, V7_CMD_RESPONSE_REQ, V7_MAX_GFN_RPL, Dialect, Op
 from .backend import Backend
 from .ids import CONTINUE, Action, Event
+from .inbox import Inbox, Waiter
 from .permissions import Permissions
 from .protocol import (CHECK_REQ, CONTROL_EVENTS_REQ, CONTROL_MSR_REQ, GET_CPUID_REQ,
                        GET_CPUID_RPL, GET_INFO_RPL, GET_REGS_REQ, INJECT_REQ, MAX_GET_REGS_MSRS,
                        MSR_EVENT, MSR_REPLY, PAGE_SIZE, REGS_SIZE, REPLY_SIZES, VCPU_HDR,
-                       VCPU_INFO_RPL, Message, ProtocolError, Reader, msr_valid,
+                       VCPU_INFO_RPL, Message, ProtocolError, msr_valid,
                        pack_get_regs_reply, pack_reply, parse_event_reply, state_bytes)
 
 __all__ = ["Backend", "IntrospectionServer", "EventResult", "SUPPORTED_EVENTS", "RELEASED"]
@@ -79,18 +84,6 @@ class EventResult(NamedTuple):
 RELEASED = EventResult(CONTINUE, b"", False)
 
 
-class _Waiter:
-    """One vCPU blocked in send_event."""
-    __slots__ = ("seq", "event", "reply_size", "done", "action", "data", "regs")
-
-    def __init__(self, seq: int, event: int, reply_size: int):
-        self.seq, self.event, self.reply_size = seq, event, reply_size
-        self.done = threading.Event()
-        self.action: Action | None = None
-        self.data = b""
-        self.regs: bytes | None = None
-
-
 def _error_code(exc: BaseException) -> int:
     err = getattr(exc, "errno", None)
     return -err if isinstance(err, int) and err in KVM_CODES else -ids.KVM_EFAULT
@@ -108,7 +101,6 @@ class IntrospectionServer:
         self._on_close = on_close
         self._event_timeout = event_timeout
         self.abi = abi
-        self._reader = Reader(sock)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._closed = False
@@ -118,12 +110,13 @@ class IntrospectionServer:
         self._vcpu_events: dict[int, set[int]] = {}
         self._msrs: dict[int, set[int]] = {}
         self._pauses: dict[int, int] = {}
-        self._waiting: dict[int, _Waiter] = {}
+        self._waiting: dict[int, Waiter] = {}
         self._vcpu_locks: dict[int, threading.Lock] = {}
         self.close_reason: str | None = None
         self.messages = 0
         self.handler_errors: list[tuple[str, BaseException]] = []   # last few, for diagnosis
         self.internal_errors: list[BaseException] = []               # bugs caught by the net
+        self._inbox = Inbox(sock, self.process, self._internal_error)
         # One handler per operation; (vcpu or None, request after the vCPU header).
         self._ops: dict[Op, Callable[[int | None, bytes], tuple[int, bytes]]] = {
             Op.GET_VERSION: self._get_version,
@@ -176,10 +169,12 @@ class IntrospectionServer:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._inbox.stop()
         if self._thread.ident is None:   # never started: nobody else will close it
+            self._inbox.finish()
             self._sock.close()
         for w in waiters:
-            w.done.set()
+            self._inbox.finish_waiter(w)
         for vcpu, msr in controlled:
             self._undo_msr(vcpu, msr)
         log.info("introspection connection closed: %s", reason)
@@ -210,33 +205,22 @@ class IntrospectionServer:
     def _run(self) -> None:
         reason = "EOF"
         try:
-            while not self._closed:
-                try:
-                    msg = self._reader.read()
-                except ProtocolError as exc:
-                    reason = f"protocol error: {exc}"
-                    break
-                except OSError as exc:
-                    reason = f"socket error: {exc}"
-                    break
-                if msg is None:
-                    break
-                try:
-                    self.process(msg)
-                except ProtocolError as exc:
-                    reason = f"protocol error: {exc}"
-                    break
+            reason = self._inbox.serve()
         except Exception as exc:   # a bug of ours: close, never let it escape the thread
-            self.internal_errors.append(exc)
-            log.exception("introspection reader failed")
+            self._internal_error(exc)
             reason = f"internal error: {exc!r}"
         finally:
             self.close(reason)
+            self._inbox.finish()             # once no thread reads the socket any more
             with self._send_lock:
                 self._sock.close()
 
+    def _internal_error(self, exc: BaseException) -> None:
+        self.internal_errors.append(exc)
+        log.error("introspection: internal error handling a message: %r", exc, exc_info=exc)
+
     def process(self, msg: Message) -> None:
-        """Handle one decoded message as the reader thread does: answer a command, or hand an
+        """Handle one decoded message as the token holder does: answer a command, or hand an
         event reply to its vCPU.  ProtocolError when the connection must close."""
         self.messages += 1
         if msg.id == self.abi.reply_id:
@@ -512,27 +496,30 @@ class IntrospectionServer:
             del self._waiting[r.vcpu]
         w.data = r.data.ljust(w.reply_size, b"\0")
         w.action = _ACTIONS[r.action]
-        w.done.set()
+        self._inbox.finish_waiter(w)
 
-    def _deliver(self, vcpu: int, event: int, build: Callable[[int], bytes],
+    def _deliver(self, vcpu: int, event: int, state: bytes, payload: bytes,
                  reply_size: int) -> EventResult:
-        """Send build(seq) and block until the matching reply, a close, or the event timeout."""
+        """Send the event (`state` block, `payload`) and read the socket (inbox.py) until the
+        matching reply, a close, or the event timeout."""
         lock = self._vcpu_locks.get(vcpu)
         if lock is None:
             lock = self._vcpu_locks.setdefault(vcpu, threading.Lock())
         with lock:
             seq = next(self._seq) & 0xFFFFFFFF
-            w = _Waiter(seq, event, reply_size)
-            data = build(seq)
+            w = Waiter(seq, event, reply_size)
+            data = self.abi.pack_vcpu_event(seq, event, vcpu, state, payload)
             with self._lock:
                 if self._closed:
                     return RELEASED
                 self._waiting[vcpu] = w
-            if not self._send(data):
-                return RELEASED
-            if not w.done.wait(self._event_timeout):
-                self.close(f"no reply to {ids.event_name(event)} on vCPU {vcpu} "
-                           f"within {self._event_timeout}s")
+            inbox = self._inbox
+            inbox.want()                      # the reader thread leaves poll(2) meanwhile
+            self._send(data)
+            reason = inbox.wait(w, self._event_timeout)
+            if reason is not None:
+                self.close(f"no reply to {ids.event_name(event)} on vCPU {vcpu} within "
+                           f"{self._event_timeout}s" if reason == "timeout" else reason)
             if w.action is None:
                 return RELEASED
             if w.regs is not None:
@@ -552,9 +539,7 @@ class IntrospectionServer:
             return RELEASED
         st = state_bytes(state)
         reply_size = REPLY_SIZES.get(event, 0)
-        return self._deliver(vcpu, event,
-                             lambda seq: self.abi.pack_vcpu_event(seq, event, vcpu, st, payload),
-                             reply_size)
+        return self._deliver(vcpu, event, st, payload, reply_size)
 
     def msr_event(self, vcpu: int, msr: int, old: int, new: int, state=None) -> tuple[Action, int]:
         """A guest write of `new` to `msr` (currently `old`): (action, value to write).
@@ -571,13 +556,10 @@ class IntrospectionServer:
         if not evs or ids.VCPU_EVENT_MSR not in evs \
                 or not self._perms.event_allowed(ids.VCPU_EVENT_MSR):
             return CONTINUE, new
-        st = state_bytes(state)
         old &= U64
         new &= U64
-        res = self._deliver(vcpu, ids.VCPU_EVENT_MSR,
-                            lambda seq: self.abi.pack_vcpu_event(
-                                seq, Event.MSR, vcpu, st, MSR_EVENT.pack(msr, 0, old, new)),
-                            MSR_REPLY.size)
+        res = self._deliver(vcpu, Event.MSR, state_bytes(state),
+                            MSR_EVENT.pack(msr, 0, old, new), MSR_REPLY.size)
         if not res.delivered:
             return CONTINUE, new
         if res.action == CONTINUE:

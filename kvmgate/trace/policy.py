@@ -1,8 +1,10 @@
 """Replay verdicts for a compiled policy: what the policy would have done with each recorded access.
 
-The kernel's rules are not restated here: every verdict comes from `msr.model.outcome()` (filter
-first, then KVM's own emulation, then the exit mask) and the policy's handler table
-(`CompiledPolicy.action_for`), exactly as the live exit path uses them.
+Nothing here restates the kernel or the policy: every verdict is kvmgate.engine.replay_verdict,
+whose kernel part is `msr.model.outcome()` (filter first, then KVM's own emulation, then the exit
+mask; docs/kvm-msr.md) and whose policy part is the C engine that the live exit path and the QEMU
+shim use (or, when kvmgate was installed without a C compiler, the Python exit path's own action
+code).  This module only adapts it to kvmgate.trace.replay()'s decide(index, write, exception).
 
 Verdicts (strings, as replay() counts them):
 
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..msr.model import EXIT_REASON_FILTER, READ, WRITE, Fate, KernelMsr, outcome
+from ..engine.verdict import replay_verdict
+from ..msr.model import KernelMsr
 
 VERDICTS = ("kernel", "deny", "ignore", "constant", "emulate", "forward", "gp-kernel")
 DENY = "deny"
@@ -34,27 +37,10 @@ KERNEL_GP = "gp-kernel"
 KernelOf = Callable[[int, bool], "KernelMsr | None"]
 
 
-def _action_verdict(act, write: bool) -> str:
-    if act is None or act.kind == "deny":
-        return DENY
-    if act.kind == "constant" and write and act.writes == "gp":
-        return DENY
-    return act.kind
-
-
 def verdict(cp, index: int, write: bool, kernel: KernelMsr = KernelMsr.HANDLED) -> str:
-    """The verdict of CompiledPolicy `cp` for one access whose fate in KVM is `kernel`."""
-    o = outcome(cp.filter, index, WRITE if write else READ, cp.exit_mask, kernel)
-    if o.fate is Fate.KERNEL:
-        return "kernel"
-    if o.fate is Fate.IGNORED:                # kvm.ignore_msrs swallowed an unknown MSR
-        return "ignore"
-    if o.reason == EXIT_REASON_FILTER:
-        return DENY if o.fate is Fate.GP else _action_verdict(cp.action_for(index, write, o.reason), write)
-    if o.fate is Fate.GP:
-        return KERNEL_GP
-    act = cp.action_for(index, write, o.reason)     # [unknown] / [invalid]
-    return KERNEL_GP if act is None or act.kind == "deny" else act.kind
+    """The verdict of CompiledPolicy `cp` for one access whose fate in KVM is `kernel`
+    (kvmgate.engine.replay_verdict)."""
+    return replay_verdict(cp, index, write, kernel)
 
 
 def policy_decider(cp, kernel: KernelOf | None = None) -> Callable[[int, bool, bool], str]:
@@ -65,12 +51,12 @@ def policy_decider(cp, kernel: KernelOf | None = None) -> Callable[[int, bool, b
     module docstring)."""
     def decide(index: int, write: bool, exception: bool) -> str:
         if not exception:
-            return verdict(cp, index, write)
+            return replay_verdict(cp, index, write)
         k = kernel(index, write) if kernel is not None else None
         if k is not None:
-            return verdict(cp, index, write, k)
-        labels = {verdict(cp, index, write, KernelMsr.INVALID),
-                  verdict(cp, index, write, KernelMsr.UNKNOWN)}
+            return replay_verdict(cp, index, write, k)
+        labels = {replay_verdict(cp, index, write, KernelMsr.INVALID),
+                  replay_verdict(cp, index, write, KernelMsr.UNKNOWN)}
         return "|".join(sorted(labels))
     return decide
 

@@ -55,3 +55,22 @@ def test_textfile_for_node_exporter(tmp_path):
     s = _samples(path.read_text())
     assert s[("kvmgate_audit_records_total", ())] == 4
     assert [k for k in s if k[0] == "kvmgate_decisions_total"][0][1][1] == ("action", "deny")
+
+
+def test_decisions_source_adds_counts_the_audit_has_not_seen(tmp_path):
+    """`kvmgate wrap`: the audit's rows plus the shim's shared-memory counts (wrap.counters)."""
+    from kvmgate.wrap.counters import add_counts
+    log = AuditLog(io.StringIO(), clock=lambda: 5.0)
+    _deny(log, 2)
+    live = [((0xC0000082, True, "deny", "#GP"), 5), ((0x35, False, "constant", "read 0x1"), 7),
+            ((0x35, False, "constant", "read 0x1"), 1)]          # the same key on two vCPUs
+    m = Metrics(audit=log, decisions=lambda: add_counts(log.summary(), iter(live)))
+    path = tmp_path / "kvmgate.prom"
+    m.write_textfile(str(path))
+    s = _samples(path.read_text())
+    assert s[("kvmgate_decisions_total", (("access", "write"), ("action", "deny"), ("msr", "0xc0000082"),
+                                          ("name", "IA32_LSTAR"), ("result", "#GP")))] == 7
+    assert s[("kvmgate_decisions_total", (("access", "read"), ("action", "constant"), ("msr", "0x35"),
+                                          ("name", "MSR_CORE_THREAD_COUNT"), ("result", "read 0x1")))] == 8
+    assert s[("kvmgate_audit_records_total", ())] == 2
+    assert log.summary()[0]["count"] == 2                        # the audit's own rows untouched

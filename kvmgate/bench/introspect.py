@@ -5,20 +5,20 @@
   * `exit`    - a FILTER deny on LSTAR writes and an `m.on_msr` handler storing the value with
                 KVM_SET_MSRS (one user-space exit per write: the baseline; the interception
                 path stores the same way); `exit_bare`: the handler only returns (write dropped),
-  * `event`   - introspection, v12: a tool in its own process controls LSTAR with the MSR event
-                enabled and answers CONTINUE (exit + event message + reply + the owner's
-                KVM_GET_MSRS/REGS/SREGS for the event's state + KVM_SET_MSRS),
+  * `event`   - introspection, v12: a tool in its own process (a minimal responder) controls
+                LSTAR with the MSR event enabled and answers CONTINUE (exit + the owner's
+                KVM_GET_MSRS, registers from kvm_run.s + event message + reply, read by the
+                vCPU thread itself + KVM_SET_MSRS; docs/introspection.md §5),
   * `event_v7` - the same in the kvmi-v7 (libkvmi) ABI,
   * `quiet`   - LSTAR controlled but the MSR event not enabled: the exit, no message.
 Every path runs once per round, the paths interleaved, for `rounds` (>= 7) rounds after a
 warm-up; each figure is the median per-write time, and `ratio` the median of the per-round
 event / exit ratios.  The load average is reported with them.
-`python -m kvmgate.introspection.bench [N]` prints it as JSON.
+`kvmgate bench introspect [-n N] [--rounds R] [--json]` prints it.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import statistics
@@ -29,8 +29,10 @@ from pathlib import Path
 
 from ..machine import Machine
 from ..msr.model import EXIT_REASON_FILTER, WRITE, MsrFilter, MsrRange
-from .abi import V7, V12, Dialect
-from .machine_backend import attach
+from ..introspection.abi import V7, V12, Dialect
+from ..introspection.machine_backend import attach
+from .common import count_arg, emit, load_row, parser, with_load_average
+from .kvmi_tool import reap
 
 LSTAR = 0xC0000082
 ROUNDS = 7
@@ -51,41 +53,39 @@ again:
 
 
 # The tools run in their own process (as a real tool would: with a thread of ours it would
-# also compete for this process's GIL).  v12: kvmgate's Client.  v7: a bare responder in the
-# libkvmi dialect (event = message 1, reply = message 0 with the vCPU header).
-_TOOL_V12 = """
-import socket, sys
-from kvmgate.introspection import Client, ids
-c = Client(socket.socket(fileno=int(sys.argv[1])))
-if sys.argv[2] == "1":
-    c.vcpu_control_events(0, ids.VCPU_EVENT_MSR, True)
-c.control_msr(0, {lstar})
-sys.stdout.write("ready\\n"); sys.stdout.flush()
-c.serve(on_msr=lambda ev: None)
-"""
-_TOOL_V7 = """
+# also compete for this process's GIL).  Both are the same minimal responder, in the v12 or the
+# kvmi-v7 (libkvmi) dialect: enable the MSR event (argv[2] == "1") and control LSTAR on vCPU 0,
+# then answer every event CONTINUE with the guest's value.
+#   v12: CONTROL_EVENTS 5 / CONTROL_MSR 25; event = message 1 (event header, vCPU header, state,
+#        payload); reply = message 1.
+#   v7:  CONTROL_EVENTS 9 / CONTROL_MSR 11; event = message 1 (kvmi_event, payload); reply =
+#        message 0.
+_TOOL = """
 import socket, struct, sys
 s = socket.socket(fileno=int(sys.argv[1]))
 f = s.makefile("rb")
+V7 = sys.argv[3] == "v7"
+CONTROL_EVENTS, CONTROL_MSR, MSR_EVENT = (9, 11, 2) if V7 else (5, 25, 15)
+REPLY_ID, VCPU_AT, NEW_AT = (0, 2, 544 + 16) if V7 else (1, 10, 8 + 544 + 16)
 def request(mid, body):
     s.sendall(struct.pack("=HHI", mid, len(body), 1) + body)
     h = f.read(8); size = struct.unpack("=HHI", h)[1]; err = struct.unpack_from("=i", f.read(size))[0]
     assert err == 0, err
 vcpu0 = struct.pack("=HHI", 0, 0, 0)
 if sys.argv[2] == "1":
-    request(9, vcpu0 + struct.pack("=HBBI", 2, 1, 0, 0))        # CONTROL_EVENTS(MSR)
-request(11, vcpu0 + struct.pack("=BBHI", 1, 0, 0, {lstar}))     # CONTROL_MSR(LSTAR)
+    request(CONTROL_EVENTS, vcpu0 + struct.pack("=HBBI", MSR_EVENT, 1, 0, 0))
+request(CONTROL_MSR, vcpu0 + struct.pack("=BBHI", 1, 0, 0, {lstar}))
 sys.stdout.write("ready\\n"); sys.stdout.flush()
+head, reply = struct.Struct("=HHI"), struct.Struct("=HHIHHIBBHIQ")
 while True:
     h = f.read(8)
     if len(h) < 8:
         break
-    mid, size, seq = struct.unpack("=HHI", h)
+    mid, size, seq = head.unpack(h)
     body = f.read(size)
-    vcpu = struct.unpack_from("=H", body, 2)[0]
-    new = struct.unpack_from("=Q", body, 544 + 16)[0]            # kvmi_event_msr.new_value
-    s.sendall(struct.pack("=HHI", 0, 24, seq) + struct.pack("=HHI", vcpu, 0, 0)
-              + struct.pack("=BBHI", 0, 2, 0, 0) + struct.pack("=Q", new))
+    vcpu = struct.unpack_from("=H", body, VCPU_AT)[0]
+    new = struct.unpack_from("=Q", body, NEW_AT)[0]          # the MSR event's new_value
+    s.sendall(reply.pack(REPLY_ID, 24, seq, vcpu, 0, 0, 0, MSR_EVENT, 0, 0, new))
 """
 
 
@@ -129,25 +129,16 @@ def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
     stack.callback(intro.unhook)
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    script = (_TOOL_V7 if abi is V7 else _TOOL_V12).format(lstar=LSTAR)
+    script = _TOOL.format(lstar=LSTAR)
     proc = subprocess.Popen([sys.executable, "-c", script, str(b.fileno()),
-                             "1" if enable_event else "0"], pass_fds=[b.fileno()],
+                             "1" if enable_event else "0", abi.name], pass_fds=[b.fileno()],
                             stdout=subprocess.PIPE, text=True, env=env)
     b.close()
-    stack.callback(_reap, proc)
+    stack.callback(reap, proc)
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("the bench tool did not start")
     path.backend = intro.backend
     return path
-
-
-def _reap(proc: subprocess.Popen) -> None:
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
 
 
 def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
@@ -188,5 +179,21 @@ def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
     }
 
 
-if __name__ == "__main__":
-    print(json.dumps(bench_events(int(sys.argv[1]) if len(sys.argv) > 1 else 2000), indent=2))
+def main(argv: list[str]) -> int:
+    ap = parser("introspect", __doc__, rounds=ROUNDS)
+    ap.add_argument("-n", type=count_arg, default=2000, help="LSTAR writes per run")
+    a = ap.parse_args(argv)
+    res = with_load_average(lambda: bench_events(a.n, a.rounds))
+    us = lambda k: f"{res[k + '_us']:.2f} us/write (median)"  # noqa: E731
+    emit(res, a.json, [
+        ("LSTAR writes per run", str(res["writes"])),
+        ("native (no exit)", us("native")),
+        ("user-space exit, value stored", us("exit")),
+        ("user-space exit, write dropped", us("exit_bare")),
+        ("MSR event round trip (v12)", us("event")),
+        ("MSR event round trip (kvmi-v7)", us("event_v7")),
+        ("controlled, event off", us("quiet")),
+        ("ratio event / exit", (f"{res['ratio']:.2f}x (v7 {res['ratio_v7']:.2f}x, event off "
+                                f"{res['quiet_ratio']:.2f}x), median of {res['rounds']} interleaved rounds")),
+        load_row(res)])
+    return 0

@@ -1,0 +1,262 @@
+"""Who reads a session's socket: the thread holding the reader token (docs/introspection.md §3).
+
+In KVMI the kernel's receiving thread reads the tool's messages and wakes the vCPU whose event
+was answered.  Here the thread that waits for an event reply reads the socket itself, so the
+reply reaches it with no thread hand-off:
+
+* One thread at a time holds the token, and only the holder reads the socket.  It handles every
+  message it reads, in stream order, through `handle(msg)`: a command is answered on the
+  holder's thread, an event reply is handed to the thread that waits for it (`Waiter.finish`),
+  whichever vCPU that is.
+* A thread about to send an event calls `want()` first, then `wait(waiter)` after sending: it
+  gets the token and reads until its own reply has been handled (or the connection closes, or
+  its time is up), then gives the token back.  Threads waiting for replies get the token before
+  the reader thread does.
+* The session's reader thread (`serve`) holds the token while nobody waits for a reply: it
+  sleeps in poll(2) on the socket and an eventfd, which `want()` writes to get the token from it.
+  After a waiting thread gives the token back, the reader thread takes it again only once it
+  has been free for LINGER seconds: while events follow each other, the reader thread stays
+  out of the way (no wake-up of it per event, no contention for the GIL), and a command the
+  tool sends while no vCPU waits is answered at most LINGER later (or at once by a vCPU
+  waiting for an event reply meanwhile).
+* `stop()` (the session closes) wakes everybody; waiting threads return at once, the holder
+  returns when its recv(2) sees the socket shut down.  `finish()` (the reader thread's last act)
+  closes the socket once no thread can be reading it any more.
+
+`handle` raises ProtocolError when the connection must close; the holder then stops reading and
+the reason goes back to its caller, which closes the session.
+"""
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from typing import Callable
+
+from .protocol import Message, ProtocolError, Reader
+
+__all__ = ["Inbox", "Waiter"]
+
+CHUNK = 65536
+LINGER = 0.005                # the token stays with the vCPU side this long after its last use
+TIMED_OUT = object()          # _recv: no bytes before the deadline
+_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+class Waiter:
+    """One thread waiting for the reply to its event: `seq`, the event, its reply size; filled
+    by `finish` (action None: released without a reply)."""
+    __slots__ = ("seq", "event", "reply_size", "done", "action", "data", "regs", "thread")
+
+    def __init__(self, seq: int, event: int, reply_size: int):
+        self.seq, self.event, self.reply_size = seq, event, reply_size
+        self.thread = threading.get_ident()
+        self.done = False
+        self.action = None
+        self.data = b""
+        self.regs: bytes | None = None
+
+
+class Inbox:
+    """The reader token of one session socket (see the module docstring)."""
+
+    def __init__(self, sock, handle: Callable[[Message], None],
+                 on_internal: Callable[[BaseException], None] | None = None):
+        self._sock = sock
+        self._handle = handle
+        self._on_internal = on_internal
+        self.reader = Reader()                  # the bytes read so far; only the holder uses it
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)      # threads waiting for the token
+        self._reader_cond = threading.Condition(self._lock)   # the reader thread
+        self._released_at = 0.0                 # when a waiting thread last gave it back
+        self._holder: int | None = None
+        self._wanted = 0                        # threads between want() and the end of wait()
+        self._polling = False                   # the reader thread holds the token, in poll(2)
+        self._kicked = False                    # the eventfd has been written and not drained
+        self._stop = False
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self._poll.register(self._efd, select.POLLIN)
+        self._sock_poll = select.poll()         # a waiting thread's, with a deadline
+        self._sock_poll.register(sock.fileno(), select.POLLIN)
+
+    # --- the reader thread ----------------------------------------------------------------
+
+    def serve(self) -> str:
+        """The reader thread's loop: hold the token whenever nobody waits for a reply, read and
+        handle messages.  Returns why it ended (EOF, a protocol or socket error, a stop)."""
+        me = threading.get_ident()
+        while True:
+            with self._lock:
+                while True:
+                    if self._stop:
+                        return "closed"
+                    if self._holder is None and not self._wanted:
+                        idle = time.monotonic() - self._released_at
+                        if idle >= LINGER:
+                            break
+                        self._reader_cond.wait(LINGER - idle)
+                    else:
+                        # Not woken when the token comes back (that would cost a wake-up
+                        # per event): it looks again every LINGER.
+                        self._reader_cond.wait(LINGER)
+                self._holder = me
+            try:
+                reason = self._read_safely(self._yield_to_waiters, None, True)
+            finally:
+                self._release(False)
+            if reason is not None:
+                return reason
+
+    def _yield_to_waiters(self) -> bool:
+        return self._wanted > 0 or self._stop
+
+    def finish(self) -> None:
+        """The reader thread's last act: once nobody reads the socket, close it (and the
+        eventfd).  After stop()."""
+        with self._cond:
+            while self._holder is not None:
+                self._cond.wait()
+            self._holder = -1                   # nobody gets the token any more
+        os.close(self._efd)
+
+    # --- threads waiting for an event reply ---------------------------------------------
+
+    def want(self) -> None:
+        """Before sending an event: the next wait() will need the token."""
+        with self._cond:
+            self._wanted += 1
+            if self._polling and not self._kicked:
+                self._kicked = True
+                os.eventfd_write(self._efd, 1)
+
+    def wait(self, w: Waiter, timeout: float | None) -> str | None:
+        """After want() and sending the event `w` waits for: read (holding the token) until `w`
+        is finished.  Returns None, or why the connection must close (a protocol or socket
+        error, EOF, or "timeout" when no reply came within `timeout` seconds)."""
+        me = threading.get_ident()
+        cond = self._cond
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with cond:
+            try:
+                nested = self._holder == me     # sent from inside a handler of the holder
+                if not nested:
+                    while self._holder is not None and not w.done and not self._stop:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            return "timeout"
+                        cond.wait(left)
+                    if w.done or self._stop:
+                        return None
+                    self._holder = me
+            finally:
+                self._wanted -= 1
+        try:
+            return self._read_safely(lambda: w.done, deadline, False)
+        finally:
+            if not nested:
+                self._release(True)
+
+    def finish_waiter(self, w: Waiter) -> None:
+        """Mark `w` finished (its reply was handled, or it is released) and wake it."""
+        if w.thread == self._holder == threading.get_ident():
+            w.done = True                       # its own thread read it: nobody to wake
+            return
+        with self._cond:
+            w.done = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """The session is closing: wake every waiting thread and the reader thread."""
+        with self._lock:
+            self._stop = True
+            self._cond.notify_all()
+            self._reader_cond.notify_all()
+            if not self._kicked and self._holder != -1:
+                self._kicked = True
+                os.eventfd_write(self._efd, 1)
+
+    # --- the holder -------------------------------------------------------------------------
+
+    def _release(self, linger: bool) -> None:
+        with self._lock:
+            self._holder = None
+            if linger:
+                self._released_at = time.monotonic()
+            if self._wanted or self._stop:
+                self._cond.notify_all()
+
+    def _read_safely(self, done, deadline, reader_thread: bool) -> str | None:
+        """_read, with whatever it raises turned into the reason to close."""
+        try:
+            return self._read(done, deadline, reader_thread)
+        except ProtocolError as exc:
+            return f"protocol error: {exc}"
+        except OSError as exc:
+            return f"socket error: {exc}"
+        except Exception as exc:        # a bug of ours: close the session, never raise it
+            if self._on_internal is not None:
+                self._on_internal(exc)
+            return f"internal error: {exc!r}"
+
+    def _read(self, done: Callable[[], bool], deadline: float | None,
+              reader_thread: bool) -> str | None:
+        """Holding the token: handle buffered messages, then read more, until done()."""
+        reader = self.reader
+        while True:
+            if done():
+                return None
+            msg = reader.next()
+            if msg is not None:
+                self._handle(msg)
+                continue
+            if self._stop:
+                return "closed"
+            data = self._poll_recv() if reader_thread else self._recv(deadline)
+            if data is None:            # the reader thread was asked for the token
+                continue
+            if data is TIMED_OUT:
+                return "timeout"
+            if not data:
+                if reader.pending():
+                    raise ProtocolError(f"EOF inside a message ({reader.pending()} bytes)")
+                return "EOF"
+            reader.feed(data)
+
+    def _poll_recv(self) -> bytes | None:
+        """The reader thread: sleep in poll(2) until the socket is readable (its bytes) or a
+        waiting thread wants the token (None)."""
+        with self._cond:
+            if self._wanted or self._stop:
+                return None
+            self._polling = True
+        try:
+            events = self._poll.poll()
+        finally:
+            with self._cond:
+                self._polling = False
+        sock_ready = False
+        for fd, ev in events:
+            if fd == self._efd:
+                with self._cond:
+                    try:
+                        os.eventfd_read(self._efd)
+                    except BlockingIOError:
+                        pass
+                    self._kicked = False
+            elif ev & _READABLE:
+                sock_ready = True
+        if not sock_ready:
+            return None
+        return self._sock.recv(CHUNK)
+
+    def _recv(self, deadline: float | None):
+        """A waiting thread: recv(2) (blocking), or TIMED_OUT past `deadline`."""
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock_poll.poll(max(1, int(left * 1000))):
+                return TIMED_OUT
+        return self._sock.recv(CHUNK)
