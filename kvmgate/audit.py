@@ -45,7 +45,85 @@ def _stderr(message: str) -> None:
     print(f"kvmgate: warning: {message}", file=sys.stderr, flush=True)
 
 
-class AuditLog:
+class BulkEntry:
+    """AuditLog's entry for a writer that counts, rate-limits and formats records itself (the C
+    engine's audit drain, kvmgate/engine/auditsink.py: the same lines, no Python per record).
+    Uses the log's lock, descriptor, counters and buckets."""
+
+    def write_lines(self, data: bytes, lines: int) -> int:
+        """`lines` complete records in one write; returns how many went out whole.  A short
+        write keeps the complete lines it wrote and cuts the rest back, so the file holds what
+        record() by record would have; the rest fail as record() fails (warn, or AuditFailure
+        under "stop", whose `lines_written` says how many went out)."""
+        with self._lock:
+            if self._fd < 0:
+                try:
+                    ok = self._write(data)
+                except AuditFailure as e:
+                    self.failed += lines - 1
+                    e.lines_written = 0
+                    raise
+                if not ok:
+                    self.failed += lines - 1
+                    return 0
+                self.written += lines
+                return lines
+            try:
+                start = os.lseek(self._fd, 0, os.SEEK_END)
+            except OSError:
+                start = None
+            try:
+                n = os.write(self._fd, data)
+            except OSError as e:
+                n, err, why = 0, e.errno, e.strerror or str(e)
+            else:
+                err, why = errno.ENOSPC, (f"{os.strerror(errno.ENOSPC)} (short write: {n} of "
+                                          f"{len(data)} bytes, cut back to whole lines)")
+            if n == len(data):
+                if self.failure is not None:
+                    self.failure = None
+                    self.warn(f"audit log {self.path}: writing again ({self.failed} records lost)")
+                self.written += lines
+                return lines
+            keep = data.rfind(b"\n", 0, n) + 1
+            if n and start is not None:
+                try:
+                    os.ftruncate(self._fd, start + keep)
+                except OSError:
+                    pass
+            done = data.count(b"\n", 0, keep) if start is not None else 0
+            self.written += done
+            self.failed += lines - done - 1
+            try:
+                self._failed(err, why)
+            except AuditFailure as e:
+                e.lines_written = done
+                raise
+            return done
+
+    def add_counts(self, rows, suppressed: int = 0) -> None:
+        """Such a writer's counters: rows of (index, write, action, result, decisions,
+        unlogged), and the records its rate limit suppressed."""
+        with self._lock:
+            for index, write, action, result, n, unlogged in rows:
+                key = (index, write, action, result)
+                self.counts[key] += n
+                if unlogged:
+                    self.unlogged[key] += unlogged
+            self.suppressed += suppressed
+
+    def owe(self, index: int, write: bool, n: int) -> None:
+        """Suppressed records of (index, write) such a writer did not report: close() (or the
+        next record of that MSR and direction) writes them, as for its own."""
+        with self._lock:
+            b = self._buckets.get((index, write))
+            if b is None:
+                b = self._buckets[(index, write)] = [float(self.burst), self.clock(), 0]
+            b[2] += n
+
+
+
+class AuditLog(BulkEntry):
     """Thread-safe: records may come from several vCPU threads at once.
 
     `sink`: a path (appended to, created mode 0600 if missing), an open text stream, or None
@@ -134,79 +212,6 @@ class AuditLog:
         """Count `n` decisions that are not logged (they still show in the summary)."""
         with self._lock:
             self.counts[(index, write, action, result)] += n
-
-    # ---- bulk entry for a writer that counts, rate-limits and formats records itself (the C
-    # engine's audit drain, kvmgate/engine/auditsink.py: the same lines, no Python per record)
-    def write_lines(self, data: bytes, lines: int) -> int:
-        """`lines` complete records in one write; returns how many went out whole.  A short
-        write keeps the complete lines it wrote and cuts the rest back, so the file holds what
-        record() by record would have; the rest fail as record() fails (warn, or AuditFailure
-        under "stop", whose `lines_written` says how many went out)."""
-        with self._lock:
-            if self._fd < 0:
-                try:
-                    ok = self._write(data)
-                except AuditFailure as e:
-                    self.failed += lines - 1
-                    e.lines_written = 0
-                    raise
-                if not ok:
-                    self.failed += lines - 1
-                    return 0
-                self.written += lines
-                return lines
-            try:
-                start = os.lseek(self._fd, 0, os.SEEK_END)
-            except OSError:
-                start = None
-            try:
-                n = os.write(self._fd, data)
-            except OSError as e:
-                n, err, why = 0, e.errno, e.strerror or str(e)
-            else:
-                err, why = errno.ENOSPC, (f"{os.strerror(errno.ENOSPC)} (short write: {n} of "
-                                          f"{len(data)} bytes, cut back to whole lines)")
-            if n == len(data):
-                if self.failure is not None:
-                    self.failure = None
-                    self.warn(f"audit log {self.path}: writing again ({self.failed} records lost)")
-                self.written += lines
-                return lines
-            keep = data.rfind(b"\n", 0, n) + 1
-            if n and start is not None:
-                try:
-                    os.ftruncate(self._fd, start + keep)
-                except OSError:
-                    pass
-            done = data.count(b"\n", 0, keep) if start is not None else 0
-            self.written += done
-            self.failed += lines - done - 1
-            try:
-                self._failed(err, why)
-            except AuditFailure as e:
-                e.lines_written = done
-                raise
-            return done
-
-    def add_counts(self, rows, suppressed: int = 0) -> None:
-        """Such a writer's counters: rows of (index, write, action, result, decisions,
-        unlogged), and the records its rate limit suppressed."""
-        with self._lock:
-            for index, write, action, result, n, unlogged in rows:
-                key = (index, write, action, result)
-                self.counts[key] += n
-                if unlogged:
-                    self.unlogged[key] += unlogged
-            self.suppressed += suppressed
-
-    def owe(self, index: int, write: bool, n: int) -> None:
-        """Suppressed records of (index, write) such a writer did not report: close() (or the
-        next record of that MSR and direction) writes them, as for its own."""
-        with self._lock:
-            b = self._buckets.get((index, write))
-            if b is None:
-                b = self._buckets[(index, write)] = [float(self.burst), self.clock(), 0]
-            b[2] += n
 
     def summary(self) -> list[dict]:
         """Counters per MSR, direction, action and result; `unlogged`: decisions of logged
