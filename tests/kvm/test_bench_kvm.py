@@ -20,7 +20,8 @@ def run_bench(tmp_path, *args, env=None):
 
 
 def test_registry_and_package_data():
-    assert {"exits", "policy", "vcpus", "replay", "wrap", "introspect", "wrap-introspect"} == set(bench.BENCHES)
+    assert {"exits", "policy", "vcpus", "runloop", "replay", "wrap", "introspect",
+            "wrap-introspect"} == set(bench.BENCHES)
     assert resources.files("kvmgate.bench").joinpath("exit_loop.c").is_file()
 
 
