@@ -1,5 +1,5 @@
-"""What each KVMI command does (docs/introspection.md §2 "Messages and commands", §3 for the
-event controls): one handler per `abi.Op`, on the thread answering the command.
+"""What each KVMI command does (docs/introspection.md §2, and §3 for the event controls): one
+handler per `abi.Op`, on the thread answering the command.
 
 A handler gets (vcpu or None, the request after the vCPU header) and returns (error, reply
 data); a positive error is negated by the caller (commands.py).  The state the tool controls

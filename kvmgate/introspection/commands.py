@@ -1,6 +1,6 @@
-"""Answering one KVMI command message (docs/introspection.md §2 "Messages and commands"):
-route it by the dialect, check permission and size, split off the vCPU header, run its handler
-(command_handlers.py) and send the reply, or raise ProtocolError when the connection must close.
+"""Answering one KVMI command message (docs/introspection.md §2): route it by the dialect, check
+permission and size, split off the vCPU header, run its handler (command_handlers.py) and send
+the reply, or raise ProtocolError when the connection must close.
 
 kvmi-v7 CONTROL_CMD_RESPONSE is answered here: it turns the replies of later commands off and on
 (see server.py).
