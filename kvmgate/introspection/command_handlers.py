@@ -3,7 +3,7 @@ handler per `abi.Op`, on the thread answering the command.
 
 A handler gets (vcpu or None, the request after the vCPU header) and returns (error, reply
 data); a positive error is negated by the caller (commands.py).  The state the tool controls
-(enabled events, controlled MSRs, pending pauses, waiting vCPUs) belongs to the server and is
+(enabled events, controlled MSRs, pending pauses, waiting vCPUs) is the server's (tool_state.py),
 shared with its event side under the server's lock; `CommandHandlers` gets those containers
 and callables at construction.
 """
