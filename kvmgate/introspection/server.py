@@ -55,8 +55,8 @@ from .inbox import Inbox, Waiter
 from .permissions import Permissions
 from .protocol import (CHECK_REQ, CONTROL_EVENTS_REQ, CONTROL_MSR_REQ, GET_CPUID_REQ,
                        GET_CPUID_RPL, GET_INFO_RPL, GET_REGS_REQ, INJECT_REQ, MAX_GET_REGS_MSRS,
-                       MSR_EVENT, MSR_REPLY, PAGE_SIZE, REGS_SIZE, REPLY_SIZES, VCPU_HDR,
-                       VCPU_INFO_RPL, Message, ProtocolError, msr_valid,
+                       MSR_EVENT, MSR_REPLY, PAGE_SIZE, REGS_SIZE, REPLY_SIZES, STATE_SIZE,
+                       VCPU_HDR, VCPU_INFO_RPL, Message, ProtocolError, msr_valid,
                        pack_get_regs_reply, pack_reply, parse_event_reply, state_bytes)
 
 __all__ = ["Backend", "IntrospectionServer", "EventResult", "SUPPORTED_EVENTS", "RELEASED"]
@@ -558,8 +558,10 @@ class IntrospectionServer:
             return CONTINUE, new
         old &= U64
         new &= U64
-        res = self._deliver(vcpu, Event.MSR, state_bytes(state),
-                            MSR_EVENT.pack(msr, 0, old, new), MSR_REPLY.size)
+        if state.__class__ is not bytearray or len(state) != STATE_SIZE:   # else: the block
+            state = state_bytes(state)          # of vcpu_state.py, packed before it changes
+        res = self._deliver(vcpu, Event.MSR, state, MSR_EVENT.pack(msr, 0, old, new),
+                            MSR_REPLY.size)
         if not res.delivered:
             return CONTINUE, new
         if res.action == CONTINUE:
