@@ -124,7 +124,7 @@ class Inbox:
 
     def want(self) -> None:
         """Before sending an event: the next wait() will need the token."""
-        with self._cond:
+        with self._lock:                        # the Condition's lock (no Python-level enter)
             self._wanted += 1
             if self._polling and not self._kicked:
                 self._kicked = True
@@ -137,7 +137,7 @@ class Inbox:
         me = threading.get_ident()
         cond = self._cond
         deadline = None if timeout is None else time.monotonic() + timeout
-        with cond:
+        with self._lock:                        # cond's lock
             try:
                 nested = self._holder == me     # sent from inside a handler of the holder
                 if not nested:
