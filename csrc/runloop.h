@@ -2,7 +2,7 @@
  *
  * kg_loop_run() calls KVM_RUN on one vCPU until an exit needs its caller (kvmgate's Python exit
  * loop): every KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR is decided by kg_decide() and answered in
- * kvm_run.msr {error, data} (docs/kvm-msr.md, "user-space MSR exits"), including forward /
+ * kvm_run.msr {error, data} (docs/kvm-msr.md, "4. Exits to user space"), including forward /
  * audit-mode accesses, which it carries out host-initiated (KVM_GET_MSRS / KVM_SET_MSRS, the
  * kernel's return value 1 = done); logged and counted decisions go into the vCPU's audit ring
  * (kg_record_fill; RIP for logged ones only: KVM_GET_REGS, or kvm_run.s.regs with

@@ -120,6 +120,11 @@ class Kvm(_Fd):
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves/restores for its guests."""
         return self._index_list(u.KVM_GET_MSR_INDEX_LIST)
 
+    def msr_feature_index_list(self) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: the feature MSRs (read with KVM_GET_MSRS on the
+        /dev/kvm fd: what the host can offer, e.g. IA32_ARCH_CAPABILITIES)."""
+        return self._index_list(u.KVM_GET_MSR_FEATURE_INDEX_LIST)
+
     def _index_list(self, request: int) -> list[int]:
         n = 1024
         while True:

@@ -6,7 +6,7 @@ for the hot exits (RDMSR, WRMSR, port I/O, HLT) are made once per vCPU and reuse
 fields read kvm_run when asked (nothing is decoded that nobody reads), answering writes into
 kvm_run, and they are valid until the next KVM_RUN.  Offsets come from the uapi structures.
 
-An MSR exit answers itself (docs/kvm-msr.md, "user-space MSR exits"; kernel
+An MSR exit answers itself (docs/kvm-msr.md, "4. Exits to user space"; kernel
 Documentation/virt/kvm/api.rst, KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR): `reply(value)`
 completes a RDMSR with EDX:EAX = value, `reply()` completes a WRMSR, `fail()` makes KVM inject
 #GP (kvm_run.msr.error = 1) on the next KVM_RUN.

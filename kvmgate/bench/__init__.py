@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from . import exits, policy, replay, wrap
+from . import exits, introspect, kvmi_wrap, policy, replay, wrap
 from .common import BenchError
 
 BENCHES: dict[str, Callable[[list[str]], int]] = {
@@ -19,6 +19,8 @@ BENCHES: dict[str, Callable[[list[str]], int]] = {
     "vcpus": exits.main_vcpus,    # 1/2/4 vCPU throughput, Python vs C loops
     "wrap": wrap.main,            # the QEMU shim: shim vs QEMU answering, wrapped vs unwrapped
     "replay": replay.main,        # trace replay from Parquet vs DuckDB's GROUP BY, one core
+    "introspect": introspect.main,            # MSR event round trip vs a plain user-space exit
+    "wrap-introspect": kvmi_wrap.main,        # the same inside a wrapped QEMU (kvmi-v7 tool)
 }
 
 

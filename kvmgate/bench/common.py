@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from ..cli.common import positive_int
+from ..argtypes import positive_int
 
 MIN_ROUNDS = 7
 
@@ -62,6 +62,15 @@ def paired(rounds: int, measure: Callable[[], float], baseline: Callable[[], flo
     return {"rounds": rounds, "measured": statistics.median(m), "baseline": statistics.median(b),
             "ratio": statistics.median(ratios), "ratio_spread": [ratios[0], ratios[-1]],
             "load_average": [before, load_average()]}
+
+
+def with_load_average(run: Callable[[], dict]) -> dict:
+    """run()'s result with "load_average": [before, after] (for benchmarks that interleave
+    their rounds themselves)."""
+    before = load_average()
+    res = run()
+    res["load_average"] = [before, load_average()]
+    return res
 
 
 def median_of(rounds: int, fn: Callable[[], float]) -> float:

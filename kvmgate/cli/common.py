@@ -158,26 +158,6 @@ def nonneg_seconds(text: str) -> float:
     return v
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
-    return v
-
-
-def nonneg_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
-    return v
-
-
 class Progress:
     """Progress on stderr: one rewritten line on a terminal, a line every few seconds otherwise."""
 

@@ -8,7 +8,8 @@ from ..image import build_image, qemu_command, run_qemu
 from ..image.layout import MAX_VCPUS
 from ..image.qemu import qemu_binary
 from ..report import emit, table
-from .common import in_path, nonneg_seconds, out_path, positive_int
+from ..argtypes import positive_int
+from .common import in_path, nonneg_seconds, out_path
 
 
 def cmd_image(a) -> int:

@@ -5,12 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+from ..argtypes import nonneg_int, positive_int
 from ..errors import UserError
 from ..exits import GuestError
 from ..learn import MIN_RUN, RECORDERS, learn, learn_from_traces, load_guest, write_policy
 from ..report import table
 from ..trace import parse_dask
-from .common import nonneg_int, nonneg_seconds, out_path, positive_int, vcpu_count, writable_file
+from .common import nonneg_seconds, out_path, vcpu_count, writable_file
 from .trace import fleet_arguments
 
 

@@ -5,13 +5,13 @@ import json
 import sys
 import threading
 
+from ..argtypes import nonneg_int, positive_int
 from ..errors import UserError
 from ..report import emit, table
 from ..trace import import_trace_cmd_to, parse_dask, record_tracefs_to
 from ..trace.dryrun import replay_policy
-from ..trace.store import DEFAULT_FLUSH_SECONDS
-from .common import (Progress, StopOnSignals, in_path, nonneg_int, nonneg_seconds, out_path,
-                     positive_int, positive_seconds)
+from ..trace.writing import DEFAULT_FLUSH_SECONDS
+from .common import Progress, StopOnSignals, in_path, nonneg_seconds, out_path, positive_seconds
 
 EXIT_PARTIAL = 3          # a partial trace (an unfinished recording) without --accept-partial
 

@@ -46,6 +46,11 @@ def _need():
     return _engine
 
 
+def native():
+    """The extension module kvmgate.engine._engine (EngineUnavailable if not built)."""
+    return _need()
+
+
 def result_text(result: int, value: int, would_deny: bool = False) -> str:
     """The audit log's result text, as handlers.perform writes it ("read 0x5", "written",
     "dropped", "#GP"); audit mode's would-deny decisions say so: "read 0x5 (would #GP)"."""

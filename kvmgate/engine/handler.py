@@ -8,7 +8,7 @@ the extension's raw tuples (result, value, action, rule id, flags): no objects p
 from __future__ import annotations
 
 from ..errors import InjectGP
-from .binding import DF_COUNT, DF_LOG, RES_GP, RES_HOST, RES_VALUE, Engine, _engine
+from .binding import DF_COUNT, DF_LOG, RES_GP, RES_HOST, RES_VALUE, Engine, native
 from .ring import decode, deliver
 
 
@@ -16,7 +16,8 @@ def make_engine_handler(engine: Engine, audit=None, rings=None):
     """on_msr handler deciding with `engine`; `rings[vcpu]` (optional) receives the records."""
     decide = engine.decide_raw
     rules = engine.table.rules
-    host_done, record_fill = _engine.host_done, _engine.record_fill
+    ext = native()
+    host_done, record_fill = ext.host_done, ext.record_fill
     report = audit is not None or rings is not None
 
     def handler(exit):

@@ -97,7 +97,7 @@ class Ring:
         """Pop up to `limit` records (all pending by default) as raw bytes."""
         lim = self.capacity if limit is None else min(limit, self.capacity)
         if binding.available():
-            return binding._engine.ring_drain(self.buffer, lim)
+            return binding.native().ring_drain(self.buffer, lim)
         w = self._words
         tail, head = w[TAIL_AT // 8], w[HEAD_AT // 8]
         n = head - tail
@@ -116,12 +116,12 @@ class Ring:
 
     def push(self, record: bytes) -> bool:
         """Producer side (kg_ring_push; needs the C engine): False when full (counted)."""
-        return binding._need().ring_push(self.buffer, record)
+        return binding.native().ring_push(self.buffer, record)
 
 
 def _init(buffer, capacity: int) -> None:
     if binding.available():
-        binding._engine.ring_init(buffer, capacity)
+        binding.native().ring_init(buffer, capacity)
         return
     buffer[:HEADER_SIZE] = bytes(HEADER_SIZE)
     struct.pack_into("<IIII", buffer, 0, MAGIC, VERSION, capacity, RECORD.size)

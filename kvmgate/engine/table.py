@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 from ..errors import PolicyError
 from ..msr.model import READ, WRITE
+from ..uapi import U32, U64
 
 MAGIC = 0x3145474B            # "KGE1"
 VERSION = 1
 NONE = 0xFFFFFFFF             # KG_NONE: no action / no rule
-U32 = 0xFFFFFFFF
-U64 = (1 << 64) - 1
 
 MODE_ENFORCE, MODE_AUDIT = 0, 1
 MODES = {"enforce": MODE_ENFORCE, "audit": MODE_AUDIT}

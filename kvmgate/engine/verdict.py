@@ -47,7 +47,7 @@ def _c_engine(cp, mode: str):
     if hit is not None and hit[0]() is cp and hit[1] == mode:
         return hit[2], hit[3]
     table = build_table(cp, mode)
-    eng = binding._engine.Engine(table.data)
+    eng = binding.native().Engine(table.data)
     key = id(cp)
     _tables[key] = (weakref.ref(cp, lambda _r: _tables.pop(key, None)), mode, eng, table)
     return eng, table
@@ -60,7 +60,7 @@ class _Exit:
         self.index, self.is_write, self.data, self.reason, self.vcpu = index, is_write, data, reason, 0
 
 
-def _python_verdict(cp, index: int, is_write: bool, reason: int, data: int) -> Verdict:
+def python_verdict(cp, index: int, is_write: bool, reason: int, data: int) -> Verdict:
     act = cp.action_for(index, is_write, reason)
     if act is None:
         return Verdict(None, "#GP", 0, "", False, False, False)
@@ -85,7 +85,7 @@ def verdict(cp, index: int, is_write: bool, reason: int, data: int = 0,
         if mode != "enforce":
             raise binding.EngineUnavailable(
                 "audit-mode verdicts need the C engine: " + binding.unavailable_reason())
-        return _python_verdict(cp, index, is_write, reason, data)
+        return python_verdict(cp, index, is_write, reason, data)
     eng, table = _c_engine(cp, mode)
     res, value, action, rule, flags = eng.verdict(index, is_write, reason, data)
     return Verdict(KIND_NAMES.get(action), RESULTS[res], value, table.rule(rule),

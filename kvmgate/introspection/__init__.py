@@ -6,6 +6,7 @@ abi          the two wire dialects, `V12` (the patch series) and `V7` (libkvmi's
 permissions  the owner's allow/disallow model (docs/introspection.md)
 protocol     v12 framing, Reader, payload codecs
 backend      `Backend`: what the server needs from a live VM
+controlled   `ControlledMsrs`: VCPU_CONTROL_MSR's checks and bookkeeping, shared by the backends
 server       `IntrospectionServer` (one tool connection, one dialect)
 owner        `Introspection`: hook/unhook/allow, attached as `machine.introspection`
 client       `Client`: the tool's side (v12)
@@ -14,7 +15,6 @@ machine_backend  `MachineBackend` (the Backend on a live Machine), `attach(machi
 listener     `IntrospectionListener`: a unix socket that hooks the tool that connects
 connector    `IntrospectionConnector`: connect to a listening tool with QEMU's handshake
 session      `serve(machine, spec, ...)`: listen or connect as a spec says (`kvmgate run`)
-bench        `bench_events()`: event round trip vs a plain user-space MSR exit
 """
 from .abi import V7, V12, Dialect
 from .backend import Backend

@@ -88,7 +88,7 @@ def handshake(sock: socket.socket, uuid: bytes, name: str, start_time: int,
         raise HandshakeError(f"handshake failed: {exc.strerror or exc}") from None
 
 
-def _connect(family: str, address) -> socket.socket:
+def connect_socket(family: str, address) -> socket.socket:
     where = address if family == "unix" else f"vsock CID {address[0]} port {address[1]}"
     s = None
     try:
@@ -133,7 +133,7 @@ class IntrospectionConnector:
         self.cookie: bytes | None = None
 
     def start(self) -> "IntrospectionConnector":
-        s = _connect(self.family, self.address)
+        s = connect_socket(self.family, self.address)
         try:
             self.cookie = handshake(s, self.uuid, self.name, self.start_time, self.key)
             self.intro.hook(s, self.uuid, commands=self.commands, events=self.events,

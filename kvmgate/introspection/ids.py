@@ -108,7 +108,7 @@ VCPU_EVENT_PF = Event.PF
 VCPU_EVENT_SINGLESTEP = Event.SINGLESTEP
 
 COMMAND_NAMES = {c: c.name for c in Command}
-# Every v12 command: what the owner may allow (docs/introspection.md, "known command").
+# Every v12 command: what the owner may allow (docs/introspection.md, "2. Messages and commands").
 COMMANDS = frozenset(Command)
 # Commands that can never be disallowed.
 ALWAYS_ALLOWED = frozenset({GET_VERSION, VM_CHECK_COMMAND, VM_CHECK_EVENT})

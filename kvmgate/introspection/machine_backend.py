@@ -53,12 +53,13 @@ from typing import Sequence
 from .. import uapi as u
 from ..errors import FilterError, KvmError
 from ..exits import GuestError
-from ..msr.model import WRITE, X2APIC_FIRST, X2APIC_LAST
+from ..msr.model import WRITE
 from . import ids
 from .backend import Backend
+from .controlled import ControlledMsrs
 from .ids import CONTINUE, CRASH, RETRY
 from .owner import Introspection
-from .protocol import PAGE_SIZE, msr_valid, pack_state
+from .protocol import PAGE_SIZE, pack_state
 from .vcpu_state import STATE_MSR_INDICES, SYNC_MASK, EventState, vcpu_mode
 
 __all__ = ["MachineBackend", "IntrospectionCrash", "attach", "vcpu_mode", "STATE_MSR_INDICES"]
@@ -98,7 +99,7 @@ class MachineBackend(Backend):
         self._n = len(self._vcpus)
         self._lock = threading.Lock()
         self._apply_lock = threading.RLock()    # one filter swap / quiesce of ours at a time
-        self._controlled: dict[int, set[int]] = {}
+        self._controlled = ControlledMsrs(self.owner_denies, self._sync)
         self._installed: frozenset = frozenset()
         self._tsc_khz: int | None = None
         self._cpuid: list | None = None
@@ -316,9 +317,7 @@ class MachineBackend(Backend):
 
     def controlled(self) -> frozenset:
         """MSRs the tool controls on some vCPU (what should be intercepted)."""
-        with self._lock:
-            return frozenset().union(*self._controlled.values()) if self._controlled \
-                else frozenset()
+        return self._controlled.union()
 
     @property
     def intercepted(self) -> frozenset:
@@ -326,33 +325,7 @@ class MachineBackend(Backend):
         return self._installed
 
     def control_msr(self, vcpu: int, msr: int, enable: bool) -> int:
-        if not msr_valid(msr):
-            return -ids.KVM_EINVAL
-        if enable:
-            if X2APIC_FIRST <= msr <= X2APIC_LAST:
-                return -ids.KVM_EOPNOTSUPP      # KVM never filters x2APIC MSRs
-            if self.owner_denies(msr):
-                return -ids.KVM_EPERM
-        with self._lock:
-            s = self._controlled.setdefault(vcpu, set())
-            had = msr in s
-            if enable:
-                s.add(msr)
-            else:
-                s.discard(msr)
-                if not s:
-                    del self._controlled[vcpu]
-        if had == enable:
-            return 0
-        err = self._sync(adding=enable)
-        if err and enable:
-            with self._lock:
-                s = self._controlled.get(vcpu)
-                if s is not None:
-                    s.discard(msr)
-                    if not s:
-                        del self._controlled[vcpu]
-        return err
+        return self._controlled.control(vcpu, msr, enable)
 
     def _sync(self, adding: bool) -> int:
         """Make the machine's interception set the controlled set; 0 or a negative KVM code."""

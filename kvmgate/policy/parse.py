@@ -14,6 +14,7 @@ from ..errors import PolicyError
 from ..inputs import MiB, decode_text, read_user_file
 from ..msr import names
 from ..msr.model import U32
+from ..uapi import U64
 from .compile import Policy
 from .model import (
     ACCESS_WORDS,
@@ -25,7 +26,6 @@ from .model import (
     RuleAction,
 )
 
-U64 = (1 << 64) - 1
 MAX_POLICY_BYTES = 4 * MiB
 MAX_AUDIT_RATE = 1e6          # records per second per MSR and direction
 MAX_NAME = 200                # characters of an MSR name or a policy name

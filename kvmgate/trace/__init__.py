@@ -14,7 +14,9 @@ from .replay import (ReplayReport, ReplayRow, filter_decider, naive_counts, repl
                      report_from_summary)
 from .schema import COLUMNS, SCHEMA
 from .sources import Collected, FileInfo, collect, expand, load_trace, parse_dask
-from .store import Trace, TraceFile, TraceWriter, concat
+from .memory import Trace, concat
+from .reading import TraceFile
+from .writing import TraceWriter
 from .summary import Summary, TraceFormatError
 from .textimport import ImportStats, import_trace_cmd, import_trace_cmd_to, parse_line
 from .tracefs import (Recording, TracefsError, TracefsSession, record_tracefs, record_tracefs_to,

@@ -20,7 +20,7 @@ from ..msr.model import READ, WRITE, MsrFilter
 from ..msr.names import msr_name
 from ..report import table
 from .sources import collect
-from .store import Trace
+from .memory import Trace
 from .summary import Summary
 
 Decide = Callable[[int, bool, bool], str]
@@ -202,7 +202,7 @@ def replay(source, decide: Decide, *, by_host: bool = False, full: bool = False,
     counted per (MSR, direction) and label; decide() is asked once per distinct key.
 
     `source`: a Trace, a Summary, a path (file or directory) or a list of paths.  Files are
-    checked as they are read (kvmgate.trace.store); `full` decodes every event instead of
+    checked as they are read (kvmgate.trace.reading); `full` decodes every event instead of
     counting from the stored key summaries; `dask` runs the per-file work on a Dask cluster
     (kvmgate.trace.sources).  Unfinished recordings are read and named in `report.partial`.
     """

@@ -25,6 +25,9 @@ key columns; a file written by another tool has no summary and is read event by 
 """
 from __future__ import annotations
 
+import json
+import zlib
+
 import pyarrow as pa
 
 FORMAT = "kvmgate-trace"
@@ -50,5 +53,13 @@ WRITE_OPTIONS = dict(compression="zstd", use_dictionary=["index", "direction", "
                      write_page_checksum=True, data_page_version="1.0", write_statistics=True,
                      data_page_size=16 << 20, max_rows_per_page=1 << 20)   # few pages: cheap to check
 
+
+
+def document_crc(doc: dict) -> int:
+    """The CRC32 of the kvmgate document without its "crc" key (canonical JSON)."""
+    body = {k: v for k, v in doc.items() if k != "crc"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
 __all__ = ["SCHEMA", "COLUMNS", "KEY_COLUMNS", "DIRECTIONS", "FORMAT", "VERSION", "META_KEY",
-           "ROW_GROUP_EVENTS", "WRITE_OPTIONS"]
+           "ROW_GROUP_EVENTS", "WRITE_OPTIONS", "document_crc"]

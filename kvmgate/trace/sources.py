@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from .store import MARKER, PART_GLOB, Trace, TraceFile, concat
+from .memory import Trace, concat
+from .reading import TraceFile
+from .writing import MARKER, PART_GLOB
 from .summary import Summary, TraceFormatError
 
 

@@ -22,7 +22,10 @@ import numpy as np
 
 from ..errors import UserError
 
-from .store import Trace, TraceFile, TraceWriter, vcpu_of_comm
+from .columns import vcpu_of_comm
+from .memory import Trace
+from .reading import TraceFile
+from .writing import TraceWriter
 
 EVENT_LINE = re.compile(
     r"^\s*(?P<comm>.*?)-(?P<pid>\d+)\s+"

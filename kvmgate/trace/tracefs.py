@@ -36,7 +36,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import UserError
-from .store import DEFAULT_FLUSH_SECONDS, Trace, TraceFile, TraceWriter, default_host, vcpu_of_comm
+from .columns import default_host, vcpu_of_comm
+from .memory import Trace
+from .reading import TraceFile
+from .writing import DEFAULT_FLUSH_SECONDS, TraceWriter
 
 DEFAULT_ROOT = Path("/sys/kernel/tracing")
 EVENT_DIR = Path("events/kvm/kvm_msr")
@@ -251,7 +254,7 @@ def _walk_page(page: bytes, size: int, ts: int, layout: EventLayout) -> tuple[np
     return recs, np.array(stamps, np.uint64)
 
 
-def _columns(recs: np.ndarray, ts: np.ndarray, layout: EventLayout) -> dict:
+def event_columns(recs: np.ndarray, ts: np.ndarray, layout: EventLayout) -> dict:
     keep = recs["common_type"] == layout.id
     recs, ts = recs[keep], ts[keep]
     exc = recs["exception"] != 0 if "exception" in layout.fields else np.zeros(len(recs), bool)
@@ -423,7 +426,7 @@ class TracefsSession:
                 recs, ts, missed = parse_page(page, self.layout)
                 self.missed_pages += missed
                 if len(recs):
-                    batches.append(_columns(recs, ts, self.layout))
+                    batches.append(event_columns(recs, ts, self.layout))
                 # a page at least half full: events are flowing fast, do not sleep
                 busy |= (PAGE_HEADER.unpack_from(page)[1] & COMMIT_SIZE_MASK) >= self.page_size // 2
         if not batches:
@@ -464,7 +467,7 @@ class TracefsSession:
                 "tasks": {str(k): v for k, v in sorted(self.tasks.items()) if v}}
 
 
-class _Merger:
+class TimeMerger:
     """Holds back the newest events until every CPU has been drained past them, so the output
     is in time order across CPUs (per poll round only, when the clock is not comparable)."""
 
@@ -492,7 +495,7 @@ class _Loop:
     def __init__(self, session: TracefsSession, sink, duration, stop, progress, tick=None):
         self.s, self.sink, self.duration, self.stop, self.progress = session, sink, duration, stop, progress
         self.on_tick = tick
-        self.merger = _Merger()
+        self.merger = TimeMerger()
         self.events = 0
         self.t0 = time.monotonic()
         self.last_progress = 0.0
@@ -588,7 +591,7 @@ def record_tracefs_to(path, duration: float | None = None, pid: int | Iterable[i
                       row_group_events: int | None = None) -> TraceFile:
     """Like record_tracefs, streaming into a Parquet trace at `path`, crash-safe: events are
     flushed to PATH.parts/ every `flush_seconds` (and every full row group); a recording killed
-    on the way keeps everything up to its last flush there (kvmgate.trace.store)."""
+    on the way keeps everything up to its last flush there (kvmgate.trace.writing)."""
     kw = {"row_group_events": row_group_events} if row_group_events else {}
     with TraceWriter(path, crash_safe=True, flush_seconds=flush_seconds, **kw) as w:
         w.meta.update(_record(lambda cols: w.append(**cols), duration, pid, stop, progress, ready,

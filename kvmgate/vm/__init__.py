@@ -1,6 +1,7 @@
 """The machine layer: a VM and its vCPU threads running a guest program.
 
-machine   `Machine`: lifecycle, memory, configuration, run()
+machine   `Machine`: lifecycle, memory, run()
+config    Machine's configuration methods (handlers, filter, exit mask, policy, interceptions)
 threads   vCPU thread coordination: kick, park, quiesce, stop (KICK_SIGNAL)
 gate      the MSR gate: the owner's filter and handler or a bound policy, interceptions
           layered over them, routing of MSR exits (PolicyBinding, marshal_filter)

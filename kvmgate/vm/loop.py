@@ -2,7 +2,7 @@
 
 * RDMSR / WRMSR: the gate's handler gets an `MsrExit` (the exit and its vCPU as context) and
   returns the value for a read, None to complete a write, or InjectGP; the exit answers itself
-  (`reply(value)` / `fail()`, docs/kvm-msr.md "user-space MSR exits").
+  (`reply(value)` / `fail()`, docs/kvm-msr.md, "4. Exits to user space").
 * port I/O: the guest runtime's #GP and exception ports, else the machine's port handlers.
 * INTERRUPTED (a kick): stop if asked, else park if asked and call the kick hooks.
 * anything else ends the run with GuestError.

@@ -1,6 +1,7 @@
 """Machine: a VM with one or more vCPUs running an assembled guest program (lifecycle, memory,
-configuration, run).  The parts it is made of: vm.threads (vCPU threads: kick, park,
-quiesce, stop), vm.gate (filter, exit mask, handlers, interceptions), vm.loop (the exit loop).
+run).  The parts it is made of: vm.config (its configuration methods), vm.threads (vCPU
+threads: kick, park, quiesce, stop), vm.gate (filter, exit mask, handlers, interceptions),
+vm.loop (the exit loop), vm.control (extensions, thread controls).
 
 `run()` never hangs: on timeout every vCPU is stopped with immediate_exit plus a signal.
 """
@@ -17,13 +18,14 @@ from ..asm import assemble
 from ..errors import KvmError
 from ..exits import Regs, RunResult, Stopped, VcpuResult
 from ..kvm import Kvm
+from .config import Configuration
 from .control import Extensions, VcpuControl
-from .gate import Interception, MsrGate
+from .gate import MsrGate
 from .loop import LoopContext, run_vcpu
 from .threads import KICK_SIGNAL, VcpuState, VcpuThreads, install_kick_handler
 
 
-class Machine(Extensions, VcpuControl):
+class Machine(Configuration, Extensions, VcpuControl):
     """A VM running `asm` (64-bit Intel syntax, or raw bytes) in long mode.
 
     Every vCPU starts at the program with its index in RDI and its own stack.  Handlers may be
@@ -122,69 +124,6 @@ class Machine(Extensions, VcpuControl):
         """(vCPU fd, address of its mapped kvm_run) per vCPU, for code outside Python that
         runs the vCPUs itself (the exit benchmark's C loop) after reset()."""
         return [(st.vcpu.fd, st.vcpu.run_addr) for st in self._threads.states]
-
-    # ---- configuration
-    def on_msr(self, fn: Callable) -> Callable:
-        """Register the handler for every MSR exit: fn(exit) -> value | None; raise InjectGP for
-        #GP.  `exit` is an MsrExit: .index .is_write .data .reason .vcpu, .regs(), .host_access()."""
-        self.gate.on_msr(fn)
-        return fn
-
-    def on_gp(self, fn: Callable) -> Callable:
-        """Register fn(fault) called as each guest RDMSR/WRMSR #GP is recorded."""
-        self._gp_handler = fn
-        return fn
-
-    def on_port(self, port: int, fn: Callable | None = None) -> Callable:
-        """fn(machine, value) for guest OUT to `port` (its return value answers IN):
-        `m.on_port(0x80, fn)`, or as a decorator `@m.on_port(0x80)`."""
-        def register(fn):
-            self._port_handlers[port] = fn
-            return fn
-        return register if fn is None else register(fn)
-
-    def enable_user_space_msr(self, mask: int) -> None:
-        """KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): which failure reasons exit to user space."""
-        self.gate.enable_user_space_msr(mask)
-
-    def set_msr_filter(self, flt) -> None:
-        """KVM_X86_SET_MSR_FILTER; None removes filtering.  Validated first: a rejected filter
-        raises FilterError with the kernel's errno and leaves the installed filter untouched."""
-        self.gate.set_msr_filter(flt)
-
-    @property
-    def msr_filter(self):
-        """The owner's filter (interceptions are layered over it in the kernel's copy)."""
-        return self.gate.msr_filter
-
-    @property
-    def exit_mask(self) -> int:
-        """The owner's user-space exit mask."""
-        return self.gate.exit_mask
-
-    @property
-    def policy(self):
-        """The policy installed with set_policy (what its bind() returned as `policy`), or None."""
-        return self.gate.policy
-
-    def set_policy(self, policy, audit=None) -> None:
-        """Swap filter, exit mask and handler table atomically, also while the guest runs.
-
-        `policy` is anything with bind(machine, audit, carry) -> vm.PolicyBinding, e.g. a
-        kvmgate.policy Policy or CompiledPolicy, which compile and validate first.  Every other
-        vCPU is then parked outside KVM_RUN, so no access sees one policy's filter with the
-        other's handlers.  A failure changes nothing."""
-        self.gate.set_policy(self, policy, audit)
-
-    def add_interception(self, msrs, callback: Callable) -> Interception:
-        """See MsrGate.add_interception: guest WRMSRs of `msrs` to callback(exit), layered over
-        the owner's gate; returns a handle with update(msrs) and remove()."""
-        return self.gate.add_interception(msrs, callback)
-
-    def intercept_msr_writes(self, msrs, callback: Callable | None) -> None:
-        """One replaceable interception: guest WRMSRs of `msrs` to callback(exit) -> value to
-        store (None: the guest's) or InjectGP; an empty set or None callback removes it."""
-        self.gate.intercept_msr_writes(msrs, callback)
 
     # ---- guest memory and host-side MSR access
     def write_mem(self, gpa: int, data: bytes) -> None:

@@ -2,7 +2,7 @@
 out of it: kick (immediate_exit, then a signal to the thread), park (hold a vCPU outside
 KVM_RUN while another thread swaps what it depends on), quiesce (park every other vCPU),
 stop.  Kernel rules: Documentation/virt/kvm/api.rst, KVM_RUN and KVM_CAP_IMMEDIATE_EXIT
-(docs/kvm-msr.md, "stopping a vCPU").
+(docs/kvm-msr.md, "4. Exits to user space" and "6. Python-specific behaviour").
 
 KICK_SIGNAL needs a Python handler (a no-op), installed from the main thread when this module
 is imported: its default action would kill the process, and a signal with SIG_IGN would not

@@ -37,11 +37,12 @@ from collections.abc import Sequence
 from .. import uapi as u
 from ..introspection import ids
 from ..introspection.backend import Backend
+from ..introspection.controlled import ControlledMsrs
 from ..introspection.ids import CONTINUE, CRASH, RETRY
 from ..introspection.machine_backend import vcpu_mode
+from ..introspection.protocol import REGS_SIZE, pack_state
 from ..introspection.vcpu_state import mode_of
-from ..introspection.protocol import REGS_SIZE, msr_valid, pack_state
-from ..msr.model import WRITE, X2APIC_FIRST, X2APIC_LAST
+from ..msr.model import WRITE
 from . import layout
 
 log = logging.getLogger("kvmgate.wrap")
@@ -95,9 +96,8 @@ class WrapBackend(Backend):
         self.ctl = layout.ShimKvmi.from_buffer(mem, off)
         self._slots = [layout.ShimKvmiVcpu.from_buffer(mem, off + (1 + i) * layout.KVMI_STRIDE)
                        for i in range(wrap.plan["max_vcpus"])]
-        self._lock = threading.Lock()
         self._apply_lock = threading.Lock()
-        self._controlled: dict[int, set[int]] = {}
+        self._controlled = ControlledMsrs(self.owner_denies, lambda adding: self._apply())
         self._installed: frozenset = frozenset()
         self._filter_cv = threading.Condition()
         self._filter_replies: dict[int, int] = {}
@@ -241,35 +241,10 @@ class WrapBackend(Backend):
         return not self.wrap.compiled.cp.filter.allows(msr, WRITE)
 
     def controlled(self) -> frozenset:
-        with self._lock:
-            return frozenset().union(*self._controlled.values()) if self._controlled \
-                else frozenset()
+        return self._controlled.union()
 
     def control_msr(self, vcpu: int, msr: int, enable: bool) -> int:
-        if not msr_valid(msr):
-            return -ids.KVM_EINVAL
-        if enable:
-            if X2APIC_FIRST <= msr <= X2APIC_LAST:
-                return -ids.KVM_EOPNOTSUPP
-            if self.owner_denies(msr):
-                return -ids.KVM_EPERM
-        with self._lock:
-            s = self._controlled.setdefault(vcpu, set())
-            had = msr in s
-            (s.add if enable else s.discard)(msr)
-            if not s:
-                del self._controlled[vcpu]
-        if had == enable:
-            return 0
-        err = self._apply()
-        if err and enable:
-            with self._lock:
-                s = self._controlled.get(vcpu)
-                if s is not None:
-                    s.discard(msr)
-                    if not s:
-                        del self._controlled[vcpu]
-        return err
+        return self._controlled.control(vcpu, msr, enable)
 
     def _apply(self) -> int:
         """The controlled set into the shim's filter; 0 or a negative KVM code."""

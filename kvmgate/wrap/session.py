@@ -9,19 +9,20 @@ through the engine and pushes one record per decision into its vCPU's ring; the 
 the rings into kvmgate.audit.AuditLog (the VMM never waits for the disk), reloads the policy on
 request (mailbox + 'R' on the control pipe; the shim answers on the status pipe) and returns
 the VMM's exit code.
+
+Wrap is made of: this module (policy, mailbox, rings, counters, reload, wait), process.py
+(VmmChannel: shared memory, pipes, starting or exec'ing the VMM, the shim's status lines),
+tool.py (IntrospectOptions, ToolHookup: an introspection tool, --introspect) and result.py
+(WrapResult, report, as_json).
 """
 from __future__ import annotations
 
 import ctypes as C
-import mmap
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
-import uuid as _uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..audit import AuditLog
@@ -29,15 +30,12 @@ from ..engine import Ring, build_table, decode
 from ..engine.ring import RECORD
 from ..errors import UserError
 from ..hostinfo import ignore_msrs
-from ..introspection.connector import HandshakeError, _connect, handshake
-from ..introspection.listener import parse_ids
-from ..introspection.owner import Introspection
-from ..introspection.session import dialect_for, parse_spec
 from ..policy import Policy, compile_policy, load_policy
-from ..report import table
 from . import counters, layout
-from .introspect import WrapBackend
 from .library import shim_path
+from .process import VmmChannel
+from .result import WrapResult, as_json, report
+from .tool import IntrospectOptions, ToolHookup
 
 DRAIN_PERIOD = 0.05          # seconds between ring drains while the VMM runs
 RELOAD_TIMEOUT = 30.0
@@ -77,18 +75,7 @@ def prepare(policy_path: str | None, mode: str | None, registry: list[str] | Non
     return Compiled(pol.source, cp, table, pol.audit_rate, pol.audit_burst)
 
 
-@dataclass
-class WrapResult:
-    returncode: int
-    active: bool                          # the policy was installed in a VM
-    failures: list[str]                   # what the shim refused (fail closed), in order
-    summary: list[dict]                   # AuditLog.summary(): decisions per MSR
-    exits: dict                           # shim counters summed over vCPUs
-    audit: dict                           # written / suppressed / ring drops
-    reloads: dict = field(default_factory=dict)
-
-
-class Wrap:
+class Wrap(VmmChannel, ToolHookup):
     """One VMM under a policy.  start(), then wait(); reload() and signal() from any thread."""
 
     def __init__(self, argv: list[str], policy: str | None = None, audit: str | None = None,
@@ -143,25 +130,6 @@ class Wrap:
             raise UserError("--learn and --introspect do not go together", "argument --introspect")
 
     # ------------------------------------------------------------ shared memory
-    def _setup_memory(self) -> None:
-        p = self.plan
-        self.memfd = os.memfd_create("kvmgate-shim", 0)
-        os.ftruncate(self.memfd, p["total_size"])
-        self.mem = mmap.mmap(self.memfd, p["total_size"], mmap.MAP_SHARED)
-        h = layout.ShimHeader.from_buffer(self.mem, 0)
-        h.magic, h.version = layout.MAGIC, layout.VERSION
-        h.max_vcpus, h.ring_capacity = p["max_vcpus"], p["ring_capacity"]
-        h.mailbox_off, h.rings_off, h.ring_stride = p["mailbox_off"], p["rings_off"], p["ring_stride"]
-        h.total_size, h.stats_off = p["total_size"], p["stats_off"]
-        h.counts_off, h.counts_slots = p["counts_off"], p["counts_slots"]
-        h.options = layout.OPT_LEARN if self.learner is not None else 0
-        if self.introspect is not None:
-            h.options |= layout.OPT_KVMI
-            h.kvmi_off = p["kvmi_off"]
-        self.header = h
-        self.mailbox = layout.ShimMailbox.from_buffer(self.mem, p["mailbox_off"])
-        self._write_mailbox(self.compiled)
-
     def _write_mailbox(self, c: Compiled) -> int:
         mb = self.mailbox
         layout.fill_filter(mb.filter, c.cp.filter)
@@ -263,77 +231,6 @@ class Wrap:
         while not self._done.wait(DRAIN_PERIOD):
             self.drain()
 
-    # ------------------------------------------------------------ status lines from the shim
-    def _reader(self) -> None:
-        with os.fdopen(self.status_r, "r", errors="replace") as f:
-            for line in f:
-                word, _, rest = line.rstrip("\n").partition(" ")
-                if word == "active":
-                    print(f"kvmgate: policy {self.compiled.source} active in VMM pid "
-                          f"{rest.split()[0]}", file=self.err, flush=True)
-                    if self.announce is not None:         # kvmgate-qemu: the audit's first record
-                        self.audit.event("active", policy=str(self.compiled.source),
-                                         pid=int(rest.split()[0]), **self.announce)
-                    self.active.set()
-                elif word in ("reloaded", "refused"):
-                    seq, _, why = rest.partition(" ")
-                    with self._cv:
-                        self._replies[int(seq)] = "" if word == "reloaded" else why
-                        self._cv.notify_all()
-                elif word == "failed":
-                    self.failures.append(rest)
-                elif word == "learn-wait":
-                    self._start_learning(int(rest.split()[0]))
-                elif word.startswith("kvmi") and self.kvmi is not None:
-                    if word == "kvmi-run" and self.intro is None:
-                        self._hook_tool()
-                    self.kvmi.on_status(word, rest)
-        with self._cv:
-            self._vmm_gone = True
-            self._cv.notify_all()
-
-    def _start_learning(self, pid: int) -> None:
-        """The shim holds KVM_CREATE_VM until kvm:kvm_msr recording of the VMM runs."""
-        try:
-            self.learner.start(pid)
-        except (UserError, OSError) as e:
-            print(f"kvmgate: learn: cannot record the VM's MSR accesses: {e}", file=self.err, flush=True)
-            self.failures.append(f"learn: {e}")
-            self.learner = None
-            os.write(self.ctl_w, b"X")            # the shim refuses the VM
-            return
-        os.write(self.ctl_w, b"G")
-
-    # ------------------------------------------------------------ introspection
-    def _connect_tool(self) -> None:
-        """Before the VMM starts: connect to the tool and do QEMU's handshake (UserError if
-        it cannot be reached or refuses); the session is hooked at the first KVM_RUN, when
-        QEMU has created every vCPU."""
-        self._tool = self.introspect.connect()
-        self.kvmi = WrapBackend(self)
-
-    def _hook_tool(self) -> None:
-        o = self.introspect
-        self.intro = Introspection(self.kvmi, obj=self, event_timeout=o.event_timeout)
-        self.kvmi.intro = self.intro
-        try:
-            self.intro.hook(self._tool, o.uuid, commands=o.commands, events=o.events, abi=o.abi)
-            print(f"kvmgate: introspection tool at {o.where} hooked ({o.abi.name} ABI, "
-                  f"{self.kvmi.vcpu_count()} vCPUs)", file=self.err, flush=True)
-        except OSError as e:
-            print(f"kvmgate: introspection: cannot hook the tool: {e}", file=self.err, flush=True)
-            self.failures.append(f"introspection: {e}")
-        finally:
-            self._tool.close()
-
-    def _unhook_tool(self) -> None:
-        if self.intro is not None:
-            self.intro.unhook(wait=self.introspect.unhook_wait)
-        elif self._tool is not None:
-            self._tool.close()
-        if self.kvmi is not None:
-            self.kvmi.close()
-
     # ------------------------------------------------------------ reload
     def request_reload(self) -> None:
         """Async-signal friendly: the reload runs in the control thread."""
@@ -379,86 +276,6 @@ class Wrap:
         self._count_reload(True)
         return True
 
-    # ------------------------------------------------------------ the VMM
-    def _channel(self) -> tuple[dict, tuple[int, int, int]]:
-        """Shared memory + pipes; the VMM's environment and the fds it must inherit."""
-        self._setup_memory()
-        if self.introspect is not None:
-            self._connect_tool()
-        ctl_r, self.ctl_w = os.pipe()
-        self.status_r, status_w = os.pipe()
-        env = dict(os.environ)
-        pre = env.get("LD_PRELOAD", "")
-        env["LD_PRELOAD"] = f"{self.shim}{' ' + pre if pre else ''}"
-        env[layout.ENV] = f"{self.memfd}:{ctl_r}:{status_w}"
-        return env, (self.memfd, ctl_r, status_w)
-
-    def _start_threads(self) -> None:
-        self._threads = [threading.Thread(target=t, name=f"kvmgate-wrap-{t.__name__}", daemon=True)
-                         for t in (self._reader, self._drainer, self._controller)]
-        for t in self._threads:
-            t.start()
-
-    def start(self) -> None:
-        """Start the VMM as a child (kvmgate wrap)."""
-        env, fds = self._channel()
-        try:
-            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=fds,
-                                         stdout=self.vmm_out, stderr=self.vmm_err)
-        except OSError as e:
-            raise UserError(f"cannot start the VMM: {e.strerror}", self.argv[0]) from None
-        finally:
-            os.close(fds[1])
-            os.close(fds[2])
-        self._start_threads()
-
-    def exec_vmm(self, pidfile: str | None = None):
-        """Become the VMM (libvirt: its pidfile names this process, so QEMU must be exec'ed
-        here).  A detached grandchild keeps the parent side: drains the audit, reloads on
-        SIGHUP (its pid in `pidfile`), prints the run-end counters when the VMM is gone."""
-        env, fds = self._channel()
-        pid = os.fork()
-        if pid == 0:                                   # child: fork the keeper, then leave
-            os.close(fds[1])
-            os.close(fds[2])
-            if os.fork() != 0:
-                os._exit(0)
-            os.setsid()
-            code = 1
-            try:
-                if pidfile:
-                    with open(pidfile, "w") as f:
-                        f.write(f"{os.getpid()}\n")
-                signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                self._start_threads()
-                report(self.wait(), self.err)
-                code = 0
-            finally:
-                if pidfile:
-                    try:
-                        os.unlink(pidfile)
-                    except OSError:
-                        pass
-                os._exit(code)
-        os.waitpid(pid, 0)
-        os.close(self.ctl_w)
-        os.close(self.status_r)
-        for fd in fds:
-            os.set_inheritable(fd, True)
-        os.execve(self.argv[0], self.argv, env)
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def install_signal_handlers(self) -> dict:
-        """SIGHUP reloads; SIGINT/SIGTERM go to the VMM.  Returns the old handlers."""
-        old = {signal.SIGHUP: signal.signal(signal.SIGHUP, lambda *_: self.request_reload())}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old[s] = signal.signal(s, lambda n, _f: self.signal(n))
-        return old
-
     def wait(self) -> WrapResult:
         """Until the VMM is gone: its exit code (None when it is not our child)."""
         if self.proc is not None:
@@ -490,60 +307,5 @@ class Wrap:
         return self.wait()
 
 
-@dataclass
-class IntrospectOptions:
-    """`--introspect connect:...` of `kvmgate wrap` (kvmgate.introspection.session's spec)."""
-    where: str
-    family: str
-    address: object
-    abi: object
-    commands: tuple
-    events: tuple
-    name: str = "kvmgate-wrap"
-    key: bytes | None = None
-    uuid: bytes = b""
-    event_timeout: float | None = None
-    unhook_wait: float = 1.0
-
-    @classmethod
-    def parse(cls, spec: str, abi: str | None, commands, events, key: bytes | None = None,
-              name: str = "kvmgate-wrap") -> IntrospectOptions:
-        """UserError for anything but connect mode or bad ids (exit 2)."""
-        t = parse_spec(spec)
-        if not t.connect:
-            raise UserError(f"{spec!r}: kvmgate wrap connects to the tool as QEMU does: "
-                            "connect:unix:PATH or connect:vsock:CID:PORT", "--introspect")
-        return cls(spec, t.family, t.address, dialect_for(abi, t),
-                   tuple(parse_ids(commands, "command")), tuple(parse_ids(events, "event")),
-                   name, key, _uuid.uuid4().bytes)
-
-    def connect(self):
-        """A connected socket with QEMU's handshake done (UserError if not)."""
-        s = _connect(self.family, self.address)
-        try:
-            handshake(s, self.uuid, self.name, int(time.time()), self.key)
-        except HandshakeError as exc:
-            s.close()
-            raise UserError(f"introspection handshake refused: {exc}", "--introspect") from None
-        return s
-
-
-def report(r: WrapResult, out) -> None:
-    """The run-end counters for people (as `kvmgate run` prints its decisions)."""
-    e = r.exits
-    code = "" if r.returncode is None else f" with code {r.returncode}"
-    print(f"kvmgate: VMM exited{code}: MSR exits {e['policy']} answered by the policy, "
-          f"{e['vmm']} by the VMM, {e['gp']} #GP (nobody asked), {e['host']} carried out as "
-          f"KVM would; audit records {r.audit['written']} written, {r.audit['suppressed']} "
-          f"suppressed, {r.audit['ring_dropped']} dropped (ring full)", file=out)
-    if not r.active:
-        why = f": {r.failures[0]}" if r.failures else ""
-        print(f"kvmgate: the policy was never installed (no VM was created{why})", file=out)
-    if r.summary:
-        table(r.summary, out=out)
-    out.flush()
-
-
-def as_json(r: WrapResult) -> dict:
-    return {"returncode": r.returncode, "policy_active": r.active, "failures": r.failures,
-            "exits": r.exits, "audit": r.audit, "reloads": r.reloads, "decisions": r.summary}
+__all__ = ["Wrap", "WrapResult", "IntrospectOptions", "Compiled", "prepare", "allow_all_policy",
+           "report", "as_json"]

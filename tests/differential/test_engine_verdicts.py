@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from kvmgate.engine import replay_verdict, verdict
 from kvmgate.engine import binding
-from kvmgate.engine.verdict import _python_verdict
+from kvmgate.engine.verdict import python_verdict
 from kvmgate.msr.model import KernelMsr
 
 from ..conftest import SLOW
@@ -44,5 +44,5 @@ def test_without_the_c_engine_verdict_is_the_python_handlers(data):
         with pytest.MonkeyPatch.context() as m:
             m.setattr(binding, "available", lambda: False)
             assert verdict(cp, index, write, reason, value) == want == \
-                _python_verdict(cp, index, write, reason, value)
+                python_verdict(cp, index, write, reason, value)
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvmgate.engine import Ring, build_table
-from kvmgate.engine.binding import _engine
+from kvmgate.engine.binding import native
 from kvmgate.engine.table import CHECKSUM_AT
 
 from ..engine_policies import policies, require_engine
@@ -21,7 +21,7 @@ def _engine_built():
 
 def _decide_all(table: bytes):
     try:
-        eng = _engine.Engine(table)
+        eng = native().Engine(table)
     except ValueError:
         return False
     for index in (0, 0x10, 0x35, 0x186, 0xC0000082, 0xFFFFFFFF):
@@ -34,7 +34,7 @@ def _decide_all(table: bytes):
 
 @given(st.binary(max_size=600))
 def test_random_bytes(data):
-    code = _engine.validate(data)
+    code = native().validate(data)
     assert code <= 0
     assert (code == 0) == _decide_all(data)
 
@@ -53,7 +53,7 @@ def test_mutated_tables(cp, flips, fix_checksum, resize):
     if fix_checksum and len(b) >= 64:
         struct.pack_into("<I", b, CHECKSUM_AT, 0)
         struct.pack_into("<I", b, CHECKSUM_AT, zlib.crc32(b))
-    code = _engine.validate(bytes(b))
+    code = native().validate(bytes(b))
     assert (code == 0) == _decide_all(bytes(b))
     if not flips and resize is None:
         assert code == 0

@@ -20,7 +20,7 @@ def run_bench(tmp_path, *args, env=None):
 
 
 def test_registry_and_package_data():
-    assert {"exits", "policy", "vcpus"} <= set(bench.BENCHES)
+    assert {"exits", "policy", "vcpus", "replay", "wrap", "introspect", "wrap-introspect"} == set(bench.BENCHES)
     assert resources.files("kvmgate.bench").joinpath("exit_loop.c").is_file()
 
 
@@ -57,3 +57,16 @@ def test_c_loop_error_in_process(monkeypatch):
             c_loop()
     finally:
         c_loop.cache_clear()
+
+
+def test_introspect_bench_reports_every_path_and_the_load(tmp_path):
+    """`kvmgate bench introspect`: every write of every round made the exit it should (an MSR
+    event per write with the event enabled, none with it off), medians and the load average."""
+    r = run_bench(tmp_path, "introspect", "-n", "200", "--rounds", "7", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["rounds"] == 7 and res["writes"] == 200
+    assert res["events"] == {"event": 200, "event_v7": 200, "quiet": 0}
+    assert res["exits"] == {"exit": 200, "event": 200, "event_v7": 200, "quiet": 200}
+    assert all(res[k + "_us"] > 0 for k in ("native", "exit", "exit_bare", "event", "event_v7", "quiet"))
+    assert len(res["load_average"]) == 2 and all(len(x) == 3 for x in res["load_average"])

@@ -983,7 +983,7 @@ def test_register_adds_the_subcommand():
 # --- the benchmark --------------------------------------------------------------------------
 
 def test_bench_events_smoke():
-    from kvmgate.introspection.bench import bench_events
+    from kvmgate.bench.introspect import bench_events
     r = bench_events(n=100, rounds=1)
     assert r["events"] == {"event": 100, "event_v7": 100, "quiet": 0}
     assert r["exits"] == {"exit": 100, "event": 100, "event_v7": 100, "quiet": 100}

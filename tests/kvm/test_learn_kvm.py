@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import kvmgate.learn.record
-from kvmgate import uapi as u
 from kvmgate.audit import AuditLog
 from kvmgate.errors import UserError
 from kvmgate.kvm import Kvm
@@ -60,7 +59,7 @@ def keys(accesses):
 
 def _candidates():
     with Kvm() as k:
-        listed = set(k.msr_index_list()) | set(k._index_list(u.KVM_GET_MSR_FEATURE_INDEX_LIST))
+        listed = set(k.msr_index_list()) | set(k.msr_feature_index_list())
     s = set(listed)
     s |= {0xFE, 0x250, 0x258, 0x259, 0x2FF} | set(range(0x200, 0x210)) | set(range(0x268, 0x270))
     s |= {0x179, 0x17A, 0x17B} | set(range(0x400, 0x480))            # MCG, MC0..MC31

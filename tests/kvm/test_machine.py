@@ -6,6 +6,7 @@ import time
 import pytest
 
 from kvmgate.asm import assemble
+from kvmgate.kvm import Kvm
 
 from kvmgate import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER,
                      EXIT_REASON_UNKNOWN, READ, WRITE, FilterError, GuestError, InjectGP,
@@ -262,6 +263,16 @@ def test_missing_capability_is_named(monkeypatch):
     with pytest.raises(KvmError, match="missing capabilities: KVM_CAP_FROM_THE_FUTURE") as ei:
         K.Kvm()
     assert ei.value.ioctl == "KVM_CHECK_EXTENSION"
+
+
+def test_msr_index_lists():
+    """KVM_GET_MSR_INDEX_LIST and KVM_GET_MSR_FEATURE_INDEX_LIST (grown on E2BIG): the feature
+    list always holds MSR_IA32_UCODE_REV (0x8b: kvm_get_feature_msr answers it on every host)."""
+    with Kvm() as k:
+        saved, features = k.msr_index_list(), k.msr_feature_index_list()
+    assert 0x8B in features
+    assert 0xC0000082 in saved                       # LSTAR: saved/restored for every guest
+    assert len(set(saved)) == len(saved) and len(set(features)) == len(features)
 
 
 def test_on_port_direct_form_like_on_gp():

@@ -4,9 +4,11 @@ the wrapped QEMU's kvmgate connects with QEMU's handshake, and the tool watches 
 guest's LSTAR writes on a 2-vCPU QEMU guest; the vCPUs wait inside QEMU (the shim)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -199,3 +201,19 @@ def test_control_msr_the_policy_denies_gets_eperm(wrapped, tmp_path):
     t.control_events(0, k7.EV_MSR)
     assert t.error_of(k7.CONTROL_MSR, k7.VCPU_HDR.pack(0, 0, 0)
                       + k7.struct.pack("<BBHI", 1, 0, 0, LSTAR)) == -k7.KVM_EPERM
+
+
+def test_wrap_introspect_bench(tmp_path):
+    """`kvmgate bench wrap-introspect`: in the last round, every LSTAR write (and the sync
+    write) went to the policy rule on one path and to the tool as an MSR event on the other."""
+    r = subprocess.run([sys.executable, "-m", "kvmgate", "bench", "wrap-introspect", "-n", "100",
+                        "--json"], capture_output=True, text=True, timeout=TIMEOUT * 4, cwd=ROOT,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["rounds"] == 7 and res["writes"] == 100
+    ex = res["last_round_exits"]
+    assert ex["policy"]["policy"] == 101 and ex["policy"]["tool"] == 0
+    assert ex["event"]["tool"] == ex["event"]["events"] == 101
+    assert res["policy_cycles_per_write"] > 0 and res["event_cycles_per_write"] > 0
+    assert len(res["load_average"]) == 2

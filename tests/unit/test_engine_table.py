@@ -6,7 +6,7 @@ import pytest
 
 from kvmgate.engine import EngineTableError, build_table, read_table
 from kvmgate.engine.table import CHECKSUM_AT, KINDS, MAX_EMULATED, NONE
-from kvmgate.engine.binding import _engine
+from kvmgate.engine.binding import native
 from kvmgate.policy import compile_policy, parse_policy
 
 from ..engine_policies import require_engine
@@ -110,7 +110,7 @@ action = "emulate"
 def test_c_validator_accepts_built_tables_and_names_each_defect():
     require_engine()
     good = build_table(cp_of()).data
-    assert _engine.validate(good) == 0
+    assert native().validate(good) == 0
 
     def fixed(b: bytearray) -> bytes:
         struct.pack_into("<I", b, CHECKSUM_AT, 0)
@@ -137,19 +137,19 @@ def test_c_validator_accepts_built_tables_and_names_each_defect():
         -12: with_field("<I", 52, 1),                        # reserved header word
     }
     for code, table in cases.items():
-        assert _engine.validate(table) == code, (code, _engine.strerror(code))
+        assert native().validate(table) == code, (code, native().strerror(code))
     # two spans swapped: unsorted
     b = bytearray(good)
     s0, s1 = b[spans_at:spans_at + 16], b[spans_at + 16:spans_at + 32]
     b[spans_at:spans_at + 32] = s1 + s0
-    assert _engine.validate(fixed(b)) == -8
+    assert native().validate(fixed(b)) == -8
     # the allowed slice out of order
     b = bytearray(good)
     at = len(good) - 8 * len(v.allowed)
     struct.pack_into("<3Q", b, at, 3, 2, 1)
-    assert _engine.validate(fixed(b)) == -10
+    assert native().validate(fixed(b)) == -10
     with pytest.raises(ValueError, match="checksum"):
-        _engine.Engine(cases[-5])
+        native().Engine(cases[-5])
 
 
 def test_a_shared_registry_keeps_rule_ids_across_reloads():

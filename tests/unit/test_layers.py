@@ -1,11 +1,12 @@
 """Imports go only downward through the layers (lazy imports inside functions included)."""
 import ast
 import functools
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "kvmgate"
 LAYERS = [
-    {"uapi", "errors", "report", "schemas", "inputs"},         # ABI facts, errors, table output, user files
+    {"uapi", "errors", "report", "schemas", "inputs", "argtypes"},  # ABI facts, errors, tables, user files, options
     {"kvm", "vcpu_exit", "asm", "hostinfo"},                   # fds, ioctls, decoded exits; the assembler
     {"msr"},                                                   # the pure MSR model
     {"guest", "exits", "vm", "machine"},                       # guests, the machine and its exit loop
@@ -213,3 +214,130 @@ def test_known_circles_are_still_circles():
     stale = [f"{a} -> {b}" for a, b in sorted(KNOWN_CYCLE_EDGES)
              if (a, b) not in edges or not _reaches(adj, b, a)]
     assert not stale, "fixed; delete from KNOWN_CYCLE_EDGES: " + ", ".join(stale)
+
+
+# ---- small classes (issue 11: "no class over ~250 lines") ---------------------------------
+
+MAX_CLASS_LINES = 250
+# Classes over the bound today, each with the ceiling it may not grow past; delete an entry
+# when its split lands - the staleness test below says so.
+# Both below are being reworked for the event round trip's speed (an inbox shared by the vCPU
+# threads) while this test lands; the ceilings are the largest size on any branch then.
+KNOWN_LARGE_CLASSES: dict[str, int] = {
+    "kvmgate/introspection/server.py:IntrospectionServer": 549,
+    "kvmgate/introspection/machine_backend.py:MachineBackend": 417,
+}
+
+
+def class_sizes() -> dict[str, int]:
+    """{"kvmgate/path.py:Class": lines} for every class in kvmgate/, nested ones included."""
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                out[f"{path.relative_to(PKG.parent)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    return out
+
+
+def test_no_class_over_the_bound():
+    sizes = class_sizes()
+    big = [f"{name}: {n} lines" for name, n in sorted(sizes.items())
+           if n > KNOWN_LARGE_CLASSES.get(name, MAX_CLASS_LINES)]
+    assert not big, f"classes over {MAX_CLASS_LINES} lines (split them by concern):\n" + "\n".join(big)
+
+
+def test_known_large_classes_are_still_large():
+    sizes = class_sizes()
+    stale = [name for name in KNOWN_LARGE_CLASSES if sizes.get(name, 0) <= MAX_CLASS_LINES]
+    assert not stale, "now small enough; delete from KNOWN_LARGE_CLASSES: " + ", ".join(stale)
+
+
+# ---- no access to another module's private names -------------------------------------------
+
+NOT_PRIVATE = {"_replace", "_asdict", "_fields", "_make"}       # NamedTuple's public API
+
+
+def _private(name: str) -> bool:
+    """_name, but not __dunder__, ctypes' _fields_/_pack_ (`_x_`) or NamedTuple's methods."""
+    return (name.startswith("_") and not name.endswith("_") and name not in NOT_PRIVATE)
+
+
+def private_access(path: Path, only_imports: bool = False) -> list[str]:
+    """`from kvmgate.m import _name`, and `x._name` where x is a name this file imported from
+    kvmgate (a module or a class of another module).  self./cls., the file's own names and
+    `from . import _m` (a private module of the file's own package, e.g. the C extension
+    kvmgate.engine._engine) are its own business."""
+    tree = ast.parse(path.read_text())
+    imported: dict[str, str] = {}
+    bad = []
+    is_pkg = path.name == "__init__.py"
+    in_pkg = PKG in path.parents
+    here = (list(path.relative_to(PKG.parent).with_suffix("").parts) if in_pkg else [])
+    pkg = here if is_pkg else here[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                mod = ".".join(pkg[:len(pkg) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not mod.startswith("kvmgate"):
+                continue
+            for a in node.names:
+                if _private(a.name) and mod != ".".join(pkg):   # a package's own: its business
+                    bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno} imports {a.name} from {mod}")
+                imported[a.asname or a.name] = f"{mod}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("kvmgate"):
+                    imported[a.asname or a.name.split(".")[0]] = a.asname and a.name or a.name.split(".")[0]
+    if only_imports:
+        return bad
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            base = node.value
+            while isinstance(base, ast.Attribute):      # kvmgate.trace.store._x: the root name
+                if _private(base.attr):
+                    break
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in imported:
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno} uses {base.id}...{node.attr} "
+                           f"({imported[base.id]})")
+    return bad
+
+
+def test_private_access_finder_finds_planted_uses(tmp_path):
+    p = PKG / "_planted_for_test.py"
+    assert not p.exists()
+    src = ("from .trace.store import _x\nfrom .kvm import Kvm\nimport kvmgate.vm.machine\n"
+           "class A:\n    def f(self):\n        return self._ok, Kvm._index_list, kvmgate.vm.machine._y\n")
+    p.write_text(src)
+    try:
+        found = private_access(p)
+    finally:
+        p.unlink()
+    assert len(found) == 3, found
+
+
+def test_no_access_to_other_modules_private_names():
+    bad = [b for path in sorted(PKG.rglob("*.py")) for b in private_access(path)]
+    tests = PKG.parent / "tests"
+    bad += [b for path in sorted(tests.rglob("*.py")) for b in private_access(path, only_imports=True)
+            if "kvmgate" in b]
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_readme_layering_section_is_this_list():
+    """README's "### Layering" numbers the layers; each item's top-level names (backticked,
+    outside parentheses) are exactly LAYERS' (the package's own __main__/__init__ aside)."""
+    text = (PKG.parent / "README.md").read_text()
+    section = text.split("### Layering\n", 1)[1].split("\n#", 1)[0]
+    listing = section[section.index("\n1. "):].split("\n\n")[0]
+    items = re.split(r"\n\d+\. ", listing)[1:]
+    got = []
+    for item in items:
+        flat = " ".join(item.split())
+        while re.search(r"\([^()]*\)", flat):
+            flat = re.sub(r"\([^()]*\)", "", flat)
+        got.append(set(re.findall(r"`([\w.]+)`", flat)))
+    want = [names - {"__main__", "__init__"} for names in LAYERS]
+    assert got == want

@@ -14,7 +14,7 @@ from kvmgate.msr.model import KernelMsr
 from kvmgate.policy import compile_policy, load_policy, parse_policy
 from kvmgate.trace.policy import policy_decider, verdict
 from kvmgate.trace.replay import replay, report_counts
-from kvmgate.trace.store import Trace
+from kvmgate.trace import Trace
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "kvmgate" / "examples" / "deny-by-default.toml"
 LSTAR, UNLISTED = 0xC0000082, 0x12345678

@@ -22,10 +22,10 @@ from kvmgate.trace import (SCHEMA, Summary, Trace, TraceFile, TraceFormatError, 
                            naive_counts, parse_line, replay, report_counts)
 from kvmgate.bench.replay import bench_replay, sixteen_range_filter, synthetic_columns
 from kvmgate.trace.pagecheck import PageError, check_column_chunk
-from kvmgate.trace.schema import META_KEY
-from kvmgate.trace.store import MARKER
+from kvmgate.trace.schema import META_KEY, document_crc
+from kvmgate.trace.writing import MARKER
 from kvmgate.trace.textimport import parse_lines
-from kvmgate.trace.tracefs import EventLayout, _Merger, _columns, parse_page
+from kvmgate.trace.tracefs import EventLayout, TimeMerger, event_columns, parse_page
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -250,8 +250,7 @@ def test_random_bytes_after_magic_and_damaged_metadata_are_refused(tmp_path):
     with pytest.raises(TraceFormatError, match="checksum"):
         replay(tmp_path / "doc.parquet", lambda *a: "x")
     # a consistent document that disagrees with the events: only the full check can see it
-    from kvmgate.trace.store import _doc_crc
-    doc["crc"] = _doc_crc(doc)
+    doc["crc"] = document_crc(doc)
     pq.write_table(t.replace_schema_metadata({META_KEY: json.dumps(doc)}), tmp_path / "doc2.parquet",
                    row_group_size=1000, write_page_checksum=True)
     with pytest.raises(TraceFormatError, match="disagree"):
@@ -543,7 +542,7 @@ def test_parse_page_uniform_fast_path():
     body = b"".join(_hdr(8, 10 * k + 1) + _rec(100 + k, k & 1, 0x10 + k, 2**63 + k, k % 3 == 0)
                     for k in range(100))
     recs, ts, missed = parse_page(_page(body, 1000, flags=1 << 31), LAYOUT)
-    cols = _columns(recs, ts, LAYOUT)
+    cols = event_columns(recs, ts, LAYOUT)
     assert missed and len(recs) == 100
     assert cols["time_ns"].tolist() == np.cumsum([1000] + [10 * k + 1 for k in range(100)])[1:].tolist()
     assert cols["index"].tolist() == [0x10 + k for k in range(100)]
@@ -565,7 +564,7 @@ def test_parse_page_walks_extends_padding_and_long_records():
     ])
     page = _page(body + _hdr(29, 0), 1000)
     recs, ts, missed = parse_page(page, LAYOUT)
-    cols = _columns(recs, ts, LAYOUT)
+    cols = event_columns(recs, ts, LAYOUT)
     big = 2 << 27
     assert not missed
     assert cols["time_ns"].tolist() == [1005, 1015 + big, 1025 + big, 1027 + big]
@@ -584,7 +583,7 @@ def test_merger_orders_across_rounds():
     def cols(ts):
         n = len(ts)
         return {"index": np.arange(n, dtype=np.uint32), "time_ns": np.array(ts, np.uint64)}
-    m = _Merger()
+    m = TimeMerger()
     m.push(cols([30, 10, 50]))
     assert m.pop(watermark=35)["time_ns"].tolist() == [10, 30]
     m.push(cols([40, 20]))              # 20 arrived late: still emitted (it is below nothing held)

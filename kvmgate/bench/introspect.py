@@ -14,12 +14,11 @@
 Every path runs once per round, the paths interleaved, for `rounds` (>= 7) rounds after a
 warm-up; each figure is the median per-write time, and `ratio` the median of the per-round
 event / exit ratios.  The load average is reported with them.
-`python -m kvmgate.introspection.bench [N]` prints it as JSON.
+`kvmgate bench introspect [-n N] [--rounds R] [--json]` prints it.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import statistics
@@ -30,8 +29,10 @@ from pathlib import Path
 
 from ..machine import Machine
 from ..msr.model import EXIT_REASON_FILTER, WRITE, MsrFilter, MsrRange
-from .abi import V7, V12, Dialect
-from .machine_backend import attach
+from ..introspection.abi import V7, V12, Dialect
+from ..introspection.machine_backend import attach
+from .common import count_arg, emit, load_row, parser, with_load_average
+from .kvmi_tool import reap
 
 LSTAR = 0xC0000082
 ROUNDS = 7
@@ -133,20 +134,11 @@ def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
                              "1" if enable_event else "0", abi.name], pass_fds=[b.fileno()],
                             stdout=subprocess.PIPE, text=True, env=env)
     b.close()
-    stack.callback(_reap, proc)
+    stack.callback(reap, proc)
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("the bench tool did not start")
     path.backend = intro.backend
     return path
-
-
-def _reap(proc: subprocess.Popen) -> None:
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
 
 
 def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
@@ -187,5 +179,21 @@ def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
     }
 
 
-if __name__ == "__main__":
-    print(json.dumps(bench_events(int(sys.argv[1]) if len(sys.argv) > 1 else 2000), indent=2))
+def main(argv: list[str]) -> int:
+    ap = parser("introspect", __doc__, rounds=ROUNDS)
+    ap.add_argument("-n", type=count_arg, default=2000, help="LSTAR writes per run")
+    a = ap.parse_args(argv)
+    res = with_load_average(lambda: bench_events(a.n, a.rounds))
+    us = lambda k: f"{res[k + '_us']:.2f} us/write (median)"  # noqa: E731
+    emit(res, a.json, [
+        ("LSTAR writes per run", str(res["writes"])),
+        ("native (no exit)", us("native")),
+        ("user-space exit, value stored", us("exit")),
+        ("user-space exit, write dropped", us("exit_bare")),
+        ("MSR event round trip (v12)", us("event")),
+        ("MSR event round trip (kvmi-v7)", us("event_v7")),
+        ("controlled, event off", us("quiet")),
+        ("ratio event / exit", (f"{res['ratio']:.2f}x (v7 {res['ratio_v7']:.2f}x, event off "
+                                f"{res['quiet_ratio']:.2f}x), median of {res['rounds']} interleaved rounds")),
+        load_row(res)])
+    return 0

@@ -13,12 +13,11 @@ new value) between two RDTSCs.  Paths, one wrapped QEMU run each, interleaved fo
   event only, which ends the guest's sync loop.
 
 Figures: median cycles per write, median of the per-round event / policy ratios, load average.
-`python -m kvmgate.wrap.kvmi_bench [N] [ROUNDS]` prints them as JSON.
+`kvmgate bench wrap-introspect [-n N] [--rounds R] [--json]` prints them.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import statistics
 import subprocess
@@ -26,8 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import pvhguest
-from .session import IntrospectOptions, Wrap
+from ..wrap import pvhguest
+from ..wrap.session import IntrospectOptions, Wrap
+from .common import count_arg, emit, load_row, parser, with_load_average
+from .kvmi_tool import listening_tool, reap
 
 LSTAR = 0xC0000082
 LSTAR_BASE = 0xFFFFFFFF81A00000
@@ -43,41 +44,6 @@ access = "write"
 action = "ignore"
 log = false
 """
-
-# A bare kvmi-v7 tool (libkvmi's dialect): listen, QEMU's handshake, CONTROL_EVENTS(MSR) and
-# CONTROL_MSR(LSTAR) on vCPU 0, then answer MSR events; the first is reverted (old value).
-_TOOL = """
-import os, socket, struct, sys
-path = sys.argv[1]
-ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); ls.bind(path); ls.listen(1)
-sys.stdout.write("listening\\n"); sys.stdout.flush()
-s, _ = ls.accept(); ls.close()
-f = s.makefile("rb")
-size = struct.unpack("=I", f.read(4))[0]; f.read(size - 4)
-s.sendall(struct.pack("=I20s", 24, bytes(20)))
-seq = [0]
-def request(mid, body):
-    seq[0] += 1
-    s.sendall(struct.pack("=HHI", mid, len(body), seq[0]) + body)
-    h = f.read(8); size = struct.unpack("=HHI", h)[1]; err = struct.unpack_from("=i", f.read(size))[0]
-    assert err == 0, err
-vcpu0 = struct.pack("=HHI", 0, 0, 0)
-request(9, vcpu0 + struct.pack("=HBBI", 2, 1, 0, 0))
-request(11, vcpu0 + struct.pack("=BBHI", 1, 0, 0, {lstar}))
-first = True
-while True:
-    h = f.read(8)
-    if len(h) < 8:
-        break
-    mid, size, seq_ = struct.unpack("=HHI", h)
-    body = f.read(size)
-    vcpu = struct.unpack_from("=H", body, 2)[0]
-    old, new = struct.unpack_from("=QQ", body, 544 + 8)
-    s.sendall(struct.pack("=HHI", 0, 24, seq_) + struct.pack("=HHI", vcpu, 0, 0)
-              + struct.pack("=BBHI", 0, 2, 0, 0) + struct.pack("=Q", old if first else new))
-    first = False
-"""
-
 
 def _cycles(out: Path, what: str) -> int:
     res = pvhguest.parse(out.read_text())
@@ -99,7 +65,7 @@ def run_event(elf: Path, tmp: Path) -> tuple[int, dict]:
     out, sock = tmp / "event.out", tmp / "tool.sock"
     if sock.exists():
         sock.unlink()
-    tool = subprocess.Popen([sys.executable, "-c", _TOOL.replace("{lstar}", str(LSTAR)),
+    tool = subprocess.Popen([sys.executable, "-c", listening_tool(LSTAR),
                              str(sock)], stdout=subprocess.PIPE, text=True)
     try:
         if tool.stdout.readline().strip() != "listening":
@@ -111,12 +77,7 @@ def run_event(elf: Path, tmp: Path) -> tuple[int, dict]:
             r = w.run()
         events = w.kvmi.msr_events
     finally:
-        try:
-            tool.wait(10)
-        except subprocess.TimeoutExpired:
-            tool.kill()
-            tool.wait()
-        tool.stdout.close()
+        reap(tool)
     return _cycles(out, "event"), {**r.exits, "events": events}
 
 
@@ -154,5 +115,17 @@ def bench(n: int = 2000, rounds: int = ROUNDS) -> dict:
     }
 
 
-if __name__ == "__main__":
-    print(json.dumps(bench(*(int(a) for a in sys.argv[1:3])), indent=2))
+def main(argv: list[str]) -> int:
+    ap = parser("wrap-introspect", __doc__, rounds=ROUNDS)
+    ap.add_argument("-n", type=count_arg, default=2000, help="LSTAR writes per guest run")
+    a = ap.parse_args(argv)
+    res = with_load_average(lambda: bench(a.n, a.rounds))
+    lo, hi = res["ratio_spread"]
+    emit(res, a.json, [
+        ("LSTAR writes per guest run", str(res["writes"])),
+        ("answered by a policy rule in the shim", f"{res['policy_cycles_per_write']} cycles/write (median)"),
+        ("MSR event round trip (kvmi-v7 tool)", f"{res['event_cycles_per_write']} cycles/write (median)"),
+        ("ratio event / policy", (f"{res['ratio_event_vs_policy']:.2f}x median of {res['rounds']} "
+                                  f"interleaved rounds (spread {lo:.2f}x .. {hi:.2f}x)")),
+        load_row(res)])
+    return 0
