@@ -57,7 +57,8 @@ _ACTION_CODES = {CONTINUE: 0, RETRY: 1, CRASH: 2}   # SHIM_KVMI_CONTINUE/RETRY/C
 
 _libc = C.CDLL(None, use_errno=True)
 _libc.syscall.restype = C.c_long
-_SYS_FUTEX, _FUTEX_WAIT, _ZERO = C.c_long(SYS_FUTEX), C.c_int(FUTEX_WAIT), C.c_int(0)
+_SYS_FUTEX, _ZERO, _ALL = C.c_long(SYS_FUTEX), C.c_int(0), C.c_int(2**31 - 1)
+_FUTEX_WAIT, _FUTEX_WAKE = C.c_int(FUTEX_WAIT), C.c_int(FUTEX_WAKE)
 
 
 class _Timespec(C.Structure):
@@ -65,8 +66,7 @@ class _Timespec(C.Structure):
 
 
 def futex_wake(addr: int) -> None:
-    _libc.syscall(C.c_long(SYS_FUTEX), C.c_void_p(addr), C.c_int(FUTEX_WAKE),
-                  C.c_int(2**31 - 1), None, None, C.c_int(0))
+    _libc.syscall(_SYS_FUTEX, C.c_void_p(addr), _FUTEX_WAKE, _ALL, None, None, _ZERO)
 
 
 def _timespec(timeout: float) -> _Timespec:
