@@ -7,7 +7,11 @@ permissions  the owner's allow/disallow model (docs/introspection.md)
 protocol     v12 framing, Reader, payload codecs
 backend      `Backend`: what the server needs from a live VM
 controlled   `ControlledMsrs`: VCPU_CONTROL_MSR's checks and bookkeeping, shared by the backends
-server       `IntrospectionServer` (one tool connection, one dialect)
+server       `IntrospectionServer` (one tool connection, one dialect): its events and closing
+connection   `Connection`: the server's socket, its reader thread and sends
+tool_state   `ToolState`: what the tool set up (events, controlled MSRs, pauses, waiting vCPUs)
+commands     `Commands`: answering one command message (route, permission, size, reply)
+command_handlers  `CommandHandlers`: what each command does, one handler per `abi.Op`
 owner        `Introspection`: hook/unhook/allow, attached as `machine.introspection`
 client       `Client`: the tool's side (v12)
 machine_backend  `MachineBackend` (the Backend on a live Machine), `attach(machine)`,

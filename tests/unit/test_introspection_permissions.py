@@ -1,4 +1,4 @@
-"""Spec §1: the owner's permission model and hook/unhook/allow errors (pure: no /dev/kvm)."""
+"""docs/introspection.md §1: the owner's permission model and hook/unhook/allow errors (pure: no /dev/kvm)."""
 import errno
 import os
 import socket
@@ -265,3 +265,13 @@ def test_errors_are_kvm_errors_with_the_ioctl_name(intro, pair):
     with pytest.raises(KvmError) as ei:
         intro.hook(pair[0], UUID)
     assert ei.value.ioctl == "KVM_INTROSPECTION_HOOK" and ei.value.errno == errno.EEXIST
+
+
+def test_repr_lists_commands_and_events_by_name():
+    p = Permissions()
+    p.allow_event(ids.VCPU_EVENT_MSR, 1)
+    p.allow_event(ids.VCPU_EVENT_PAUSE, 1)
+    first, second = sorted([ids.VCPU_EVENT_MSR, ids.VCPU_EVENT_PAUSE])     # by id
+    assert repr(p).endswith(f"events=[{ids.event_name(first)},{ids.event_name(second)}])")
+    for c in ids.ALWAYS_ALLOWED:
+        assert ids.command_name(c) in repr(p)

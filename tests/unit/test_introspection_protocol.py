@@ -1,4 +1,4 @@
-"""Spec §2-§3: wire sizes, ids, codecs and the streaming Reader (pure)."""
+"""docs/introspection.md §2-§3: wire sizes, ids, codecs and the streaming Reader (pure)."""
 import socket
 import struct
 

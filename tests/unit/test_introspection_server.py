@@ -1,4 +1,4 @@
-"""Spec §2-§3: the server against a tool over socket.socketpair() (pure: a fake Backend)."""
+"""docs/introspection.md §2-§3: the server against a tool over socket.socketpair() (pure: a fake Backend)."""
 import socket
 import struct
 import threading
