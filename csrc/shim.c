@@ -881,8 +881,7 @@ static uint32_t kvmi_park(struct vcpu *v, uint32_t kind)
     k->set_regs = 0;
     k->action = SHIM_KVMI_CONTINUE;
     kvmi_snapshot(v, k);
-    kvmi_set(k, SHIM_KVMI_PARKED);
-    status("kvmi %u %u", v->index, kind);
+    kvmi_set(k, SHIM_KVMI_PARKED);      /* wakes the parent's worker of this vCPU */
     for (;;) {
         uint32_t st = __atomic_load_n(&k->state, __ATOMIC_ACQUIRE);
         if (st == SHIM_KVMI_REPLY)

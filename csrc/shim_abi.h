@@ -82,8 +82,10 @@ struct shim_header {
 /* Introspection of a wrapped VM.  KVM answers vCPU ioctls only in the VMM process, so every
  * vCPU operation the tool needs is done by the shim on the vCPU's own thread while it waits
  * ("parks") for the parent:
- *   shim:   fills the slot (kind, MSR, old/new, regs, sregs, state MSRs), state = PARKED,
- *           futex wake, status line "kvmi VCPU KIND", then futex-waits on state;
+ *   shim:   says "kvmi-run VCPU" at the vCPU's first KVM_RUN (the parent starts a worker
+ *           that futex-waits on this vCPU's state); at a park fills the slot (kind, MSR,
+ *           old/new, regs, sregs, state MSRs), state = PARKED, futex wake (no status line),
+ *           then futex-waits on state;
  *   parent: state = REQ (a request, e.g. read MSRs) + wake, waits for REQ_DONE; finally
  *           action/value (+ set_regs) and state = REPLY + wake.
  * Pause: the parent sets pause_req and writes 'P' on the ctl pipe; the shim's control thread

@@ -8,8 +8,9 @@ new value) between two RDTSCs.  Paths, one wrapped QEMU run each, interleaved fo
   (`ignore`: one user-space exit answered by the engine, nothing else);
 * `event`:  `kvmgate wrap --introspect connect:unix:...` with a kvmi-v7 tool in its own process
   that controls LSTAR and answers every MSR event CONTINUE with the guest's value (exit, old
-  value + registers read by the vCPU, park, status line, the parent's MSR event over the
-  socket, the tool's reply, futex wake, host-initiated KVM_SET_MSRS); it reverts the first
+  value + registers read by the vCPU, park: a futex wake of the parent's worker for that vCPU,
+  the MSR event over the socket, the tool's reply, futex wake, host-initiated KVM_SET_MSRS);
+  it reverts the first
   event only, which ends the guest's sync loop.
 
 Figures: median cycles per write, median of the per-round event / policy ratios, load average.

@@ -24,7 +24,7 @@ from . import ids
 from .ids import Command, Event
 from .protocol import (CHECK_REQ, CONTROL_EVENTS_REQ, CONTROL_MSR_REQ, GET_CPUID_REQ,
                        GET_REGS_REQ, HEADER, INJECT_REQ, MAX_MSG_SIZE, MSR_EVENT, REGS_SIZE,
-                       STATE_SIZE, VERSION, VERSION_RPL, pack_message, pack_vcpu_event,
+                       STATE_SIZE, ProtocolError, VERSION, VERSION_RPL, pack_message, pack_vcpu_event,
                        pack_vm_event)
 from .protocol import PAUSE_REQ as V12_PAUSE_REQ
 from .protocol import READ_PHYS_REQ as V12_PHYS_REQ
@@ -68,6 +68,7 @@ V7_VERSION_RPL = Struct("=II8s")      # {u32 version; u32 padding; struct kvmi_f
 V7_MAX_GFN_RPL = Struct("=Q")         # {u64 gfn}
 V7_EVENT = Struct("=HHB3x")           # struct kvmi_event up to arch: {u16 size; u16 vcpu; u8 event}
 V7_EVENT_SIZE = V7_EVENT.size + STATE_SIZE   # 544: `size` covers the common part and arch
+_V7_EVENT_PREFIX = Struct("=HHI" "HHB3x")   # HEADER then V7_EVENT
 V7_MSR_EVENT_MSG_SIZE = HEADER.size + V7_EVENT_SIZE + MSR_EVENT.size   # 576
 
 
@@ -321,8 +322,12 @@ class _V7(Dialect):
         return gpa, size, True, V7_PHYS_REQ.size
 
     def pack_vcpu_event(self, seq, event, vcpu, state, payload=b""):
-        body = V7_EVENT.pack(V7_EVENT_SIZE, vcpu, self.event_ids[event]) + state + payload
-        return pack_message(C7.EVENT, seq, body)
+        # One pack for the message header and struct kvmi_event's common part (event path).
+        size = V7_EVENT.size + len(state) + len(payload)
+        if size > MAX_MSG_SIZE:
+            raise ProtocolError(f"kvmi-v7 event: {size} bytes > {MAX_MSG_SIZE}")
+        return _V7_EVENT_PREFIX.pack(C7.EVENT, size, seq & 0xFFFFFFFF, V7_EVENT_SIZE, vcpu,
+                                     self.event_ids[event]) + state + payload
 
     def pack_vm_event(self, seq, event):
         # UNHOOK: message 1 with the whole common event struct, vCPU 0, arch zeroed.

@@ -105,14 +105,11 @@ class Inbox:
                         self._reader_cond.wait(LINGER)
                 self._holder = me
             try:
-                reason = self._read_safely(self._yield_to_waiters, None, True)
+                reason = self._read_safely(None, None, True)
             finally:
                 self._release(False)
             if reason is not None:
                 return reason
-
-    def _yield_to_waiters(self) -> bool:
-        return self._wanted > 0 or self._stop
 
     def finish(self) -> None:
         """The reader thread's last act: once nobody reads the socket, close it (and the
@@ -127,7 +124,7 @@ class Inbox:
 
     def want(self) -> None:
         """Before sending an event: the next wait() will need the token."""
-        with self._cond:
+        with self._lock:                        # the Condition's lock (no Python-level enter)
             self._wanted += 1
             if self._polling and not self._kicked:
                 self._kicked = True
@@ -140,7 +137,7 @@ class Inbox:
         me = threading.get_ident()
         cond = self._cond
         deadline = None if timeout is None else time.monotonic() + timeout
-        with cond:
+        with self._lock:                        # cond's lock
             try:
                 nested = self._holder == me     # sent from inside a handler of the holder
                 if not nested:
@@ -155,7 +152,7 @@ class Inbox:
             finally:
                 self._wanted -= 1
         try:
-            return self._read_safely(lambda: w.done, deadline, False)
+            return self._read_safely(w, deadline, False)
         finally:
             if not nested:
                 self._release(True)
@@ -189,10 +186,12 @@ class Inbox:
             if self._wanted or self._stop:
                 self._cond.notify_all()
 
-    def _read_safely(self, done, deadline, reader_thread: bool) -> str | None:
+    def _read_safely(self, w: Waiter | None, deadline, reader_thread: bool) -> str | None:
         """_read, with whatever it raises turned into the reason to close."""
         try:
-            return self._read(done, deadline, reader_thread)
+            if reader_thread:
+                return self._read_as_reader()
+            return self._read_for(w, deadline)
         except ProtocolError as exc:
             return f"protocol error: {exc}"
         except OSError as exc:
@@ -202,29 +201,51 @@ class Inbox:
                 self._on_internal(exc)
             return f"internal error: {exc!r}"
 
-    def _read(self, done: Callable[[], bool], deadline: float | None,
-              reader_thread: bool) -> str | None:
-        """Holding the token: handle buffered messages, then read more, until done()."""
+    def _read_as_reader(self) -> str | None:
+        """The reader thread, holding the token: handle messages until a waiting thread wants
+        the token (or the session stops)."""
         reader = self.reader
         while True:
-            if done():
+            if self._wanted > 0 or self._stop:
                 return None
             msg = reader.next()
             if msg is not None:
                 self._handle(msg)
                 continue
-            if self._stop:
-                return "closed"
-            data = self._poll_recv() if reader_thread else self._recv(deadline)
-            if data is None:            # the reader thread was asked for the token
+            data = self._poll_recv()
+            if data is None:            # asked for the token
                 continue
-            if data is TIMED_OUT:
-                return "timeout"
             if not data:
-                if reader.pending():
-                    raise ProtocolError(f"EOF inside a message ({reader.pending()} bytes)")
-                return "EOF"
+                return self._eof()
             reader.feed(data)
+
+    def _read_for(self, w: Waiter, deadline: float | None) -> str | None:
+        """A thread waiting for `w`'s reply, holding the token: handle messages until `w` is
+        finished.  The event path: a reply that arrives alone skips the reader's buffer."""
+        reader, handle, recv = self.reader, self._handle, self._sock.recv
+        while not w.done:
+            msg = reader.next()
+            if msg is None:
+                if self._stop:
+                    return "closed"
+                if deadline is None:
+                    data = recv(CHUNK)
+                else:
+                    data = self._recv(deadline)
+                    if data is TIMED_OUT:
+                        return "timeout"
+                if not data:
+                    return self._eof()
+                msg = reader.take(data)
+                if msg is None:
+                    continue
+            handle(msg)
+        return None
+
+    def _eof(self) -> str:
+        if self.reader.pending():
+            raise ProtocolError(f"EOF inside a message ({self.reader.pending()} bytes)")
+        return "EOF"
 
     def _poll_recv(self) -> bytes | None:
         """The reader thread: sleep in poll(2) until the socket is readable (its bytes) or a

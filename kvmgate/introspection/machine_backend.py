@@ -42,22 +42,22 @@ add_kick_hook(), intercept_msr_writes(), vcpus, memory, mem_size and kvm.
 from __future__ import annotations
 
 import contextlib
-import ctypes as C
 import errno
 import logging
 import threading
-import time
 from collections import deque
 from typing import Sequence
 
 from .. import uapi as u
 from ..errors import FilterError, KvmError
-from ..exits import GuestError
 from ..msr.model import WRITE
 from . import ids
 from .backend import Backend
+from .backend_cpu import CpuidAndExceptions
+from .backend_pauses import Pauses
 from .controlled import ControlledMsrs
-from .ids import CONTINUE, CRASH, RETRY
+from .errors_crash import IntrospectionCrash
+from .ids import CRASH, RETRY
 from .owner import Introspection
 from .protocol import PAGE_SIZE, pack_state
 from .vcpu_state import STATE_MSR_INDICES, SYNC_MASK, EventState, vcpu_mode
@@ -67,29 +67,12 @@ __all__ = ["MachineBackend", "IntrospectionCrash", "attach", "vcpu_mode", "STATE
 log = logging.getLogger("kvmgate.introspection")
 
 KICK_INTERVAL = 0.002     # re-kick a vCPU this often while a command waits for its mutex
-PAUSE_WAIT = 1.0          # VM_PAUSE_VCPU with wait: at most this long for the vCPU to stop
 APPLY_LOCK_TIMEOUT = 2.0  # a command waiting for another filter swap / PAUSE: -KVM_EBUSY after
-QUIESCE_TIMEOUT = 5.0
-INJECT_POLL = 0.05         # a pending INJECT_EXCEPTION: kick again / look for a run this often
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
-PF_VECTOR = 14
-ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})   # x86 SDM vol. 3 6.13
-
-
-class IntrospectionCrash(GuestError):
-    """The introspection tool answered an event with CRASH: the VM was stopped."""
-
-    def __init__(self, vcpu: int, event: int, msr: int | None = None, rip: int | None = None):
-        what = ids.event_name(event) + (f" (MSR {msr:#x})" if msr is not None else "")
-        super().__init__(f"vCPU {vcpu}: the introspection tool answered {what} with CRASH",
-                         vcpu, rip)
-        self.event = event
-        self.msr = msr
 
 
 # --- the backend -----------------------------------------------------------------------------
 
-class MachineBackend(Backend):
+class MachineBackend(CpuidAndExceptions, Pauses, Backend):
     """The live-VM side of KVMI for one Machine (see the module docstring)."""
 
     def __init__(self, machine):
@@ -108,6 +91,9 @@ class MachineBackend(Backend):
         self._injections: dict[int, tuple[int, int, int]] = {}   # INJECT_EXCEPTION before run()
         self._injected = [threading.Event() for _ in range(self._n)]
         self._jobs: deque = deque()
+        self._pause_done = threading.Condition(self._lock)   # a PAUSE sender ended / job queued
+        self._holder: threading.Thread | None = None  # the worker while it holds every vCPU
+        self._held_applies: list = []           # [(done Event, result box)] for the holder
         self._worker: threading.Thread | None = None
         sync = bool(machine.kvm.check_extension(u.KVM_CAP_SYNC_REGS) & SYNC_MASK == SYNC_MASK)
         self._states = [EventState(v, sync) for v in self._vcpus]   # vcpu_state.py
@@ -208,81 +194,6 @@ class MachineBackend(Backend):
     def max_gfn(self) -> int:
         return (self.machine.mem_size - 1) >> 12
 
-    # --- Backend: CPUID, exceptions ---------------------------------------------------------
-
-    def get_cpuid(self, vcpu: int, function: int, index: int):
-        """From KVM_GET_SUPPORTED_CPUID, which Machine gives every vCPU (KVM_SET_CPUID2)."""
-        if self._cpuid is None:
-            blob = self.machine.kvm.supported_cpuid()
-            n = u.kvm_cpuid2.from_buffer_copy(blob).nent
-            size, head = C.sizeof(u.kvm_cpuid_entry2), C.sizeof(u.kvm_cpuid2)
-            self._cpuid = [u.kvm_cpuid_entry2.from_buffer_copy(blob, head + i * size)
-                           for i in range(n)]
-        for e in self._cpuid:
-            if e.function == function and (e.index == index
-                                           or not e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
-                return e.eax, e.ebx, e.ecx, e.edx
-        return None
-
-    def inject_exception(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
-        """KVM_SET_VCPU_EVENTS with the exception injected (CR2 = `address` for #PF, through
-        KVM_SET_SREGS); delivered at the vCPU's next entry.  -KVM_EBUSY if one is pending.
-
-        A vCPU whose thread does not run yet keeps it pending here: run() resets every vCPU
-        (KVM_SET_REGS drops an injected exception), so it is set by the vCPU's own thread once
-        it runs (a kick, then its kick hook)."""
-        with self._lock:
-            if vcpu in self._injections:
-                return -ids.KVM_EBUSY
-            if self.machine.vcpu_thread(vcpu) is None:
-                self._injections[vcpu] = (vector, error_code, address)
-                threading.Thread(target=self._inject_when_running, args=(vcpu,),
-                                 name=f"kvmi-inject{vcpu}", daemon=True).start()
-                return 0
-        return self._vcpu_call(vcpu, self._inject_now, vcpu, vector, error_code, address)
-
-    def _inject_now(self, vcpu: int, vector: int, error_code: int, address: int) -> int:
-        v = self._vcpus[vcpu]
-        ev = v.get_vcpu_events()
-        if ev.exception_injected or ev.exception_pending:
-            return -ids.KVM_EBUSY
-        if vector == PF_VECTOR:
-            sregs = v.get_sregs()
-            sregs.cr2 = address
-            v.set_sregs(sregs)
-        ev.exception_injected, ev.exception_nr = 1, vector
-        ev.exception_has_error_code = int(vector in ERROR_CODE_VECTORS)
-        ev.exception_error_code = error_code & 0xFFFFFFFF
-        ev.flags = 0
-        v.set_vcpu_events(ev)
-        return 0
-
-    def _take_injection(self, vid: int) -> None:
-        """On vCPU `vid`'s thread while it runs: set the exception kept pending, if any."""
-        with self._lock:
-            args = self._injections.pop(vid, None)
-        if args is not None:
-            if self._inject_now(vid, *args):
-                log.warning("vCPU %d: an exception is already pending; INJECT_EXCEPTION of "
-                            "vector %d dropped", vid, args[0])
-            self._injected[vid].set()
-
-    def _inject_when_running(self, vid: int) -> None:
-        """Until the pending exception of `vid` is set: wait for a run (wait_running), then kick
-        the vCPU so that its kick hook sets it; between runs, look again every INJECT_POLL."""
-        done = self._injected[vid]
-        while vid in self._injections:
-            intro = self.intro
-            if intro is None or not intro.connected:     # the session ended: dropped
-                with self._lock:
-                    self._injections.pop(vid, None)
-                return
-            done.clear()
-            if self.machine.wait_running(INJECT_POLL) and self.machine.kick(vid):
-                done.wait(INJECT_POLL)        # set by the hook; else kick again
-            elif not self.machine.wait_running(0):
-                done.wait(INJECT_POLL)        # between runs: look for the next one
-
     # --- Backend: registers ---------------------------------------------------------------
 
     def get_registers(self, vcpu: int, msrs: Sequence[int]):
@@ -336,6 +247,18 @@ class MachineBackend(Backend):
             # behind it.  Until then the extra exits are answered with the guest's value.
             self._submit(("sync",))
             return 0
+        # While the worker holds every vCPU for PAUSE events (the tool pauses, then controls
+        # MSRs, then replies: libkvmi's order), the holder applies the change under its hold.
+        with self._lock:
+            if self._holder is not None and self._holder is not threading.current_thread():
+                done, box = threading.Event(), [-ids.KVM_EBUSY]
+                self._held_applies.append((done, box))
+                self._pause_done.notify_all()
+            else:
+                done = None
+        if done is not None:
+            done.wait(APPLY_LOCK_TIMEOUT)
+            return box[0]
         # A vCPU thread that closes while it waits for the tool (it read EOF or a bad reply
         # itself, inbox.py) counts as parked: it undoes the interception at once, or defers.
         if not self._apply_lock.acquire(timeout=APPLY_LOCK_TIMEOUT):
@@ -399,114 +322,6 @@ class MachineBackend(Backend):
         if action == RETRY:
             return old
         return value
-
-    # --- Backend: pause -------------------------------------------------------------------
-
-    def pause_vcpu(self, vcpu: int, wait: bool) -> int | None:
-        ev = self._kicked[vcpu]
-        ev.clear()
-        if self.machine.kick(vcpu):
-            if wait and not self._waiting[vcpu]:
-                ev.wait(PAUSE_WAIT)
-            self._submit(("watch", vcpu, None))   # in case the vCPU stops before its hook
-            return 0
-        ready = threading.Event()
-        self._submit(("pause", vcpu, ready))
-        if wait:
-            ready.wait(PAUSE_WAIT)
-        return 0
-
-    def _on_kick(self, vid: int) -> None:
-        """A Machine kick hook: on vCPU `vid`'s thread after each kick (KVM_RUN returned EINTR)."""
-        self._kicked[vid].set()
-        if self._injections:
-            self._take_injection(vid)
-        intro = self.intro
-        if intro is None or not intro.pending_pauses(vid):
-            return
-        self._pause_here(vid)
-
-    def _pause_here(self, vid: int) -> None:
-        with self._blocked(vid):
-            action = self.intro.handle_pauses(vid, lambda: self._pause_state(vid))
-        if action == CRASH:
-            exc = IntrospectionCrash(vid, ids.VCPU_EVENT_PAUSE)
-            self.crashes.append(exc)
-            raise exc
-
-    # --- worker thread (pauses of stopped vCPUs, deferred syncs) -------------------------
-
-    def _submit(self, job: tuple) -> None:
-        with self._lock:
-            self._jobs.append(job)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="kvmi-worker",
-                                                daemon=True)
-                self._worker.start()
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                if not self._jobs:
-                    self._worker = None
-                    return
-                job = self._jobs.popleft()
-            try:
-                if job[0] == "sync":
-                    with self._apply_lock:
-                        self._apply()
-                elif job[0] == "watch":
-                    self._watch_pause(job[1])
-                else:
-                    self._pause_parked(job[1], job[2])
-            except Exception:
-                log.exception("introspection worker job %r failed", job)
-
-    def _watch_pause(self, vid: int) -> None:
-        """Hook mode: re-kick until the vCPU's hook took its pauses; if its thread ends first
-        (halted, run over), send them from here."""
-        intro = self.intro
-        last = time.monotonic()
-        while intro is not None and intro.pending_pauses(vid):
-            if self.machine.vcpu_thread(vid) is None:
-                self._pause_parked(vid, None)
-                return
-            if time.monotonic() - last > 0.1 and not self._waiting[vid]:
-                self.machine.kick(vid)
-                last = time.monotonic()
-            time.sleep(0.002)
-
-    def _pause_parked(self, vid: int, ready: threading.Event | None) -> None:
-        """Send vCPU `vid`'s PAUSE events from this thread while every vCPU is held outside
-        KVM_RUN (a vCPU blocked on the tool counts as held)."""
-        intro = self.intro
-        action = CONTINUE
-        try:
-            if intro is None or not intro.pending_pauses(vid):
-                return
-            if all(self.machine.vcpu_thread(i) is None for i in range(self._n)):
-                # Nothing runs: nothing to hold (and VCPU_CONTROL_MSR need not wait for us).
-                if ready is not None:
-                    ready.set()
-                action = intro.handle_pauses(vid, lambda: self._pause_state(vid))
-            else:
-                # While we hold every vCPU, a filter swap (VCPU_CONTROL_MSR) waits for the
-                # lock: -KVM_EBUSY after APPLY_LOCK_TIMEOUT if the tool sends one first.
-                with self._apply_lock:
-                    with self.machine.quiesced(QUIESCE_TIMEOUT):
-                        if ready is not None:
-                            ready.set()
-                        # If the vCPU waits for another event's reply, this waits for that
-                        # event to end first (one event at a time per vCPU, as in the kernel).
-                        action = intro.handle_pauses(vid, lambda: self._pause_state(vid))
-        finally:
-            if ready is not None:
-                ready.set()
-        if action == CRASH:           # recorded; stops the run if the vCPU runs
-            exc = IntrospectionCrash(vid, ids.VCPU_EVENT_PAUSE)
-            self.crashes.append(exc)
-            self.machine.fail_run(vid, exc)
-
 
 def new_introspection(machine) -> Introspection:
     """The factory registered as Machine extension "introspection"."""

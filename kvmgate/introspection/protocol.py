@@ -138,6 +138,16 @@ class Reader:
         del buf[:end]
         return Message(mid, seq, payload)
 
+    def take(self, data: bytes) -> Message | None:
+        """feed(data), then next(); when nothing is buffered and `data` is exactly one message
+        (an event reply read by its vCPU), without going through the buffer."""
+        if not self._buf and len(data) >= HEADER.size:
+            mid, size, seq = HEADER.unpack_from(data)
+            if len(data) == HEADER.size + size and size <= self._max:
+                return Message(mid, seq, data[HEADER.size:])
+        self._buf += data
+        return self.next()
+
     def read(self) -> Message | None:
         while True:
             msg = self.next()
@@ -300,10 +310,17 @@ def state_bytes(state) -> bytes:
     return state
 
 
+_VCPU_EVENT_PREFIX = Struct("=HHI" "HHHH" "HHI")   # HEADER, EVENT_HDR, VCPU_EVENT_HDR
+
+
 def pack_vcpu_event(seq: int, event: int, vcpu: int, state: bytes, payload: bytes = b"") -> bytes:
-    body = (EVENT_HDR.pack(event, 0, 0, 0) + VCPU_EVENT_HDR.pack(VCPU_EVENT_SIZE, vcpu, 0)
-            + state + payload)
-    return pack_message(ids.MSG_VCPU_EVENT, seq, body)
+    """One vCPU event message: header, event and vCPU headers in one pack (the event path)."""
+    size = EVENT_HDR.size + VCPU_EVENT_HDR.size + len(state) + len(payload)
+    if size > MAX_MSG_SIZE:
+        raise ProtocolError(f"{ids.message_name(ids.MSG_VCPU_EVENT)}: {size} bytes > "
+                            f"{MAX_MSG_SIZE}")
+    return _VCPU_EVENT_PREFIX.pack(ids.MSG_VCPU_EVENT, size, seq & 0xFFFFFFFF, event, 0, 0, 0,
+                                   VCPU_EVENT_SIZE, vcpu, 0) + state + payload
 
 
 def pack_vm_event(seq: int, event: int) -> bytes:
@@ -323,12 +340,14 @@ class EventReply(NamedTuple):
     data: bytes
 
 
+_EVENT_REPLY_COMMON = Struct("=HHI" "BBHI")        # VCPU_HDR, EVENT_REPLY
+
+
 def parse_event_reply(payload: bytes) -> EventReply:
     """Strict: the common part must be complete with zero padding (else ProtocolError)."""
     if len(payload) < EVENT_REPLY_PREFIX:
         raise ProtocolError(f"event reply of {len(payload)} bytes")
-    vcpu, p1, p2 = VCPU_HDR.unpack_from(payload)
-    action, event, p3, p4 = EVENT_REPLY.unpack_from(payload, VCPU_HDR.size)
+    vcpu, p1, p2, action, event, p3, p4 = _EVENT_REPLY_COMMON.unpack_from(payload)
     if p1 or p2 or p3 or p4:
         raise ProtocolError("non-zero padding in an event reply")
     return EventReply(vcpu, action, event, payload[EVENT_REPLY_PREFIX:])

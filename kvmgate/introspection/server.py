@@ -55,7 +55,7 @@ from .connection import Connection
 from .ids import CONTINUE, Action, Event
 from .inbox import Waiter
 from .permissions import Permissions
-from .protocol import (MSR_EVENT, MSR_REPLY, REPLY_SIZES, Message, ProtocolError,
+from .protocol import (MSR_EVENT, MSR_REPLY, REPLY_SIZES, STATE_SIZE, Message, ProtocolError,
                        parse_event_reply, state_bytes)
 from .tool_state import ToolState
 
@@ -250,8 +250,10 @@ class IntrospectionServer(ToolState):
             return CONTINUE, new
         old &= U64
         new &= U64
-        res = self._deliver(vcpu, Event.MSR, state_bytes(state),
-                            MSR_EVENT.pack(msr, 0, old, new), MSR_REPLY.size)
+        if state.__class__ is not bytearray or len(state) != STATE_SIZE:   # else: the block
+            state = state_bytes(state)          # of vcpu_state.py, packed before it changes
+        res = self._deliver(vcpu, Event.MSR, state, MSR_EVENT.pack(msr, 0, old, new),
+                            MSR_REPLY.size)
         if not res.delivered:
             return CONTINUE, new
         if res.action == CONTINUE:

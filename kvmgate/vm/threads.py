@@ -265,19 +265,29 @@ class VcpuThreads:
                 self._pause_req = False
                 self._park.notify_all()
 
-    @contextlib.contextmanager
-    def blocked(self, st: VcpuState):
+    def blocked(self, st: VcpuState) -> "Blocked":
         """Around a wait on another party on the vCPU's own thread: quiesced() counts it as
-        parked meanwhile; leaving waits for a pause in progress to end."""
-        with self._park:
-            st.parked = True
-            self._park.notify_all()
-        try:
-            yield
-        finally:
+        parked meanwhile; leaving waits for a pause in progress to end (a context manager,
+        `Blocked`; or block() / unblock())."""
+        return Blocked(self, st)
+
+    def block(self, st: VcpuState) -> None:
+        """On the vCPU's own thread: count it as parked from now on.  No lock unless a pause
+        is on: a quiescer sets _pause_req before it looks at `parked`, and the vCPU sets
+        `parked` before it looks at _pause_req, so either the quiescer sees the vCPU parked
+        or the vCPU sees the pause and wakes the quiescer."""
+        st.parked = True
+        if self._pause_req:
             with self._park:
-                self._await_pause_end()
-                st.parked = False
+                self._park.notify_all()
+
+    def unblock(self, st: VcpuState) -> None:
+        """On the vCPU's own thread, after block(): no longer parked; if a pause is on, park
+        until it ends (the same ordering argument as block(), the other way round: the vCPU
+        clears `parked` before it looks at _pause_req)."""
+        st.parked = False
+        if self._pause_req:
+            self._parked(st)
 
     def _parked(self, st: VcpuState) -> None:
         with self._park:
@@ -292,3 +302,21 @@ class VcpuThreads:
         gen = self._pause_gen
         while self._pause_req and self._pause_gen == gen and not self.stopping:
             self._park.wait(0.5)
+
+
+class Blocked:
+    """VcpuThreads.blocked()'s context manager (a class, not a generator: it is on the
+    introspection event path, once per event)."""
+    __slots__ = ("_threads", "_st")
+
+    def __init__(self, threads: VcpuThreads, st: VcpuState):
+        self._threads = threads
+        self._st = st
+
+    def __enter__(self) -> "Blocked":
+        self._threads.block(self._st)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._threads.unblock(self._st)
+        return False

@@ -10,10 +10,12 @@ while it waits ("parks") in shared memory (csrc/shim_abi.h, struct shim_kvmi_vcp
   layers over the owner's) and says "kvmi-filter SEQ ERRNO".  An MSR whose guest writes the
   policy denies gets -KVM_EPERM.
 * A guest write to a controlled MSR: the vCPU reads the old value, parks with the event's
-  registers (KVM_GET_REGS/SREGS/MSRS) and says "kvmi VCPU 1"; a per-vCPU thread here sends the
-  MSR event through the ordinary `Introspection` server (kvmgate.introspection) and writes the
-  answer: CONTINUE stores the tool's value (host-initiated KVM_SET_MSRS, in the shim), RETRY
-  keeps the old one, CRASH stops the VMM.
+  registers (KVM_GET_REGS/SREGS/MSRS): state PARKED and a futex wake.  A per-vCPU thread here,
+  started when the shim says "kvmi-run VCPU" (the vCPU's first KVM_RUN), sleeps in FUTEX_WAIT
+  on that state word: woken by the park itself (no status line, no hand-off between threads
+  of ours), it sends the MSR event through the ordinary `Introspection` server
+  (kvmgate.introspection) and writes the answer: CONTINUE stores the tool's value
+  (host-initiated KVM_SET_MSRS, in the shim), RETRY keeps the old one, CRASH stops the VMM.
 * VM_PAUSE_VCPU: `pause_req` + 'P': the shim's control thread sets kvm_run.immediate_exit and
   sends SIGUSR1 (QEMU's own kick) to the vCPU thread, which parks with KIND_PAUSE; the PAUSE
   event goes out from here.
@@ -28,7 +30,6 @@ import ctypes as C
 import errno
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from ..introspection.controlled import ControlledMsrs
 from ..introspection.ids import CONTINUE, CRASH, RETRY
 from ..introspection.machine_backend import vcpu_mode
 from ..introspection.protocol import REGS_SIZE, pack_state
+from ..introspection.vcpu_state import mode_of
 from ..msr.model import WRITE
 from . import layout
 
@@ -50,9 +52,13 @@ FUTEX_WAIT, FUTEX_WAKE = 0, 1
 FILTER_TIMEOUT = 5.0          # the shim's answer to a new controlled-MSR set
 REQUEST_TIMEOUT = 2.0         # a parked vCPU carrying out a request
 PAUSE_WAIT = 1.0              # VM_PAUSE_VCPU with wait: at most this long for the vCPU to park
+WORKER_POLL = 1.0             # a vCPU worker's FUTEX_WAIT: it looks at close() this often
+_ACTION_CODES = {CONTINUE: 0, RETRY: 1, CRASH: 2}   # SHIM_KVMI_CONTINUE/RETRY/CRASH
 
 _libc = C.CDLL(None, use_errno=True)
 _libc.syscall.restype = C.c_long
+_SYS_FUTEX, _ZERO, _ALL = C.c_long(SYS_FUTEX), C.c_int(0), C.c_int(2**31 - 1)
+_FUTEX_WAIT, _FUTEX_WAKE = C.c_int(FUTEX_WAIT), C.c_int(FUTEX_WAKE)
 
 
 class _Timespec(C.Structure):
@@ -60,15 +66,22 @@ class _Timespec(C.Structure):
 
 
 def futex_wake(addr: int) -> None:
-    _libc.syscall(C.c_long(SYS_FUTEX), C.c_void_p(addr), C.c_int(FUTEX_WAKE),
-                  C.c_int(2**31 - 1), None, None, C.c_int(0))
+    _libc.syscall(_SYS_FUTEX, C.c_void_p(addr), _FUTEX_WAKE, _ALL, None, None, _ZERO)
+
+
+def _timespec(timeout: float) -> _Timespec:
+    return _Timespec(int(timeout), int((timeout % 1) * 1e9))
 
 
 def futex_wait(addr: int, value: int, timeout: float) -> None:
     """Sleep while the u32 at `addr` is `value` (FUTEX_WAIT, shared), at most `timeout` s."""
-    ts = _Timespec(int(timeout), int((timeout % 1) * 1e9))
-    _libc.syscall(C.c_long(SYS_FUTEX), C.c_void_p(addr), C.c_int(FUTEX_WAIT),
-                  C.c_uint(value), C.byref(ts), None, C.c_int(0))
+    futex_wait_ts(addr, value, _timespec(timeout))
+
+
+def futex_wait_ts(addr: int, value: int, ts: _Timespec) -> None:
+    """futex_wait with a prebuilt timeout (a vCPU worker's loop)."""
+    _libc.syscall(_SYS_FUTEX, C.c_void_p(addr), _FUTEX_WAIT, C.c_uint(value), C.byref(ts),
+                  None, _ZERO)
 
 
 class WrapBackend(Backend):
@@ -88,7 +101,8 @@ class WrapBackend(Backend):
         self._installed: frozenset = frozenset()
         self._filter_cv = threading.Condition()
         self._filter_replies: dict[int, int] = {}
-        self._queues: dict[int, queue.SimpleQueue] = {}
+        self._workers: dict[int, threading.Thread] = {}
+        self._closing = False
         self.msr_events = 0
         self.pause_events = 0
 
@@ -108,31 +122,36 @@ class WrapBackend(Backend):
     # --- status lines from the shim (Wrap's reader thread) -----------------------------------
 
     def on_status(self, word: str, rest: str) -> None:
-        if word == "kvmi":
-            vid, kind = (int(x) for x in rest.split()[:2])
-            q = self._queues.get(vid)
-            if q is None:
-                q = self._queues[vid] = queue.SimpleQueue()
-                threading.Thread(target=self._vcpu_worker, args=(vid, q), daemon=True,
-                                 name=f"kvmgate-kvmi-vcpu{vid}").start()
-            q.put(kind)
+        if word in ("kvmi-run", "kvmi"):        # a vCPU's first run (or park): its worker
+            self._start_worker(int(rest.split()[0]))
         elif word == "kvmi-filter":
             seq, err = (int(x) for x in rest.split()[:2])
             with self._filter_cv:
                 self._filter_replies[seq] = err
                 self._filter_cv.notify_all()
 
-    def _vcpu_worker(self, vid: int, q: queue.SimpleQueue) -> None:
-        """Plays the vCPU thread's part of Machine for a parked QEMU vCPU."""
-        while True:
-            kind = q.get()
-            if kind is None:
-                return
+    def _start_worker(self, vid: int) -> None:
+        if vid >= len(self._slots) or vid in self._workers or self._closing:
+            return
+        t = self._workers[vid] = threading.Thread(target=self._vcpu_worker, args=(vid,),
+                                                  daemon=True, name=f"kvmgate-kvmi-vcpu{vid}")
+        t.start()
+
+    def _vcpu_worker(self, vid: int) -> None:
+        """Plays the vCPU thread's part of Machine for a parked QEMU vCPU: sleeps on the slot's
+        state word until the vCPU parks (PARKED: after our REPLY the state can only become
+        PARKED again through a new park; a request of ours ends in PARKED with a wake too)."""
+        slot = self._slots[vid]
+        addr, timeout = self._state_addr(vid), _timespec(WORKER_POLL)
+        while not self._closing:
+            st = slot.state
+            if st != layout.KVMI_PARKED:
+                futex_wait_ts(addr, st, timeout)
+                continue
             try:
-                self._serve_park(vid, kind)
+                self._serve_park(vid, slot.kind)
             except Exception:
                 log.exception("introspection: vCPU %d park failed; the guest's value stands", vid)
-                slot = self._slots[vid]
                 slot.action, slot.value = CONTINUE, slot.new_value
                 self._set_state(vid, layout.KVMI_REPLY)
 
@@ -143,10 +162,10 @@ class WrapBackend(Backend):
             if intro.msr_wanted(vid, slot.msr):
                 self.msr_events += 1
                 action, value = intro.msr_event(vid, slot.msr, slot.old_value, slot.new_value,
-                                                lambda: self._state(vid))
+                                                self._state(vid))
         elif intro is not None and kind == layout.KVMI_KIND_PAUSE:
             action = intro.handle_pauses(vid, lambda: self._pause_state(vid))
-        slot.action = {CONTINUE: 0, RETRY: 1, CRASH: 2}.get(action, 0)
+        slot.action = _ACTION_CODES.get(action, 0)
         slot.value = value & (2**64 - 1)
         self._set_state(vid, layout.KVMI_REPLY)
 
@@ -155,8 +174,8 @@ class WrapBackend(Backend):
 
     def _state(self, vid: int) -> bytes:
         s = self._slots[vid]
-        return pack_state(vcpu_mode(self._sregs(vid)), bytes(s.regs), bytes(s.sregs),
-                          list(s.state_msrs))
+        sregs = bytes(s.sregs)
+        return pack_state(mode_of(sregs), bytes(s.regs), sregs, s.state_msrs)
 
     def _pause_state(self, vid: int) -> bytes:
         self.pause_events += 1
@@ -179,7 +198,7 @@ class WrapBackend(Backend):
                     raise OSError(ids.KVM_EAGAIN, "the parked vCPU did not answer")
                 futex_wait(self._state_addr(vid), s.state, min(left, 0.05))
             got = s.req_result
-            s.state = layout.KVMI_PARKED       # back to waiting (no wake: nothing to do)
+            self._set_state(vid, layout.KVMI_PARKED)   # back to waiting (wakes the worker)
             if got < 0:
                 raise OSError(ids.KVM_EINVAL, f"KVM_GET_MSRS: {os.strerror(-got)}")
             out.update((part[j], s.req_values[j]) for j in range(min(got, len(part))))
@@ -272,5 +291,6 @@ class WrapBackend(Backend):
         return 0
 
     def close(self) -> None:
-        for q in self._queues.values():
-            q.put(None)
+        self._closing = True
+        for vid in list(self._workers):
+            futex_wake(self._state_addr(vid))

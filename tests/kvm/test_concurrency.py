@@ -218,3 +218,37 @@ def test_a_vcpu_that_starts_during_a_swap_waits_for_its_end():
         t.join(30)
     r = out["r"]
     assert r.gp_faults == [] and [v.regs.r8 for v in r.vcpus] == [0xB1, 0xB1]
+
+
+def test_a_blocked_vcpu_counts_as_parked_and_leaves_after_the_pause():
+    """Machine.blocked() (a handler waiting on another party): quiesced() counts the vCPU as
+    parked without a kick, and a vCPU leaving the block while the pause is on waits for its
+    end before it goes on (the lock-free fast path of vm/threads.py must keep both)."""
+    guest = "mov ecx, 0x35\nrdmsr\nmov r8, rax\nhlt"
+    inside, leave, left, pausing = (threading.Event() for _ in range(4))
+    seen, out = {}, {}
+    with Machine(guest) as m:
+        m.set_msr_filter(MsrFilter([MsrRange.all(READ, 0x35, 1, allow=False)]))
+        m.enable_user_space_msr(EXIT_REASON_FILTER)
+
+        @m.on_msr
+        def handler(ex):
+            with m.blocked(ex.vcpu):
+                inside.set()
+                leave.wait(60)
+            seen["pause_on"] = pausing.is_set()
+            left.set()
+            return 0x77
+
+        t = threading.Thread(target=lambda: out.update(r=m.run(timeout=60)))
+        t.start()
+        assert inside.wait(30)
+        with m.quiesced(timeout=30):        # the blocked vCPU counts as parked
+            pausing.set()
+            leave.set()
+            assert not left.wait(0.5)       # it waits for the pause to end
+            pausing.clear()
+        assert left.wait(30)
+        t.join(30)
+    assert seen["pause_on"] is False
+    assert out["r"].vcpus[0].regs.r8 == 0x77

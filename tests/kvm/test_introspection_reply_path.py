@@ -9,6 +9,7 @@ import pytest
 from kvmgate import Machine, uapi as u
 from kvmgate.exits import GuestError
 from kvmgate.introspection import ids
+from kvmgate.introspection.ids import CONTINUE
 from kvmgate.introspection import protocol as p
 from kvmgate.introspection.vcpu_state import SYNC_MASK
 
@@ -128,3 +129,45 @@ def test_two_vcpus_replies_out_of_order_and_commands_between():
             t.result()
     assert both.is_set()
     assert [v.regs.rbx for v in r.vcpus] == [0x7770000, 0x7771000]
+
+
+def test_pause_all_before_run_then_control_msr_then_reply():
+    """libkvmi's order: pause every vCPU, wait for every PAUSE event, control an MSR while they
+    are paused, then reply.  The vCPUs have not started, so kvmgate sends their PAUSE events
+    itself: each from a thread of its own (one after the other, the second would wait forever
+    for the tool's reply to the first) while no vCPU may enter KVM_RUN, and the CONTROL_MSR is
+    applied under that hold."""
+    guest = f"""
+        test rdi, rdi
+        jnz done
+        mov ecx, {LSTAR:#x}
+        mov edx, {FIRST >> 32:#x}
+        mov eax, {FIRST & 0xFFFFFFFF:#x}
+        wrmsr
+        rdmsr
+        mov rbx, rax
+    done:
+        hlt"""
+    with Machine(guest, vcpus=2) as m:
+        intro, c = hook(m, commands=[-1], events=[ids.VCPU_EVENT_PAUSE, ids.VCPU_EVENT_MSR])
+        with c:
+            c.pause_vcpu(0)
+            c.pause_vcpu(1)
+            order = []
+
+            def tool():
+                pauses = [c.next_event(), c.next_event()]
+                order.extend(sorted((e.event, e.vcpu) for e in pauses))
+                watch(c)                               # CONTROL_MSR while both are paused
+                for e in pauses:
+                    e.reply(CONTINUE)
+                ev = c.next_event()
+                order.append((ev.event, ev.vcpu, ev.new))
+                ev.reply_msr(SECOND)
+
+            t = Spawn(tool)
+            r = m.run(timeout=HANG)
+            t.result()
+    assert order == [(ids.VCPU_EVENT_PAUSE, 0), (ids.VCPU_EVENT_PAUSE, 1),
+                     (ids.VCPU_EVENT_MSR, 0, FIRST)]
+    assert r.vcpus[0].regs.rbx == SECOND
