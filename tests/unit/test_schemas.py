@@ -88,3 +88,21 @@ def test_real_audit_records_validate():
 ])
 def test_wrong_records_do_not_validate(bad):
     assert list(Draft202012Validator(schema("audit")).iter_errors(bad))
+
+
+def test_audit_mode_records_validate():
+    """Audit mode carries out what the policy would deny and says so in the result."""
+    from kvmgate.engine.binding import RES_DROPPED, RES_GP, RES_VALUE, RES_WRITTEN, result_text
+    out = io.StringIO()
+    log = AuditLog(out, rate=1e6, burst=100, clock=lambda: 1000.0)
+    for res, value in [(RES_VALUE, 5), (RES_WRITTEN, 0), (RES_DROPPED, 0), (RES_GP, 0)]:
+        log.record(vcpu=0, rip=0x10010, index=0x1A0, write=res != RES_VALUE, value=value,
+                   reason=EXIT_REASON_FILTER, action="deny", result=result_text(res, value, True),
+                   rule="p.toml:3 (rule 1)")
+    recs = _records(log, out)
+    assert [r["result"] for r in recs[:4]] == ["read 0x5 (would #GP)", "written (would #GP)",
+                                               "dropped (would #GP)", "#GP (would #GP)"]
+    v = Draft202012Validator(schema("audit"))
+    assert [list(v.iter_errors(r)) for r in recs] == [[]] * len(recs)
+    bad = dict(recs[0], result="read 0x5 (would)")
+    assert list(v.iter_errors(bad))
