@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import positive_seconds, vcpu_count, writable_file
+from .common import port_number, positive_seconds, vcpu_count, writable_file
 from .introspect import add_run_arguments
 
 # Exit codes of `kvmgate run`: 0 the guest halted; 1 a failure (guest error, timeout, KVM,
@@ -122,17 +122,6 @@ def _report(a, r, audit, stop_signal) -> None:
         table(summary)
 
 
-def _port(text: str) -> int:
-    import argparse
-    try:
-        v = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: a port is 0..65535 (0: any free port)")
-    return v
-
-
 def register(sub) -> None:
     p = sub.add_parser("run", help="run a guest (assembly .S or flat binary) under a policy")
     p.add_argument("guest")
@@ -147,7 +136,7 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=positive_seconds, default=60.0,
                    help="seconds (finite, > 0) before the run is stopped")
     p.add_argument("--vcpus", type=vcpu_count, default=1, help="1 to 64")
-    p.add_argument("--metrics-port", type=_port,
+    p.add_argument("--metrics-port", type=port_number,
                    help="serve Prometheus metrics on this port (0: any free port)")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port")
     p.add_argument("--metrics-file", type=writable_file("metrics file"),

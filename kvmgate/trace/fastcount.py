@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .pagecheck import PageError, check_column_chunk
+from .pagecheck import PageError, check_row_group_column
 from .schema import DIRECTIONS, SCHEMA
 from .summary import Summary, TraceFormatError, pack_keys
 
@@ -42,11 +42,7 @@ def check_all_pages(tf) -> None:
             for g in range(tf.row_groups):
                 rg = tf.md.row_group(g)
                 for c in range(rg.num_columns):
-                    cc = rg.column(c)
-                    start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
-                    n = check_column_chunk(mm, int(start), int(cc.total_compressed_size))
-                    if n != rg.num_rows or cc.num_values != rg.num_rows:
-                        raise PageError(f"{n} values in the pages, {rg.num_rows} rows")
+                    check_row_group_column(mm, rg, c)
     except PageError as e:
         raise TraceFormatError(f"damaged: row group {g}, column {names[c]!r}: {e}", tf.where) from None
     except (OSError, ValueError) as e:

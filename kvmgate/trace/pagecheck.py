@@ -146,4 +146,16 @@ def check_column_chunk(buf, start: int, size: int) -> int:
     return values
 
 
-__all__ = ["check_column_chunk", "PageError"]
+
+
+def check_row_group_column(buf, rg, c: int) -> None:
+    """Check column `c` of row group `rg` (pyarrow RowGroupMetaData) in the file mapped as
+    `buf`: every page's CRC, and as many values in the pages as the row group has rows."""
+    cc = rg.column(c)
+    start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
+    n = check_column_chunk(buf, int(start), int(cc.total_compressed_size))
+    if n != rg.num_rows or cc.num_values != rg.num_rows:
+        raise PageError(f"{n} values in the pages, {rg.num_rows} rows")
+
+
+__all__ = ["check_column_chunk", "check_row_group_column", "PageError"]

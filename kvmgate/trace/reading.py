@@ -21,7 +21,7 @@ from ..errors import UserError
 from . import fastcount
 from .columns import from_table
 from .memory import Trace, concat
-from .pagecheck import PageError, check_column_chunk
+from .pagecheck import PageError, check_row_group_column
 from .schema import FORMAT, KEY_COLUMNS, META_KEY, VERSION, document_crc
 from .summary import Summary, TraceFormatError
 
@@ -137,11 +137,7 @@ class TraceFile:
                     for g in range(self.row_groups):
                         rg = self.md.row_group(g)
                         for c in want:
-                            cc = rg.column(c)
-                            start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
-                            n = check_column_chunk(mm, int(start), int(cc.total_compressed_size))
-                            if n != rg.num_rows or cc.num_values != rg.num_rows:
-                                raise PageError(f"{n} values in the pages, {rg.num_rows} rows")
+                            check_row_group_column(mm, rg, c)
         except PageError as e:
             raise TraceFormatError(f"damaged: row group {g}, column {names[c]!r}: {e}", self.where) from None
         except (OSError, ValueError) as e:
