@@ -119,7 +119,7 @@ class IntrospectionServer(ToolState):
         return self._closed
 
     def close(self, reason: str = "closed") -> bool:
-        """Shut the socket both ways, release waiting vCPUs, undo interceptions.  Idempotent."""
+        """Shut the socket both ways, undo interceptions, release waiting vCPUs.  Idempotent."""
         with self._lock:
             if self._closed:
                 return False
@@ -133,10 +133,12 @@ class IntrospectionServer(ToolState):
             self._vm_events.clear()
             self._pauses.clear()
         self._conn.shutdown()
-        for w in waiters:
-            self._inbox.finish_waiter(w)
+        # Undo the interceptions before the waiting vCPUs go on (they count as parked while
+        # they wait): a released vCPU's next write must not exit to a tool that is gone.
         for vcpu, msr in controlled:
             self._handlers.undo_msr(vcpu, msr)
+        for w in waiters:
+            self._inbox.finish_waiter(w)
         log.info("introspection connection closed: %s", reason)
         if self._on_close is not None:
             try:
