@@ -3,9 +3,11 @@
  *
  * Loop(engine, fd, run_addr, vcpu, ring=None, keep=None, flags=0, owner=None): one vCPU's
  *   struct kg_loop.  run() calls kg_loop_run with the GIL released (KVM_RUN; MSR exits the
- *   engine answers stay in C) and returns its result (KG_LOOP_EXIT 0, KG_LOOP_DRAIN 1, or
- *   -errno of KVM_RUN; on -EINTR pending signal handlers run first, so Ctrl-C raises
- *   KeyboardInterrupt as the ioctl would).  `answered` is the total of MSR exits answered in C
+ *   engine answers stay in C) and returns its result (KG_LOOP_EXIT 0, KG_LOOP_DRAIN 1,
+ *   KG_LOOP_TICK 2, or -errno of KVM_RUN; on -EINTR and on a tick pending signal handlers run
+ *   first, so Ctrl-C raises KeyboardInterrupt as the ioctl would).  run(tick_us=0): the main
+ *   thread passes a tick, because a signal that lands between two KVM_RUNs interrupts no ioctl
+ *   and only the main thread runs Python's signal handlers.  `answered` is the total of MSR exits answered in C
  *   so far, readable from any thread while run() is in progress (a relaxed atomic counter).
  *   configure(engine, flags, intercept, ring) swaps the engine, KG_LOOP_* flags, the intercepted
  *   MSR indices and the audit ring (only between run() calls, on the thread that calls run()).  `owner` (the
@@ -176,18 +178,21 @@ static void Loop_dealloc(LoopObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *Loop_run(LoopObject *self, PyObject *unused)
+static PyObject *Loop_run(LoopObject *self, PyObject *args)
 {
-    (void)unused;
     int rc;
+    unsigned int tick_us = 0;
+    if (!PyArg_ParseTuple(args, "|I:run", &tick_us))
+        return NULL;
     if (self->l.run == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Loop not initialised");
         return NULL;
     }
+    self->l.tick_us = tick_us;
     Py_BEGIN_ALLOW_THREADS
     rc = kg_loop_run(&self->l);
     Py_END_ALLOW_THREADS
-    if (rc == -EINTR && PyErr_CheckSignals() < 0)    /* Ctrl-C: KeyboardInterrupt now */
+    if ((rc == -EINTR || rc == KG_LOOP_TICK) && PyErr_CheckSignals() < 0)  /* Ctrl-C: now */
         return NULL;
     return PyLong_FromLong(rc);
 }
@@ -228,8 +233,8 @@ static PyObject *Loop_last(LoopObject *self, void *closure)
 }
 
 static PyMethodDef Loop_methods[] = {
-    {"run", (PyCFunction)Loop_run, METH_NOARGS,
-     "run() -> rc: KVM_RUN until an exit needs the caller (GIL released)"},
+    {"run", (PyCFunction)Loop_run, METH_VARARGS,
+     "run(tick_us=0) -> rc: KVM_RUN until an exit needs the caller (GIL released)"},
     {"configure", (PyCFunction)Loop_configure, METH_VARARGS,
      "configure(engine, flags, intercept, ring): between run() calls"},
     {NULL, NULL, 0, NULL},
@@ -776,7 +781,7 @@ int kg_py_add_types(PyObject *m)
     if (PyModule_AddFunctions(m, functions) < 0)
         return -1;
     static const struct { const char *name; long v; } ints[] = {
-        {"LOOP_EXIT", KG_LOOP_EXIT}, {"LOOP_DRAIN", KG_LOOP_DRAIN},
+        {"LOOP_EXIT", KG_LOOP_EXIT}, {"LOOP_DRAIN", KG_LOOP_DRAIN}, {"LOOP_TICK", KG_LOOP_TICK},
         {"LOOP_SYNC_REGS", KG_LOOP_SYNC_REGS}, {"LOOP_FILTER_RETURNS", KG_LOOP_FILTER_RETURNS},
         {"AUDIT_EMPTY", KG_AUDIT_EMPTY}, {"AUDIT_FULL", KG_AUDIT_FULL},
         {"AUDIT_NAME", KG_AUDIT_NAME},

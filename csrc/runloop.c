@@ -2,8 +2,16 @@
 #include <errno.h>
 #include <stddef.h>
 #include <sys/ioctl.h>
+#include <time.h>
 
 #include "runloop.h"
+
+static uint64_t coarse_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);   /* vDSO: no syscall, no lock */
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
 
 static int sys_run(int fd, void *ctx)
 {
@@ -96,6 +104,7 @@ int kg_loop_run(struct kg_loop *l)
     int rc;
     int sync = (l->flags & KG_LOOP_SYNC_REGS) != 0;
     uint64_t valid = run->kvm_valid_regs;
+    uint64_t tick_end = l->tick_us ? coarse_us() + l->tick_us : 0;
     if (sync)
         run->kvm_valid_regs = valid | KVM_SYNC_X86_REGS;
 
@@ -159,6 +168,10 @@ int kg_loop_run(struct kg_loop *l)
         answered++;
         if (l->live)
             __atomic_store_n(l->live, *l->live + 1, __ATOMIC_RELAXED);
+        if (tick_end && coarse_us() >= tick_end) {
+            rc = KG_LOOP_TICK;
+            break;
+        }
     }
     if (sync)
         run->kvm_valid_regs = valid;

@@ -26,6 +26,9 @@
 /* kg_loop_run results (>= 0); negative: -errno of a failed KVM_RUN (-EINTR when interrupted) */
 #define KG_LOOP_EXIT  0   /* kvm_run holds an exit for the caller, unanswered */
 #define KG_LOOP_DRAIN 1   /* ring nearly full or count table full: drain them, call again */
+#define KG_LOOP_TICK  2   /* tick_us of CLOCK_MONOTONIC_COARSE passed: call again (the caller's
+                             chance to run signal handlers that arrived between two KVM_RUNs,
+                             which no -EINTR reports) */
 
 /* kg_loop.flags */
 #define KG_LOOP_SYNC_REGS 0x1u  /* RIP of logged records from kvm_run.s.regs (KVM_CAP_SYNC_REGS,
@@ -85,7 +88,9 @@ struct kg_loop {
      * unanswered (kvmgate's write interceptions); NULL when nintercept is 0 */
     const uint32_t *intercept;
     uint32_t nintercept;
-    uint32_t reserved;
+    /* 0, or microseconds: after an answered exit, return KG_LOOP_TICK once this much time has
+     * passed since the call began */
+    uint32_t tick_us;
     /* NULL, or a counter the loop adds each answered exit to (a relaxed atomic store by this
      * thread only), so other threads can read the vCPU's progress while it runs */
     uint64_t *live;

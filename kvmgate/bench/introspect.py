@@ -126,15 +126,20 @@ def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
     a, b = socket.socketpair()
     intro.hook(a, b"kvmgate-bench-00", commands=[-1], events=[-1], abi=abi)
     a.close()
-    stack.callback(intro.unhook)
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     script = _TOOL.format(lstar=LSTAR)
-    proc = subprocess.Popen([sys.executable, "-c", script, str(b.fileno()),
-                             "1" if enable_event else "0", abi.name], pass_fds=[b.fileno()],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    b.close()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(b.fileno()),
+                                 "1" if enable_event else "0", abi.name], pass_fds=[b.fileno()],
+                                stdout=subprocess.PIPE, text=True, env=env)
+    except BaseException:
+        intro.unhook()
+        raise
+    finally:
+        b.close()
     stack.callback(reap, proc)
+    stack.callback(intro.unhook)       # runs first (LIFO): the tool sees EOF and ends at once
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("the bench tool did not start")
     path.backend = intro.backend

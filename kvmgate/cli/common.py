@@ -39,6 +39,11 @@ def run_main(ap: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`kvmgate info | head`): stop quietly, as cat does; stdout is
+        # pointed at /dev/null so that the interpreter's final flush does not complain again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _one_line_errors(ap: argparse.ArgumentParser) -> None:

@@ -46,6 +46,10 @@ from .table import logs as table_logs
 RING_CAPACITY = 8192        # audit records per vCPU (512 KiB); nearly full: the vCPU drains
 KEEP_CAPACITY = 4096        # keep_exits records per vCPU
 DRAIN_PERIOD = 0.05         # seconds between the drain thread's passes
+# On the main thread, the C loop returns this often (KG_LOOP_TICK) while the guest keeps
+# exiting, so that a signal landing between two KVM_RUNs (no -EINTR reports it) still reaches
+# its Python handler: Ctrl-C and SIGTERM stop a guest that floods policy exits.
+MAIN_TICK_US = 20_000
 # Python on_msr handlers called from C too (_engine.HandlerLoop: the exit loop's MSR branch
 # without its Python bytecode); False: Vcpu.run() and vm.loop's dispatch for them
 HANDLERS_IN_C = True
@@ -175,8 +179,9 @@ class VcpuLoop:
                 return INTERRUPTED
             raise KvmError(-rc, "KVM_RUN", self.vcpu)
         run = loop.run
+        tick = MAIN_TICK_US if threading.current_thread() is threading.main_thread() else 0
         while True:
-            rc = run()
+            rc = run(tick)
             if self.keep is not None and loop.last:
                 self._keep()
             ring = self.ring
@@ -184,7 +189,7 @@ class VcpuLoop:
                 self.drain_audit()
             if rc == 0:
                 return self._decode()
-            if rc == 1:                 # KG_LOOP_DRAIN: drained above
+            if rc == 1 or rc == 2:      # KG_LOOP_DRAIN: drained above; KG_LOOP_TICK
                 continue
             if rc == -errno.EINTR:
                 return INTERRUPTED

@@ -116,6 +116,9 @@ def parse_dask(spec: str | None) -> str | None:
     return spec
 
 
+DASK_CONNECT_TIMEOUT = 10.0      # seconds to reach a --dask scheduler before giving up
+
+
 def _map_dask(spec: str, fn: Callable, items: list) -> list:
     try:
         from dask.distributed import Client, LocalCluster
@@ -126,7 +129,7 @@ def _map_dask(spec: str, fn: Callable, items: list) -> list:
                           dashboard_address=None) as cluster, Client(cluster) as client:
             return client.gather(client.map(fn, *zip(*items), pure=False))
     try:
-        client = Client(spec, timeout=10)
+        client = Client(spec, timeout=DASK_CONNECT_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as e:
         raise UserError(f"cannot reach the Dask scheduler {spec}: {e}", "--dask") from None
     with client:

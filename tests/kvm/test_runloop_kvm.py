@@ -215,6 +215,56 @@ def test_ctrl_c_stops_a_vcpu_spinning_in_the_c_loop(cp, loops):
         assert seen == [True]
 
 
+QUIET = """
+[policy]
+name = "quiet"
+default = "allow"
+[[rule]]
+msr = 0x35
+access = "read"
+action = "constant"
+value = 1
+log = false
+"""
+
+
+@pytest.mark.parametrize("where", ["policy in C", "on_msr from C"])
+def test_a_signal_landing_between_two_kvm_runs_still_stops_the_run(cp, loops, where):
+    """The race the main thread's tick closes: SIGINT's handler runs while the C loop is between
+    two KVM_RUNs, so no ioctl returns -EINTR.  _thread.interrupt_main() is exactly that: it trips
+    SIGINT's Python handler without interrupting any system call.  Without the tick the guest,
+    which never stops exiting, ran on until its timeout; a watchdog stands in for that timeout
+    here and records that it had to stop the run.  The policy logs nothing, so no audit drain
+    brings the loop back to Python either."""
+    import _thread
+    quiet = compile_policy(parse_policy(QUIET, "quiet.toml"))
+    with Machine(SPIN, keep_exits=False) as m:
+        if where == "policy in C":
+            m.set_policy(EnginePolicy(quiet), AuditLog(io.StringIO()))
+        else:
+            m.on_msr(lambda ex: 0)
+        seen, watchdog_stopped, ended = [], [], threading.Event()
+
+        def interrupter():
+            seen.append(_spinning(m))
+            _thread.interrupt_main()
+            if not ended.wait(60):
+                watchdog_stopped.append(True)
+                m.stop()
+
+        t = threading.Thread(target=interrupter)
+        old = signal.signal(signal.SIGINT, signal.default_int_handler)
+        t.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                m.run()
+        finally:
+            ended.set()
+            t.join()
+            signal.signal(signal.SIGINT, old)
+        assert seen == [True] and watchdog_stopped == []
+
+
 INTERCEPTED = GUEST.replace("    hlt\n", """    mov ecx, 0x175
     mov eax, 0x4000
     xor edx, edx

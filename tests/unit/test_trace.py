@@ -598,8 +598,10 @@ def test_parse_lines_helper():
     assert events == [(1_000000000, 1, 0x10, False, 5, False, -1)] and stats.other_lines == 1
 
 
-def test_unreachable_dask_scheduler_is_a_user_error(tmp_path):
+def test_unreachable_dask_scheduler_is_a_user_error(tmp_path, monkeypatch):
     pytest.importorskip("distributed")
+    from kvmgate.trace import sources
+    monkeypatch.setattr(sources, "DASK_CONNECT_TIMEOUT", 1.0)    # port 1 refuses at once
     path, _ = _save(tmp_path, n=10)
     with pytest.raises(UserError, match="cannot reach the Dask scheduler"):
         replay(path, lambda *a: "x", dask="tcp://127.0.0.1:1")
