@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import threading
 import time
 from typing import Callable
@@ -40,6 +41,13 @@ __all__ = ["Inbox", "Waiter"]
 
 CHUNK = 65536
 LINGER = 0.005                # the token stays with the vCPU side this long after its last use
+# A thread waiting for its event reply polls the socket this long (nanoseconds) before it
+# sleeps in recv(2), as KVM polls a halted vCPU (halt_poll_ns, 200 us by default) before it
+# schedules out: the tool's reply usually comes within that time, and waking a sleeping thread
+# on another CPU costs more than the whole round trip on a nested host.  Each poll also yields
+# the CPU, so a tool that runs on the same CPU is not held up.  0: no polling.  Not on a host
+# (or an affinity) with a single CPU.
+POLL_NS = 200_000 if len(os.sched_getaffinity(0)) > 1 else 0
 TIMED_OUT = object()          # _recv: no bytes before the deadline
 _READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -228,7 +236,10 @@ class Inbox:
             if msg is None:
                 if self._stop:
                     return "closed"
-                if deadline is None:
+                data = self._poll_briefly() if POLL_NS else None
+                if data is not None:
+                    pass
+                elif deadline is None:
                     data = recv(CHUNK)
                 else:
                     data = self._recv(deadline)
@@ -241,6 +252,19 @@ class Inbox:
                     continue
             handle(msg)
         return None
+
+    def _poll_briefly(self) -> bytes | None:
+        """A waiting thread, before it sleeps: the socket's bytes if some arrive within POLL_NS
+        (non-blocking recv(2) and sched_yield(2) in turn), else None."""
+        recv, yield_cpu, now = self._sock.recv, os.sched_yield, time.perf_counter_ns
+        end = now() + POLL_NS
+        while True:
+            try:
+                return recv(CHUNK, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if now() >= end or self._stop:
+                    return None
+                yield_cpu()
 
     def _eof(self) -> str:
         if self.reader.pending():

@@ -96,8 +96,11 @@ class MsrGate:
 
     # ---- the owner's side
     def on_msr(self, fn: Callable | None) -> None:
-        self._owner = fn
-        self.handler = self._routing_handler()
+        """The owner's handler; while the VM runs, every vCPU calls `fn` from its next exit on
+        (the C run loop holds the handler it was given: quiescing brings it back to Python)."""
+        with self._quiesced():
+            self._owner = fn
+            self.handler = self._routing_handler()
 
     def enable_user_space_msr(self, mask: int) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): which failure reasons exit to user space

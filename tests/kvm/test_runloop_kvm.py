@@ -4,6 +4,7 @@ gives it, with the same audit records, counts and kept exits (hand-written expec
 test_engine_kvm; every action, logged or not; enforce and audit mode; 1 and 2 vCPUs).  A vCPU
 spinning in the C loop still stops on timeout, Machine.stop() and Ctrl-C (SIGINT); an
 interception's MSR writes still reach Python; exit counts are readable while the run goes on."""
+import collections
 import io
 import json
 import signal
@@ -13,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from kvmgate import Machine
+from kvmgate import EXIT_REASON_FILTER, READ, Machine, MsrFilter, MsrRange
 from kvmgate.audit import AuditFailure, AuditLog
 from kvmgate.engine import CRunLoop, EnginePolicy, runloop
 from kvmgate.exits import Stopped
@@ -263,6 +264,52 @@ def test_a_signal_landing_between_two_kvm_runs_still_stops_the_run(cp, loops, wh
             t.join()
             signal.signal(signal.SIGINT, old)
         assert seen == [True] and watchdog_stopped == []
+
+
+UNTIL_TWO = """
+again:
+    mov ecx, 0x35
+    rdmsr
+    cmp eax, 2
+    jne again
+    hlt
+"""
+
+
+@pytest.mark.parametrize("before", ["on_msr", "policy in C"])
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_on_msr_replaced_mid_run_takes_over_every_vcpu(loops, vcpus, before):
+    """Another thread sets an on_msr handler while every vCPU loops in C on the old handler, or
+    on a policy the engine answers (reads answered 1); the new one answers 2 and each guest
+    halts.  Before the fix a vCPU looping in the engine's C loop kept the policy, and the run
+    ended only at its timeout."""
+    require_engine()
+    with Machine(UNTIL_TWO, vcpus=vcpus, keep_exits=False) as m:
+        busy = threading.Event()
+        if before == "on_msr":
+            calls = collections.Counter()
+
+            def old(ex):
+                calls[ex.vcpu] += 1
+                if len(calls) == vcpus and min(calls.values()) >= 100:
+                    busy.set()
+                return 1
+
+            m.enable_user_space_msr(EXIT_REASON_FILTER)
+            m.set_msr_filter(MsrFilter([MsrRange.all(READ, 0x35, 1, allow=False)]))
+            m.on_msr(old)
+            waiter = lambda: busy.wait(60)     # noqa: E731
+        else:
+            m.set_policy(EnginePolicy(compile_policy(parse_policy(QUIET, "quiet.toml"))),
+                         AuditLog(io.StringIO()))
+            waiter = lambda: _spinning(m, vcpus, 100)     # noqa: E731
+        t = threading.Thread(target=lambda: waiter() and (busy.set(), m.on_msr(lambda ex: 2)))
+        t.start()
+        try:
+            r = m.run(timeout=60)
+        finally:
+            t.join()
+        assert busy.is_set() and r.regs.rax & 0xffffffff == 2
 
 
 INTERCEPTED = GUEST.replace("    hlt\n", """    mov ecx, 0x175
