@@ -32,9 +32,9 @@ class Verdict(NamedTuple):
     def label(self) -> str:
         """One word for replay and explain: "deny" when the policy #GPs the access whatever
         the value (no action, deny, constant with writes = "gp"; in audit mode: would), else
-        the action."""
-        if self.action is None or self.would_deny or \
-                (self.result == "#GP" and not self.value_dependent):
+        the action (an emulate write: its value decides, in either mode)."""
+        if self.action is None or \
+                ((self.result == "#GP" or self.would_deny) and not self.value_dependent):
             return "deny"
         return self.action
 
@@ -99,15 +99,16 @@ def replay_verdict(cp, index: int, write: bool, kernel: KernelMsr = KernelMsr.HA
     is `kernel`: the kernel's part from msr.model.outcome(), the policy's part from the engine.
 
     kernel      the filter lets it through and KVM completes it
-    ignore      kvm.ignore_msrs swallowed it, or the policy answers reads 0 / drops writes
+    ignore      the policy answers reads 0 / drops writes
     deny        #GP by the policy (also: the filter denies it and nothing exits to user space)
     gp-kernel   KVM fails it itself, and the policy ([unknown]/[invalid]) does not answer it
-    constant | emulate | forward   the policy's action answers it"""
+    constant | emulate | forward   the policy's action answers it
+
+    Replay predicts with kvm.ignore_msrs off (KVM's default).  `mode` (the policy's own when
+    None) changes no label: audit mode's "would #GP" is "deny" as enforce mode's #GP is."""
     o = outcome(cp.filter, index, WRITE if write else READ, cp.exit_mask, kernel)
     if o.fate is Fate.KERNEL:
         return "kernel"
-    if o.fate is Fate.IGNORED:
-        return "ignore"
     if o.reason == EXIT_REASON_FILTER:
         return "deny" if o.fate is Fate.GP else verdict(cp, index, write, o.reason, mode=mode).label
     if o.fate is Fate.GP:

@@ -169,3 +169,92 @@ def test_file_sink_is_closed_by_close(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before + 1
     audit.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# ---- failures, modes and the records that are no decision (hand-written expectations)
+
+def test_stop_mode_failure_names_the_log_the_error_and_the_mode():
+    import errno
+    import pytest
+    from kvmgate.audit import AuditFailure
+    audit = AuditLog("/dev/full", rate=1e6, burst=10)             # every write: ENOSPC
+    with pytest.raises(AuditFailure) as ei:
+        rec(audit)
+    e = ei.value
+    assert e.errno == errno.ENOSPC and e.path == "/dev/full"
+    assert str(e) == ("[Errno 28] audit log /dev/full: write failed: No space left on device; "
+                      'guest stopped (audit_failure = "stop")')
+    assert audit.failed == 1
+
+
+def test_warn_mode_warns_once_per_failing_stretch_and_again_after_reopen():
+    said = []
+    audit = AuditLog("/dev/full", rate=1e6, burst=10, on_failure="warn", warn=said.append)
+    assert rec(audit) is False and rec(audit) is False
+    assert said == ["audit log /dev/full: write failed: No space left on device; the guest goes "
+                    'on and records are counted as unlogged (audit_failure = "warn")']
+    assert audit.failed == 2 and audit.failure == "No space left on device"
+    audit.reopen()                         # logrotate's signal: a fresh start, warned afresh
+    assert audit.failure is None
+    assert rec(audit) is False and len(said) == 2 and said[1] == said[0]
+
+
+def test_a_failing_stream_is_named_stream():
+    import pytest
+    from kvmgate.audit import AuditFailure
+
+    class Broken(io.StringIO):
+        def write(self, s):
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(AuditFailure, match=r"^\[Errno 5\] audit log stream: write failed: "):
+        rec(AuditLog(Broken()))
+    said = []
+    assert rec(AuditLog(Broken(), on_failure="warn", warn=said.append)) is False
+    assert said[0].startswith("audit log stream: write failed: ")
+
+
+def test_a_new_log_file_is_private(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        AuditLog(tmp_path / "a.jsonl").close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_warnings_go_to_stderr_with_the_program_name(capsys):
+    audit = AuditLog("/dev/full", on_failure="warn")
+    rec(audit)
+    err = capsys.readouterr().err
+    assert err.startswith("kvmgate: warning: audit log /dev/full: write failed: ")
+    assert err.endswith('(audit_failure = "warn")\n') and err.count("\n") == 1
+
+
+def test_event_records_are_written_whole_and_not_counted():
+    buf = io.StringIO()
+    audit = AuditLog(buf, clock=Clock(12.3456789))
+    audit.event("active", domain="web", msrs=3)
+    assert lines(buf) == [{"schema": 1, "time": 12.345679, "event": "active", "domain": "web",
+                           "msrs": 3}]
+    assert audit.summary() == [] and audit.written == 0
+    audit.close()
+    audit.event("late")
+    assert len(lines(buf)) == 1                 # a closed log writes nothing more
+
+
+def test_configure_changes_rate_burst_and_mode_and_keeps_the_counts():
+    import pytest
+    clock = Clock()
+    buf = io.StringIO()
+    audit = AuditLog(buf, rate=1.0, burst=1, clock=clock)
+    assert rec(audit) and not rec(audit)
+    audit.configure(1000.0, 5, "warn")
+    assert (audit.rate, audit.burst, audit.on_failure) == (1000.0, 5, "warn")
+    clock.t += 0.01                              # 10 tokens at the new rate, capped at 5
+    assert [rec(audit) for _ in range(6)] == [True] * 5 + [False]
+    assert audit.summary()[0]["count"] == 8
+    with pytest.raises(ValueError, match="on_failure='sometimes'"):
+        audit.configure(1.0, 1, "sometimes")
+    assert audit.on_failure == "warn"

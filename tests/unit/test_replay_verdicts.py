@@ -121,3 +121,70 @@ def test_kernel_classifier_is_asked_about_the_event_itself():
     assert decide(0x13, True, True) == "ignore"
     assert decide(0x13, False, True) == "gp-kernel"
     assert seen == [(0x13, True), (0x13, False)]
+
+
+QUIET_DENY = """
+[policy]
+default = 'deny'
+log = false
+[[rule]]
+msr = 0x10
+action = 'allow'
+"""
+
+
+def test_filter_denial_with_no_exit_is_deny_whatever_kvm_would_do():
+    """Nothing logged, nothing answered in user space: the compiled exit mask is 0, so the
+    filter's denial is KVM's own #GP (docs/kvm-msr.md §3-§4) and replay calls it "deny"."""
+    from kvmgate.engine.verdict import replay_verdict
+    cp = compile_policy(parse_policy(QUIET_DENY, "quiet.toml"))
+    assert cp.exit_mask == 0
+    for kernel in KernelMsr:
+        for write in (False, True):
+            assert replay_verdict(cp, 0x1A0, write, kernel) == "deny"
+            assert replay_verdict(cp, UNLISTED, write, kernel) == "deny"
+    assert [replay_verdict(cp, 0x10, False, k) for k in KernelMsr] == \
+        ["kernel", "gp-kernel", "gp-kernel"]
+
+
+AUDITED = """
+[policy]
+default = 'allow'
+mode = 'audit'
+[[rule]]
+msr = 0x40000123
+action = 'emulate'
+allowed = [0x1111]
+[[rule]]
+msr = 0x1a0
+action = 'deny'
+[[rule]]
+msr = 0x35
+action = 'constant'
+value = 7
+writes = 'gp'
+[unknown]
+action = 'ignore'
+"""
+
+# (index, write) -> verdicts for KVM HANDLED / UNKNOWN / INVALID, the same in audit and enforce
+# mode: "would #GP" is a denial as #GP is; an emulate write's value decides, so it is "emulate"
+AUDITED_TABLE = {
+    (0x40000123, False): ["emulate"] * 3,
+    (0x40000123, True): ["emulate"] * 3,
+    (0x1A0, False): ["deny"] * 3,
+    (0x1A0, True): ["deny"] * 3,
+    (0x35, False): ["constant"] * 3,
+    (0x35, True): ["deny"] * 3,
+    (0x99, False): ["kernel", "ignore", "gp-kernel"],
+    (0x99, True): ["kernel", "ignore", "gp-kernel"],
+}
+
+
+@pytest.mark.parametrize("mode", [None, "audit", "enforce"])
+def test_audit_mode_replays_as_enforce_mode(mode):
+    from kvmgate.engine.verdict import replay_verdict
+    pytest.importorskip("kvmgate.engine._engine", reason="audit-mode verdicts need the C engine")
+    cp = compile_policy(parse_policy(AUDITED, "audited.toml"))
+    got = {key: [replay_verdict(cp, *key, k, mode=mode) for k in KernelMsr] for key in AUDITED_TABLE}
+    assert got == AUDITED_TABLE
