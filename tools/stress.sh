@@ -28,6 +28,7 @@ for c in a b; do
     (cd "$c" && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[test]') ||
     { echo "setting up copy $c failed"; exit 2; }
 done
+export KVMGATE_REQUIRE_KVM=1 KVMGATE_REQUIRE_QEMU=1 KVMGATE_REQUIRE_LIBVIRT=1   # as .ci/run
 ulimit -c unlimited
 failed=0
 for r in $(seq 1 "$ROUNDS"); do

@@ -35,6 +35,18 @@ def rounds_arg(text: str) -> int:
 count_arg = positive_int            # a count of exits, rules, ... (> 0)
 
 
+def cpu_arg(text: str) -> int:
+    """A CPU this process may run on (sched_getaffinity)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CPU number") from None
+    allowed = sorted(os.sched_getaffinity(0))
+    if v not in allowed:
+        raise argparse.ArgumentTypeError(f"CPU {v} is not one this process may use ({allowed})")
+    return v
+
+
 def parser(prog: str, doc: str | None, rounds: int = 9) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"kvmgate bench {prog}",
                                  description=(doc or "").strip().splitlines()[0] if doc else None)

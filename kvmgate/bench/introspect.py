@@ -10,11 +10,15 @@
                 KVM_GET_MSRS, registers from kvm_run.s + event message + reply, read by the
                 vCPU thread itself + KVM_SET_MSRS; docs/introspection.md §5),
   * `event_v7` - the same in the kvmi-v7 (libkvmi) ABI,
+  * `event_sleep` - `event` with the vCPU sleeping in recv(2) for the reply at once (no
+                polling first: kvmgate.introspection.inbox.POLL_NS = 0 during its runs),
   * `quiet`   - LSTAR controlled but the MSR event not enabled: the exit, no message.
 Every path runs once per round, the paths interleaved, for `rounds` (>= 7) rounds after a
 warm-up; each figure is the median per-write time, and `ratio` the median of the per-round
 event / exit ratios.  The load average is reported with them.
-`kvmgate bench introspect [-n N] [--rounds R] [--json]` prints it.
+`kvmgate bench introspect [-n N] [--rounds R] [--pin-cpu C] [--json]` prints it; with
+--pin-cpu every path (the vCPU threads and the tools' processes) runs on CPU C only, which shows
+what the round trip costs without cross-CPU wake-ups (reported as pinned: not the default).
 """
 from __future__ import annotations
 
@@ -29,9 +33,10 @@ from pathlib import Path
 
 from ..machine import Machine
 from ..msr.model import EXIT_REASON_FILTER, WRITE, MsrFilter, MsrRange
+from ..introspection import inbox
 from ..introspection.abi import V7, V12, Dialect
 from ..introspection.machine_backend import attach
-from .common import count_arg, emit, load_row, parser, with_load_average
+from .common import count_arg, cpu_arg, emit, load_row, parser, with_load_average
 from .kvmi_tool import reap
 
 LSTAR = 0xC0000082
@@ -96,12 +101,18 @@ class _Path:
         self.n = n
         self.m = stack.enter_context(Machine(lstar_guest(n)))
         self.exits = 0
+        self.poll_ns = inbox.POLL_NS
 
     def run(self) -> float:
-        t = time.perf_counter()
-        r = self.m.run(timeout=120)
+        saved, inbox.POLL_NS = inbox.POLL_NS, self.poll_ns
+        try:
+            t = time.perf_counter()
+            r = self.m.run(timeout=120)
+            elapsed = time.perf_counter() - t
+        finally:
+            inbox.POLL_NS = saved
         self.exits = len(r.msr_exits)
-        return (time.perf_counter() - t) / self.n
+        return elapsed / self.n
 
 
 def _plain_exit(stack, n: int, store: bool) -> _Path:
@@ -146,9 +157,25 @@ def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
     return path
 
 
-def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
+def _sleeping(path: _Path) -> _Path:
+    path.poll_ns = 0
+    return path
+
+
+def bench_events(n: int = 2000, rounds: int = ROUNDS, pin_cpu: int | None = None) -> dict:
     """Per-write cost (microseconds, median of `rounds` interleaved rounds) of each path, and
-    the median per-round event / plain-exit ratio."""
+    the median per-round event / plain-exit ratio.  `pin_cpu`: run everything on that CPU."""
+    if pin_cpu is None:
+        return _bench_events(n, rounds)
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {pin_cpu})      # this thread: the vCPU's, and the tools inherit it
+    try:
+        return dict(_bench_events(n, rounds), pinned_cpu=pin_cpu)
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def _bench_events(n: int, rounds: int) -> dict:
     with contextlib.ExitStack() as stack:
         paths = {
             "native": _Path(stack, n),
@@ -156,6 +183,7 @@ def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
             "exit_bare": _plain_exit(stack, n, store=False),
             "event": _introspected(stack, n, True, V12),
             "event_v7": _introspected(stack, n, True, V7),
+            "event_sleep": _sleeping(_introspected(stack, n, True, V12)),
             "quiet": _introspected(stack, n, False, V12),
         }
         for p in paths.values():
@@ -167,7 +195,7 @@ def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
                 times[k].append(p.run())
         events = {k: (p.backend.msr_events - before[k]) // rounds
                   for k, p in paths.items() if k in before}
-        exits = {k: paths[k].exits for k in ("exit", "event", "event_v7", "quiet")}
+        exits = {k: paths[k].exits for k in ("exit", "event", "event_v7", "event_sleep", "quiet")}
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "writes": n,
@@ -177,6 +205,8 @@ def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
         "ratio": round(statistics.median(e / x for e, x in zip(times["event"], times["exit"])), 2),
         "ratio_v7": round(statistics.median(e / x for e, x in zip(times["event_v7"],
                                                                     times["exit"])), 2),
+        "ratio_sleep": round(statistics.median(e / x for e, x in zip(times["event_sleep"],
+                                                                       times["exit"])), 2),
         "quiet_ratio": round(statistics.median(q / x for q, x in zip(times["quiet"],
                                                                       times["exit"])), 2),
         "exits": exits,
@@ -187,8 +217,10 @@ def bench_events(n: int = 2000, rounds: int = ROUNDS) -> dict:
 def main(argv: list[str]) -> int:
     ap = parser("introspect", __doc__, rounds=ROUNDS)
     ap.add_argument("-n", type=count_arg, default=2000, help="LSTAR writes per run")
+    ap.add_argument("--pin-cpu", type=cpu_arg, metavar="CPU",
+                    help="run the vCPUs and the tools on this CPU only (not the default)")
     a = ap.parse_args(argv)
-    res = with_load_average(lambda: bench_events(a.n, a.rounds))
+    res = with_load_average(lambda: bench_events(a.n, a.rounds, a.pin_cpu))
     us = lambda k: f"{res[k + '_us']:.2f} us/write (median)"  # noqa: E731
     emit(res, a.json, [
         ("LSTAR writes per run", str(res["writes"])),
@@ -197,8 +229,11 @@ def main(argv: list[str]) -> int:
         ("user-space exit, write dropped", us("exit_bare")),
         ("MSR event round trip (v12)", us("event")),
         ("MSR event round trip (kvmi-v7)", us("event_v7")),
+        ("MSR event, no polling (v12)", us("event_sleep")),
         ("controlled, event off", us("quiet")),
-        ("ratio event / exit", (f"{res['ratio']:.2f}x (v7 {res['ratio_v7']:.2f}x, event off "
-                                f"{res['quiet_ratio']:.2f}x), median of {res['rounds']} interleaved rounds")),
+        ("ratio event / exit", (f"{res['ratio']:.2f}x (v7 {res['ratio_v7']:.2f}x, no polling "
+                                f"{res['ratio_sleep']:.2f}x, event off {res['quiet_ratio']:.2f}x), "
+                                f"median of {res['rounds']} interleaved rounds")),
+        ("CPUs", f"pinned to CPU {a.pin_cpu}" if a.pin_cpu is not None else "any (not pinned)"),
         load_row(res)])
     return 0

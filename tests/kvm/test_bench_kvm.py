@@ -60,6 +60,16 @@ def test_c_loop_error_in_process(monkeypatch):
         c_loop.cache_clear()
 
 
+def test_introspect_bench_pinned_runs_every_path_on_that_cpu(tmp_path):
+    cpu = max(os.sched_getaffinity(0))
+    r = run_bench(tmp_path, "introspect", "-n", "50", "--rounds", "7", "--pin-cpu", str(cpu), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["pinned_cpu"] == cpu and res["events"]["event"] == 50
+    bad = run_bench(tmp_path, "introspect", "--pin-cpu", "100000")
+    assert bad.returncode == 2 and "--pin-cpu" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_introspect_bench_reports_every_path_and_the_load(tmp_path):
     """`kvmgate bench introspect`: every write of every round made the exit it should (an MSR
     event per write with the event enabled, none with it off), medians and the load average."""
@@ -67,7 +77,10 @@ def test_introspect_bench_reports_every_path_and_the_load(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["rounds"] == 7 and res["writes"] == 200
-    assert res["events"] == {"event": 200, "event_v7": 200, "quiet": 0}
-    assert res["exits"] == {"exit": 200, "event": 200, "event_v7": 200, "quiet": 200}
-    assert all(res[k + "_us"] > 0 for k in ("native", "exit", "exit_bare", "event", "event_v7", "quiet"))
+    assert res["events"] == {"event": 200, "event_v7": 200, "event_sleep": 200, "quiet": 0}
+    assert res["exits"] == {"exit": 200, "event": 200, "event_v7": 200, "event_sleep": 200,
+                            "quiet": 200}
+    assert all(res[k + "_us"] > 0 for k in ("native", "exit", "exit_bare", "event", "event_v7",
+                                            "event_sleep", "quiet"))
+    assert "pinned_cpu" not in res
     assert len(res["load_average"]) == 2 and all(len(x) == 3 for x in res["load_average"])

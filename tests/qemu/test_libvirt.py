@@ -48,7 +48,13 @@ def test_comma_name_topology_answer_and_audit(domain):
     d = domain(",x")
     d.define([(0x40001234, 0, 0), (0x35, 0, 0)], CONST.format(7))
     before = len(d.log_text())
-    virsh("start", d.name)
+    r = virsh("start", d.name, check=False)
+    if r.returncode != 0:
+        # This guest is done within milliseconds of `cont` and powers QEMU off; when that beats
+        # libvirt's last monitor exchange of the start, virsh reports the start as failed (seen
+        # under load).  That, and only that, is accepted: the guest must have run to the end.
+        assert "qemu unexpectedly closed the monitor" in r.stderr, r.stderr
+        assert "DONE" in d.serial_text(), r.stderr
     wait_for(lambda: "DONE" in d.serial_text(), "the guest to finish")
     wait_for(lambda: "kvmgate: VMM exited" in d.log_text()[before:], "the run-end counters")
     log = d.log_text()[before:]
