@@ -1,0 +1,158 @@
+"""AuditLog's entry for the C drain (BulkEntry: write_lines, add_counts, owe) and close(), with
+hand-written expectations: whole lines or nothing in the file, how many went out, what was lost,
+and the suppressed counts owed at close.  Full and short writes come from /dev/full and from
+RLIMIT_FSIZE (setrlimit(2): a write that crosses the limit is cut short, the next fails EFBIG),
+the latter in a child process so that no other file of the test run is limited."""
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kvmgate.audit import AuditFailure, AuditLog
+
+
+def lines_of(n: int, width: int = 40) -> bytes:
+    return b"".join(json.dumps({"n": i, "pad": "x" * width}).encode() + b"\n" for i in range(n))
+
+
+def test_file_sink_writes_every_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    audit = AuditLog(path)
+    data = lines_of(3)
+    assert audit.write_lines(data, 3) == 3 and audit.written == 3 and audit.failed == 0
+    assert audit.write_lines(lines_of(2), 2) == 2 and audit.written == 5
+    audit.close()
+    assert path.read_bytes() == data + lines_of(2)
+
+
+def test_stream_sink_writes_or_fails_whole_batches():
+    buf = io.StringIO()
+    audit = AuditLog(buf)
+    assert audit.write_lines(lines_of(2), 2) == 2 and buf.getvalue().encode() == lines_of(2)
+
+    class Broken(io.StringIO):
+        def write(self, s):
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(AuditFailure) as ei:
+        AuditLog(Broken()).write_lines(lines_of(4), 4)
+    assert ei.value.lines_written == 0
+    said = []
+    warn = AuditLog(Broken(), on_failure="warn", warn=said.append)
+    assert warn.write_lines(lines_of(4), 4) == 0
+    assert warn.failed == 4 and warn.written == 0 and len(said) == 1
+
+
+@pytest.mark.parametrize("mode", ["stop", "warn"])
+def test_full_device_loses_the_whole_batch(mode):
+    said = []
+    audit = AuditLog("/dev/full", on_failure=mode, warn=said.append)
+    if mode == "stop":
+        with pytest.raises(AuditFailure, match="No space left on device") as ei:
+            audit.write_lines(lines_of(5), 5)
+        assert ei.value.lines_written == 0
+    else:
+        assert audit.write_lines(lines_of(5), 5) == 0
+        assert said == ["audit log /dev/full: write failed: No space left on device; the guest "
+                        'goes on and records are counted as unlogged (audit_failure = "warn")']
+    assert audit.failed == 5 and audit.written == 0
+
+
+SHORT = textwrap.dedent("""
+    import json, resource, signal, sys
+    from kvmgate.audit import AuditFailure, AuditLog
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    path, mode, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    data = b"".join(json.dumps({"n": i, "pad": "x" * 40}).encode() + b"\\n" for i in range(4))
+    said = []
+    audit = AuditLog(path, on_failure=mode, warn=said.append)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    out = {}
+    try:
+        out["done"] = audit.write_lines(data, 4)
+    except AuditFailure as e:
+        out["done"], out["error"] = e.lines_written, str(e)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    out["failed"], out["written"], out["said"] = audit.failed, audit.written, list(said)
+    if mode == "warn":
+        out["again"] = audit.write_lines(data[:data.index(b"\\n") + 1], 1)
+        out["said_after"] = said[1:]
+    audit.close()
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("mode", ["stop", "warn"])
+def test_short_write_keeps_whole_lines_and_cuts_the_rest(tmp_path, mode):
+    line = len(lines_of(1))                 # every line of the batch has this length (n < 10)
+    path = tmp_path / "a.jsonl"
+    r = subprocess.run([sys.executable, "-c", SHORT, str(path), mode, str(line + line // 2)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    data = path.read_bytes()
+    batch = lines_of(4)
+    assert out["done"] == 1 and out["written"] == 1 and out["failed"] == 3
+    if mode == "stop":
+        assert "short write" in out["error"] and "cut back to whole lines" in out["error"]
+        assert data == batch[:line]             # the half line was cut back off
+    else:
+        assert len(out["said"]) == 1 and "short write" in out["said"][0]
+        assert out["again"] == 1                # the limit is lifted: the log writes again
+        assert out["said_after"] == ["audit log %s: writing again (3 records lost)" % path]
+        assert data == batch[:line] * 2
+
+
+def test_add_counts_adds_to_the_summary_and_the_suppressed_total():
+    audit = AuditLog(io.StringIO())
+    audit.add_counts([(0x10, False, "deny", "#GP", 5, 2), (0x10, True, "ignore", "dropped", 1, 0)],
+                     suppressed=2)
+    audit.add_counts([(0x10, False, "deny", "#GP", 3, 1)], suppressed=1)
+    assert [(r["msr"], r["access"], r["count"], r["unlogged"]) for r in audit.summary()] == \
+        [("0x10", "read", 8, 3), ("0x10", "write", 1, 0)]
+    assert audit.suppressed == 3
+
+
+def test_owed_suppressed_counts_are_written_at_close_once():
+    buf = io.StringIO()
+    audit = AuditLog(buf, clock=lambda: 5.0)
+    audit.owe(0x10, False, 3)
+    audit.owe(0x10, False, 2)
+    audit.owe(0x11, True, 1)
+    audit.close()
+    audit.close()
+    recs = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert [(r["msr"], r["access"], r["suppressed"]) for r in recs] == \
+        [("0x10", "read", 5), ("0x11", "write", 1)]
+    assert all(r["time"] == 5.0 and r["schema"] == 1 for r in recs)
+
+
+def test_owed_counts_go_out_with_the_next_record_of_that_msr():
+    buf = io.StringIO()
+    audit = AuditLog(buf, rate=1.0, burst=1, clock=lambda: 5.0)
+    audit.owe(0x10, False, 4)
+    assert audit.record(vcpu=0, rip=None, index=0x10, write=False, value=0, reason=4,
+                        action="deny", result="#GP")
+    audit.close()
+    (rec,) = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert rec["suppressed_before"] == 4
+
+
+@pytest.mark.parametrize("mode", ["stop", "warn"])
+def test_close_on_a_full_device_closes_and_says_so(mode):
+    said = []
+    audit = AuditLog("/dev/full", on_failure=mode, warn=said.append)
+    audit.owe(0x10, False, 2)
+    audit.owe(0x11, False, 1)
+    if mode == "stop":
+        with pytest.raises(AuditFailure):
+            audit.close()
+    else:
+        audit.close()
+        assert len(said) == 1               # one failed write: the rest are not tried
+    assert audit.closed and audit.failed == 1
+    audit.close()                           # idempotent, even after a failure
