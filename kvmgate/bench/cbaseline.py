@@ -18,8 +18,9 @@ SOURCE = "exit_loop.c"
 
 @functools.lru_cache(maxsize=1)
 def c_loop():
-    """The loaded library (kvmgate_bench_loop(vcpu_fd, kvm_run *) -> MSR exits); BenchError
-    saying why when it cannot be built."""
+    """The loaded library (kvmgate_bench_loop(vcpu_fd, kvm_run *) -> MSR exits; the
+    introspection floor's kvmgate_bench_event_loop and kvmgate_bench_echo); BenchError saying
+    why when it cannot be built."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         raise BenchError("cannot build the C baseline: no C compiler (cc/gcc; or set CC)")
@@ -37,4 +38,8 @@ def c_loop():
         lib = C.CDLL(out)           # mapped: the file can go with the directory
     lib.kvmgate_bench_loop.argtypes = [C.c_int, C.c_void_p]
     lib.kvmgate_bench_loop.restype = C.c_long
+    lib.kvmgate_bench_event_loop.argtypes = [C.c_int, C.c_void_p, C.c_int, C.c_int, C.c_int, C.c_long]
+    lib.kvmgate_bench_event_loop.restype = C.c_long
+    lib.kvmgate_bench_echo.argtypes = [C.c_int, C.c_int, C.c_int]
+    lib.kvmgate_bench_echo.restype = C.c_long
     return lib

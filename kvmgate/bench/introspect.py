@@ -12,7 +12,13 @@
   * `event_v7` - the same in the kvmi-v7 (libkvmi) ABI,
   * `event_sleep` - `event` with the vCPU sleeping in recv(2) for the reply at once (no
                 polling first: kvmgate.introspection.inbox.POLL_NS = 0 during its runs),
-  * `quiet`   - LSTAR controlled but the MSR event not enabled: the exit, no message.
+  * `quiet`   - LSTAR controlled but the MSR event not enabled: the exit, no message,
+  * the C floor (exit_loop.c, no Python on either side): `c_exit` - the plain exit that stores
+                the value (KVM_SET_MSRS) in a C loop; `c_event` - the same plus what an event
+                costs the kernel and the sockets: KVM_GET_MSRS, a 584-byte message to a C
+                responder in a child process and its 32-byte reply, read after polling as the
+                `event` path does; `c_event_sleep` - without polling.
+                `floor_ratio` (c_event / c_exit) is the least an event can cost on this host.
 Every path runs once per round, the paths interleaved, for `rounds` (>= 7) rounds after a
 warm-up; each figure is the median per-write time, and `ratio` the median of the per-round
 event / exit ratios.  The load average is reported with them.
@@ -37,6 +43,7 @@ from ..introspection import inbox
 from ..introspection.abi import V7, V12, Dialect
 from ..introspection.machine_backend import attach
 from .common import count_arg, cpu_arg, emit, load_row, parser, with_load_average
+from .cbaseline import c_loop
 from .kvmi_tool import reap
 
 LSTAR = 0xC0000082
@@ -157,6 +164,47 @@ def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
     return path
 
 
+EVENT_SIZE, REPLY_SIZE = 584, 32     # a v12 MSR event message and its CONTINUE reply
+
+
+class _CPath:
+    """The C floor: one vCPU set up by a Machine (LSTAR writes exit), run by exit_loop.c's
+    event loop; `sock` talks to a child process running its echo (None: store only)."""
+
+    def __init__(self, stack: contextlib.ExitStack, n: int, event: bool, poll_ns: int):
+        self.n, self.poll_ns, self.exits = n, poll_ns, 0
+        self.lib = c_loop()
+        m = self.m = stack.enter_context(Machine(lstar_guest(n)))
+        m.set_msr_filter(MsrFilter([MsrRange.all(WRITE, LSTAR, 1, allow=False)]))
+        m.enable_user_space_msr(EXIT_REASON_FILTER)
+        self.sock = None
+        if event:
+            a, b = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:                  # the responder: C only, then out
+                try:
+                    a.close()
+                    self.lib.kvmgate_bench_echo(b.fileno(), EVENT_SIZE, REPLY_SIZE)
+                finally:
+                    os._exit(0)
+            b.close()
+            self.sock = a
+            stack.callback(os.waitpid, pid, 0)
+            stack.callback(a.close)       # runs first: the responder sees EOF and ends
+
+    def run(self) -> float:
+        self.m.reset()
+        (fd, addr), = self.m.vcpu_fds()
+        sock = -1 if self.sock is None else self.sock.fileno()
+        t = time.perf_counter()
+        got = self.lib.kvmgate_bench_event_loop(fd, addr, sock, EVENT_SIZE, REPLY_SIZE, self.poll_ns)
+        elapsed = time.perf_counter() - t
+        if got != self.n:
+            raise RuntimeError(f"the C floor made {got} exits, expected {self.n}")
+        self.exits = got
+        return elapsed / self.n
+
+
 def _sleeping(path: _Path) -> _Path:
     path.poll_ns = 0
     return path
@@ -185,6 +233,9 @@ def _bench_events(n: int, rounds: int) -> dict:
             "event_v7": _introspected(stack, n, True, V7),
             "event_sleep": _sleeping(_introspected(stack, n, True, V12)),
             "quiet": _introspected(stack, n, False, V12),
+            "c_exit": _CPath(stack, n, False, 0),
+            "c_event": _CPath(stack, n, True, inbox.POLL_NS),
+            "c_event_sleep": _CPath(stack, n, True, 0),
         }
         for p in paths.values():
             p.run()                                   # warm up
@@ -209,6 +260,10 @@ def _bench_events(n: int, rounds: int) -> dict:
                                                                        times["exit"])), 2),
         "quiet_ratio": round(statistics.median(q / x for q, x in zip(times["quiet"],
                                                                       times["exit"])), 2),
+        "floor_ratio": round(statistics.median(e / x for e, x in zip(times["c_event"],
+                                                                      times["c_exit"])), 2),
+        "floor_sleep_ratio": round(statistics.median(e / x for e, x in zip(times["c_event_sleep"],
+                                                                            times["c_exit"])), 2),
         "exits": exits,
         "events": events,
     }
@@ -234,6 +289,12 @@ def main(argv: list[str]) -> int:
         ("ratio event / exit", (f"{res['ratio']:.2f}x (v7 {res['ratio_v7']:.2f}x, no polling "
                                 f"{res['ratio_sleep']:.2f}x, event off {res['quiet_ratio']:.2f}x), "
                                 f"median of {res['rounds']} interleaved rounds")),
+        ("C floor: exit storing the value", us("c_exit")),
+        ("C floor: event round trip", us("c_event")),
+        ("C floor: event, no polling", us("c_event_sleep")),
+        ("C floor ratio event / exit", (f"{res['floor_ratio']:.2f}x (no polling "
+                                        f"{res['floor_sleep_ratio']:.2f}x): the least an event "
+                                        "costs here")),
         ("CPUs", f"pinned to CPU {a.pin_cpu}" if a.pin_cpu is not None else "any (not pinned)"),
         load_row(res)])
     return 0

@@ -81,6 +81,8 @@ def test_introspect_bench_reports_every_path_and_the_load(tmp_path):
     assert res["exits"] == {"exit": 200, "event": 200, "event_v7": 200, "event_sleep": 200,
                             "quiet": 200}
     assert all(res[k + "_us"] > 0 for k in ("native", "exit", "exit_bare", "event", "event_v7",
-                                            "event_sleep", "quiet"))
+                                            "event_sleep", "quiet", "c_exit", "c_event",
+                                            "c_event_sleep"))
+    assert res["floor_ratio"] > 0 and res["floor_sleep_ratio"] > 0
     assert "pinned_cpu" not in res
     assert len(res["load_average"]) == 2 and all(len(x) == 3 for x in res["load_average"])
