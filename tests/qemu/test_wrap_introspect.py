@@ -80,8 +80,8 @@ class Wrapped:
 def wrapped(tmp_path, lstar_guest):
     made = []
 
-    def start(*opts):
-        w = Wrapped(tmp_path, lstar_guest, *opts)
+    def start(*opts, guest=None):
+        w = Wrapped(tmp_path, guest or lstar_guest, *opts)
         made.append(w)
         return w
 
@@ -192,15 +192,21 @@ def test_crash_answer_stops_qemu_and_says_why(wrapped):
 
 def test_control_msr_the_policy_denies_gets_eperm(wrapped, tmp_path):
     pol = tmp_path / "deny-lstar.toml"
-    pol.write_text('[policy]\ndefault = "allow"\n[[rule]]\nmsr = "IA32_LSTAR"\naccess = "write"\n'
-                   'action = "deny"\n')
+    pol.write_text('[policy]\ndefault = "allow"\n[[rule]]\nmsr = "IA32_LSTAR"\n'
+                   'access = "write"\naction = "deny"\n[[rule]]\nmsr = 0x40001234\n'
+                   'access = "read"\naction = "constant"\nvalue = 1\n')
+    # the guest spins until it reads 2 from 0x40001234 (the policy answers 1): it is still
+    # running when the tool asks (lstar_guest, its LSTAR writes denied, would be done at once
+    # and QEMU gone, under load before the tool's CONTROL_MSR)
+    spin = pvhguest.build([(0x40001234, 0, 0)], tmp_path, vcpus=2, wait=2, name="spin")
     w = wrapped("--policy", str(pol), "--allow-commands", "CONTROL_EVENTS,CONTROL_MSR",
-                "--allow-events", "MSR")
+                "--allow-events", "MSR", guest=spin)
     t = w.tool
     t.do_handshake()
     t.control_events(0, k7.EV_MSR)
     assert t.error_of(k7.CONTROL_MSR, k7.VCPU_HDR.pack(0, 0, 0)
                       + k7.struct.pack("<BBHI", 1, 0, 0, LSTAR)) == -k7.KVM_EPERM
+    assert w.proc.poll() is None                    # the guest was running all along
 
 
 def test_wrap_introspect_bench(tmp_path):
