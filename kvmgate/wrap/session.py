@@ -249,12 +249,12 @@ class Wrap(VmmChannel, ToolHookup):
         try:
             c = prepare(self.policy_path, self.mode, self._registry)
         except UserError as e:
+            self._count_reload(False)        # counted before it is said (metrics match the log)
             print(f"kvmgate: reload refused, old policy stays: {e}", file=self.err, flush=True)
-            self._count_reload(False)
             return False
         if not self.active.is_set():
-            print("kvmgate: reload refused, old policy stays: no VM yet", file=self.err, flush=True)
             self._count_reload(False)
+            print("kvmgate: reload refused, old policy stays: no VM yet", file=self.err, flush=True)
             return False
         self._rules = c.table.rules          # a superset: old rule ids keep their meaning
         seq = self._write_mailbox(c)
@@ -267,13 +267,13 @@ class Wrap(VmmChannel, ToolHookup):
         if why is None:
             why = "the VMM did not answer" if ok else "timed out waiting for the VMM"
         if why:
-            print(f"kvmgate: reload refused, old policy stays: {c.source}: {why}", file=self.err, flush=True)
             self._count_reload(False)
+            print(f"kvmgate: reload refused, old policy stays: {c.source}: {why}", file=self.err, flush=True)
             return False
         self.compiled = c
         self.audit.rate, self.audit.burst = c.rate, c.burst
-        print(f"kvmgate: reloaded {c.source}", file=self.err, flush=True)
         self._count_reload(True)
+        print(f"kvmgate: reloaded {c.source}", file=self.err, flush=True)
         return True
 
     def wait(self) -> WrapResult:
