@@ -106,7 +106,10 @@ class Metrics:
         """Write the metrics for node_exporter's textfile collector (atomic rename)."""
         write_to_textfile(path, self.registry)
 
-    def close(self) -> None:
+    def close(self, final_textfile: str | None = None) -> None:
+        """Stop serving and writing; then write `final_textfile` (the run's last counts) if
+        given.  Last, after the periodic writer has stopped: a write of its still in progress
+        would otherwise rename an older snapshot over the final one."""
         self._stop.set()
         if self._writer is not None:
             self._writer.join()
@@ -115,3 +118,5 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if final_textfile:
+            self.write_textfile(final_textfile)

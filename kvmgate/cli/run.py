@@ -61,9 +61,7 @@ def cmd_run(a) -> int:
                 except AuditFailure as e:
                     failure = failure or e
             if metrics is not None:
-                if a.metrics_file:
-                    metrics.write_textfile(a.metrics_file)
-                metrics.close()
+                metrics.close(a.metrics_file)  # the final counts, written last
         r = m.last_result
     _report(a, r, audit, stop_signal)
     if failure is not None:

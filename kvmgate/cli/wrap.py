@@ -39,9 +39,7 @@ def cmd_wrap(a) -> int:
         r = w.wait()
     finally:
         if metrics is not None:
-            if a.metrics_file:
-                metrics.write_textfile(a.metrics_file)     # the final counts, after wait()
-            metrics.close()
+            metrics.close(a.metrics_file)        # the final counts, after wait(), written last
     if a.json:
         print(json.dumps(as_json(r)), file=sys.stderr)
     else:

@@ -74,3 +74,17 @@ def test_decisions_source_adds_counts_the_audit_has_not_seen(tmp_path):
                                           ("name", "MSR_CORE_THREAD_COUNT"), ("result", "read 0x1")))] == 8
     assert s[("kvmgate_audit_records_total", ())] == 2
     assert log.summary()[0]["count"] == 2                        # the audit's own rows untouched
+
+
+
+def test_close_writes_the_final_counts(tmp_path):
+    """close(path) stops the periodic writer, then writes the run's last counts to path."""
+    path = tmp_path / "kvmgate.prom"
+    m = Metrics(audit=AuditLog(io.StringIO()), exits=lambda: {0: 0})
+    m.write_every(str(path), 3600)               # one write now, the next in an hour
+    m.reloads.count(True)
+    m.reloads.count(True)
+    m.close(str(path))
+    final = _samples(path.read_text())
+    assert final[("kvmgate_reloads_total", (("outcome", "applied"),))] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["kvmgate.prom"]
