@@ -37,28 +37,34 @@ def test_stream_sink_writes_or_fails_whole_batches():
         def write(self, s):
             raise OSError(5, "Input/output error")
 
-    with pytest.raises(AuditFailure) as ei:
-        AuditLog(Broken()).write_lines(lines_of(4), 4)
-    assert ei.value.lines_written == 0
+    stop = AuditLog(Broken())
+    for k in (1, 2):                            # the counts add up over failures
+        with pytest.raises(AuditFailure) as ei:
+            stop.write_lines(lines_of(4), 4)
+        assert ei.value.lines_written == 0 and stop.failed == 4 * k and stop.written == 0
     said = []
     warn = AuditLog(Broken(), on_failure="warn", warn=said.append)
     assert warn.write_lines(lines_of(4), 4) == 0
     assert warn.failed == 4 and warn.written == 0 and len(said) == 1
+    assert warn.write_lines(lines_of(3), 3) == 0
+    assert warn.failed == 7 and len(said) == 1  # one warning per failing stretch
 
 
 @pytest.mark.parametrize("mode", ["stop", "warn"])
 def test_full_device_loses_the_whole_batch(mode):
     said = []
     audit = AuditLog("/dev/full", on_failure=mode, warn=said.append)
-    if mode == "stop":
-        with pytest.raises(AuditFailure, match="No space left on device") as ei:
-            audit.write_lines(lines_of(5), 5)
-        assert ei.value.lines_written == 0
-    else:
-        assert audit.write_lines(lines_of(5), 5) == 0
-        assert said == ["audit log /dev/full: write failed: No space left on device; the guest "
-                        'goes on and records are counted as unlogged (audit_failure = "warn")']
-    assert audit.failed == 5 and audit.written == 0
+    for k in (1, 2):                            # the counts add up over failures
+        if mode == "stop":
+            with pytest.raises(AuditFailure, match="No space left on device") as ei:
+                audit.write_lines(lines_of(5), 5)
+            assert ei.value.lines_written == 0
+        else:
+            assert audit.write_lines(lines_of(5), 5) == 0
+            assert said == ["audit log /dev/full: write failed: No space left on device; the "
+                            "guest goes on and records are counted as unlogged "
+                            '(audit_failure = "warn")']
+        assert audit.failed == 5 * k and audit.written == 0
 
 
 SHORT = textwrap.dedent("""
