@@ -162,3 +162,71 @@ def test_close_on_a_full_device_closes_and_says_so(mode):
         assert len(said) == 1               # one failed write: the rest are not tried
     assert audit.closed and audit.failed == 1
     audit.close()                           # idempotent, even after a failure
+
+
+@pytest.fixture
+def file_size_limit():
+    """setrlimit(RLIMIT_FSIZE) for this process, restored after: a write that crosses the
+    limit is cut short, the next fails with EFBIG (SIGXFSZ ignored meanwhile).  Nothing else
+    may write a file while it is set, so the test body only calls the audit log."""
+    import resource
+    import signal
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(n):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_sig)
+
+
+def test_short_write_in_process_keeps_whole_lines(tmp_path, file_size_limit):
+    """The same as the child-process test above, in this process (so that coverage-guided
+    mutation testing sees it): 4 lines, room for 1.5, then the limit lifted."""
+    import os
+    line = len(lines_of(1))
+    path = tmp_path / "a.jsonl"
+    said = []
+    audit = AuditLog(path, on_failure="warn", warn=said.append)
+    file_size_limit(line + line // 2)
+    try:
+        done = audit.write_lines(lines_of(4), 4)
+        again = audit.write_lines(lines_of(2), 2)       # at the limit: EFBIG, nothing written
+    finally:
+        file_size_limit(1 << 40)
+    assert (done, again) == (1, 0)
+    assert audit.written == 1 and audit.failed == 3 + 2
+    assert len(said) == 1 and "short write: " in said[0] and "cut back to whole lines" in said[0]
+    assert path.read_bytes() == lines_of(4)[:line] and os.path.getsize(path) == line
+    assert audit.write_lines(lines_of(1), 1) == 1
+    assert said[1] == f"audit log {path}: writing again (5 records lost)"
+    audit.close()
+    assert path.read_bytes() == lines_of(4)[:line] + lines_of(1)
+
+
+def test_short_single_record_in_process_is_cut_back(tmp_path, file_size_limit):
+    """record() (the Python path) on a short write: the partial line is cut back off."""
+    path = tmp_path / "a.jsonl"
+    said = []
+    audit = AuditLog(path, rate=1e6, burst=10, on_failure="warn", warn=said.append)
+    file_size_limit(10)
+    try:
+        ok = audit.record(vcpu=0, rip=None, index=0x10, write=False, value=0, reason=4,
+                          action="deny", result="#GP")
+    finally:
+        file_size_limit(1 << 40)
+    assert ok is False and path.read_bytes() == b"" and audit.failed == 1
+    assert "short write: 10 of " in said[0] and "cut back" in said[0]
+    with pytest.raises(AuditFailure, match="short write"):
+        stop = AuditLog(tmp_path / "b.jsonl", rate=1e6, burst=10)
+        file_size_limit(10)
+        try:
+            stop.record(vcpu=0, rip=None, index=0x10, write=False, value=0, reason=4,
+                        action="deny", result="#GP")
+        finally:
+            file_size_limit(1 << 40)
+    assert (tmp_path / "b.jsonl").read_bytes() == b""
