@@ -84,9 +84,28 @@ def _skip(buf, pos: int, ttype: int, depth: int) -> int:
     raise PageError(f"unknown thrift type {ttype}")
 
 
+_ABSENT = object()
+LENGTH = "length"             # want[fid] = LENGTH: the number of elements of a list field
+
+
+def _list_header(buf, pos: int) -> tuple[int, int, int]:
+    """(elements, element type, position of the first element) of a compact-protocol list."""
+    if pos >= len(buf):
+        raise PageError("truncated list")
+    h = buf[pos]
+    pos += 1
+    n = h >> 4
+    if n == 15:
+        n, pos = _varint(buf, pos)
+    if n > len(buf):
+        raise PageError("list longer than the buffer")
+    return n, h & 0x0F, pos
+
+
 def _struct(buf, pos: int, depth: int, want: dict) -> tuple[dict, int]:
-    """Read a struct; `want` maps field id -> None (an i32 to return) or a dict (a nested struct
-    with its own wanted fields).  Returns (values, position after the struct)."""
+    """Read a struct; `want` maps field id -> None (an i32 to return), a dict (a nested struct
+    with its own wanted fields), [dict] (a list of such structs) or LENGTH (a list's length).
+    Returns (values, position after the struct)."""
     out: dict = {}
     last = 0
     while True:
@@ -103,11 +122,24 @@ def _struct(buf, pos: int, depth: int, want: dict) -> tuple[dict, int]:
             raw, pos = _varint(buf, pos)
             fid = _zigzag(raw)
         last = fid
-        if fid in want and want[fid] is None and ttype == 5:
+        w = want.get(fid, _ABSENT)
+        if w is None and ttype == 5:
             raw, pos = _varint(buf, pos)
             out[fid] = _zigzag(raw)
-        elif fid in want and isinstance(want[fid], dict) and ttype == 12:
-            out[fid], pos = _struct(buf, pos, depth + 1, want[fid])
+        elif isinstance(w, dict) and ttype == 12:
+            out[fid], pos = _struct(buf, pos, depth + 1, w)
+        elif w is LENGTH and ttype == 9:
+            out[fid] = _list_header(buf, pos)[0]
+            pos = _skip(buf, pos, ttype, depth)
+        elif isinstance(w, list) and ttype == 9:         # [spec]: a list of such structs
+            n, et, pos = _list_header(buf, pos)
+            if et != 12:
+                raise PageError(f"field {fid}: a list of type {et}, not of structs")
+            items = []
+            for _ in range(n):
+                item, pos = _struct(buf, pos, depth + 1, w[0])
+                items.append(item)
+            out[fid] = items
         else:
             pos = _skip(buf, pos, ttype, depth)
 
@@ -158,4 +190,79 @@ def check_row_group_column(buf, rg, c: int) -> None:
         raise PageError(f"{n} values in the pages, {rg.num_rows} rows")
 
 
-__all__ = ["check_column_chunk", "check_row_group_column", "PageError"]
+# parquet-format FileMetaData: 2 schema (SchemaElement 3 repetition_type, 5 num_children),
+# 4 row_groups (RowGroup 1 columns: ColumnChunk 3 meta_data: ColumnMetaData 16 size_statistics:
+# SizeStatistics 2 repetition_level_histogram, 3 definition_level_histogram)
+_FOOTER = {2: [{3: None, 5: None}],
+           4: [{1: [{3: {16: {2: LENGTH, 3: LENGTH}}}]}]}
+REQUIRED, REPEATED = 0, 2
+
+
+def _leaf_levels(schema: list[dict]) -> list[tuple[int, int]]:
+    """(max definition level, max repetition level) of every leaf column, in order."""
+    leaves: list[tuple[int, int]] = []
+    at = 1
+
+    def walk(children: int, d: int, r: int, depth: int) -> None:
+        nonlocal at
+        if depth > _MAX_DEPTH or children < 0:
+            raise PageError("schema nested too deeply or badly")
+        for _ in range(children):
+            if at >= len(schema):
+                raise PageError("schema has fewer elements than its groups claim")
+            el = schema[at]
+            at += 1
+            rt = el.get(3, REQUIRED)
+            dd, rr = d + (rt != REQUIRED), r + (rt == REPEATED)
+            if el.get(5):
+                walk(el[5], dd, rr, depth + 1)
+            else:
+                leaves.append((dd, rr))
+
+    if not schema:
+        raise PageError("no schema")
+    walk(schema[0].get(5) or 0, 0, 0, 0)
+    if at != len(schema):
+        raise PageError("schema has elements outside its root")
+    return leaves
+
+
+def check_footer(buf) -> None:
+    """The structure of a Parquet footer (FileMetaData, compact protocol: `buf` is its bytes)
+    that pyarrow would otherwise only check as it builds column metadata, where a mismatch is
+    fatal (a C++ exception ends the process: seen with a level histogram of the wrong size):
+    every row group has one column chunk per leaf of the schema, and a chunk's level histograms
+    are empty or have one entry per level (max level + 1).  PageError if not."""
+    md, _end = _struct(buf, 0, 0, _FOOTER)
+    leaves = _leaf_levels(md.get(2) or [])
+    for g, rg in enumerate(md.get(4) or []):
+        cols = rg.get(1) or []
+        if len(cols) != len(leaves):
+            raise PageError(f"row group {g}: {len(cols)} column chunks, {len(leaves)} columns")
+        for c, (chunk, (d, r)) in enumerate(zip(cols, leaves)):
+            stats = (chunk.get(3) or {}).get(16) or {}
+            for fid, level, what in ((2, r, "repetition"), (3, d, "definition")):
+                n = stats.get(fid)
+                if n and n != level + 1:         # empty: none (Arrow writes that for level 0)
+                    raise PageError(f"row group {g}, column {c}: {what} level histogram of {n} "
+                                    f"entries, {level + 1} levels")
+
+
+def read_footer(path) -> bytes:
+    """The footer (FileMetaData) bytes of the Parquet file at `path` (PageError if none)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        if size < 12:
+            raise PageError("too short for a footer")
+        fh.seek(size - 8)
+        tail = fh.read(8)
+        n = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or n <= 0 or n > size - 12:
+            raise PageError("no footer")
+        fh.seek(size - 8 - n)
+        return fh.read(n)
+
+
+__all__ = ["check_column_chunk", "check_row_group_column", "check_footer", "read_footer",
+           "PageError"]

@@ -21,7 +21,7 @@ from ..errors import UserError
 from . import fastcount
 from .columns import from_table
 from .memory import Trace, concat
-from .pagecheck import PageError, check_row_group_column
+from .pagecheck import PageError, check_footer, check_row_group_column, read_footer
 from .schema import FORMAT, KEY_COLUMNS, META_KEY, VERSION, document_crc
 from .summary import Summary, TraceFormatError
 
@@ -69,6 +69,12 @@ class TraceFile:
                 "Parquet keeps its index of row groups in the footer, so nothing in this file can be "
                 "recovered; an unfinished recording keeps its events in its .parts directory",
                 self.where)
+        try:
+            check_footer(read_footer(self.path))       # what pyarrow would abort the process on
+        except PageError as e:
+            raise TraceFormatError(f"damaged Parquet footer: {e}", self.where) from None
+        except OSError as e:
+            raise TraceFormatError(f"cannot read trace: {e.strerror}", self.where) from None
         try:
             self.pf = pq.ParquetFile(self.path, page_checksum_verification=True, memory_map=False)
             self.md = self.pf.metadata
