@@ -68,34 +68,15 @@ class BulkEntry:
                     return 0
                 self.written += lines
                 return lines
-            try:
-                start = os.lseek(self._fd, 0, os.SEEK_END)
-            except OSError:
-                start = None
-            try:
-                n = os.write(self._fd, data)
-            except OSError as e:
-                n, err, why = 0, e.errno, e.strerror or str(e)
-            else:
-                err, why = errno.ENOSPC, (f"{os.strerror(errno.ENOSPC)} (short write: {n} of "
-                                          f"{len(data)} bytes, cut back to whole lines)")
-            if n == len(data):
-                if self.failure is not None:
-                    self.failure = None
-                    self.warn(f"audit log {self.path}: writing again ({self.failed} records lost)")
+            keep, failure = self._append(data)
+            if failure is None:
                 self.written += lines
                 return lines
-            keep = data.rfind(b"\n", 0, n) + 1
-            if n and start is not None:
-                try:
-                    os.ftruncate(self._fd, start + keep)
-                except OSError:
-                    pass
-            done = data.count(b"\n", 0, keep) if start is not None else 0
+            done = data.count(b"\n", 0, keep)
             self.written += done
             self.failed += lines - done - 1
             try:
-                self._failed(err, why)
+                self._failed(*failure)
             except AuditFailure as e:
                 e.lines_written = done
                 raise
@@ -281,7 +262,14 @@ class AuditLog(BulkEntry):
                 return True
             except (OSError, ValueError) as e:
                 return self._failed(getattr(e, "errno", None) or errno.EIO, str(e))
-        data = line.encode() if isinstance(line, str) else line
+        _keep, failure = self._append(line.encode() if isinstance(line, str) else line)
+        return True if failure is None else self._failed(*failure)
+
+    def _append(self, data: bytes) -> tuple[int, tuple[int, str] | None]:
+        """os.write(2) of whole lines at the end of the log file: (bytes of whole lines kept,
+        None) when all went out (saying "writing again" after a failing stretch), else the
+        failure (errno, why) for _failed.  A short write is cut back to its last whole line
+        (ftruncate); a file that cannot seek keeps what was written and counts none of it."""
         try:
             start = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError:
@@ -289,19 +277,20 @@ class AuditLog(BulkEntry):
         try:
             n = os.write(self._fd, data)
         except OSError as e:
-            return self._failed(e.errno, e.strerror or str(e))
+            return 0, (e.errno, e.strerror or str(e))
         if n == len(data):
             if self.failure is not None:
                 self.failure = None
                 self.warn(f"audit log {self.path}: writing again ({self.failed} records lost)")
-            return True
-        if start is not None:                    # cut the partial line back off
+            return n, None
+        keep = data.rfind(b"\n", 0, n) + 1 if start is not None else 0
+        if n and start is not None:
             try:
-                os.ftruncate(self._fd, start)
+                os.ftruncate(self._fd, start + keep)
             except OSError:
                 pass
-        return self._failed(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write: {n} of "
-                                          f"{len(data)} bytes, cut back)")
+        return keep, (errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write: {n} of "
+                                    f"{len(data)} bytes, cut back to whole lines)")
 
     def _failed(self, err: int, why: str) -> bool:
         self.failed += 1
