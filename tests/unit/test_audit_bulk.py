@@ -230,3 +230,104 @@ def test_short_single_record_in_process_is_cut_back(tmp_path, file_size_limit):
         finally:
             file_size_limit(1 << 40)
     assert (tmp_path / "b.jsonl").read_bytes() == b""
+
+
+def test_a_failed_record_owes_its_suppressed_count_and_recovery_is_said(tmp_path, file_size_limit):
+    """record() through a failing stretch (EFBIG at the file size limit) in warn mode: the
+    record that failed is unlogged, the suppressed count it carried is owed again and goes out
+    with the next written record; the first good write says "writing again"."""
+    import os
+    t = [100.0]
+    path = tmp_path / "a.jsonl"
+    said = []
+    audit = AuditLog(path, rate=1.0, burst=1, clock=lambda: t[0], on_failure="warn",
+                     warn=said.append)
+
+    def rec():
+        return audit.record(vcpu=0, rip=None, index=0x10, write=False, value=0, reason=4,
+                            action="deny", result="#GP")
+
+    assert rec() is True and rec() is False         # the second is rate limited: owed 1
+    t[0] += 1.0                                     # one token again
+    file_size_limit(os.path.getsize(path))          # the next write fails with EFBIG
+    try:
+        assert rec() is False
+    finally:
+        file_size_limit(1 << 40)
+    assert audit.failed == 1 and audit.written == 1 and audit.suppressed == 1
+    assert said == [f"audit log {path}: write failed: File too large; the guest goes on and "
+                    'records are counted as unlogged (audit_failure = "warn")']
+    t[0] += 1.0
+    assert rec() is True
+    assert said[1:] == [f"audit log {path}: writing again (1 records lost)"]
+    assert audit.failure is None
+    audit.close()
+    recs = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert len(recs) == 2 and "suppressed_before" not in recs[0]
+    assert recs[1]["suppressed_before"] == 1        # the count the failed record carried
+    (row,) = audit.summary()
+    assert row["count"] == 4 and row["unlogged"] == 2   # one suppressed, one lost
+
+
+@pytest.mark.parametrize("mode", ["stop", "warn"])
+def test_a_stream_error_without_errno_is_reported_as_eio(mode):
+    """A closed stream raises ValueError, which has no errno: the failure says EIO."""
+    import errno
+    buf = io.StringIO()
+    buf.close()
+    said = []
+    audit = AuditLog(buf, on_failure=mode, warn=said.append)
+    if mode == "stop":
+        with pytest.raises(AuditFailure) as ei:
+            audit.write_lines(lines_of(1), 1)
+        assert ei.value.errno == errno.EIO and "I/O operation on closed file" in str(ei.value)
+    else:
+        assert audit.write_lines(lines_of(1), 1) == 0
+        assert said == ["audit log stream: write failed: I/O operation on closed file; the "
+                        'guest goes on and records are counted as unlogged (audit_failure = "warn")']
+    assert audit.failed == 1
+
+
+def readlink(path):
+    import os
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:       # listdir's own descriptor, closed by now
+        return None
+
+
+def test_a_fifo_gets_whole_lines_and_a_short_write_there_counts_nothing(tmp_path):
+    """A log path that cannot seek (a FIFO read by another program): lines go out as on a
+    file; a short write cannot be cut back, so what went out stays and the batch counts as
+    lost (no ftruncate on a pipe).  The short write is made by a non-blocking pipe of one page."""
+    import fcntl
+    import os
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    said = []
+    try:
+        audit = AuditLog(fifo, on_failure="warn", warn=said.append)
+        assert audit.write_lines(lines_of(3), 3) == 3
+        assert os.read(reader, 1 << 16) == lines_of(3)
+        fds = [n for n in map(int, os.listdir("/proc/self/fd"))  # the log's own descriptor
+               if n != reader and readlink(f"/proc/self/fd/{n}") == str(fifo)]
+        assert len(fds) == 1
+        page = fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, 4096)
+        big = lines_of(80)                          # > one page
+        assert len(big) > page
+        fcntl.fcntl(fds[0], fcntl.F_SETFL, fcntl.fcntl(fds[0], fcntl.F_GETFL) | os.O_NONBLOCK)
+        assert audit.write_lines(big, 80) == 0
+        assert audit.written == 3 and audit.failed == 80
+        assert said == [f"audit log {fifo}: write failed: No space left on device (short write: "
+                        f"{page} of {len(big)} bytes, cut back to whole lines); the guest goes "
+                        'on and records are counted as unlogged (audit_failure = "warn")']
+        assert os.read(reader, 1 << 16) == big[:page]   # what went out stays
+        audit.close()
+    finally:
+        os.close(reader)
+
+
+def test_a_bad_failure_mode_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^on_failure='sometimes': one of \('stop', 'warn'\)$"):
+        AuditLog(None, on_failure="sometimes")
