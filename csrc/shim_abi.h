@@ -149,7 +149,7 @@ struct shim_stats {                        /* per vCPU, written by its thread on
     uint64_t vmm;                          /* MSR exits handed to the VMM */
     uint64_t gp;                           /* MSR exits nobody asked for: #GP */
     uint64_t host;                         /* exits only a replaced filter sent: done as KVM would */
-    uint64_t tool;                         /* writes sent to the introspection tool's side */
+    uint64_t tool;                         /* writes caught by the introspection tool's filter */
     uint64_t reserved[3];
 };
 

@@ -22,7 +22,11 @@ def _vcpus(header, plan: dict) -> range:
 
 def exit_stats(mem, plan: dict, header) -> dict[int, dict[str, int]]:
     """Per vCPU: MSR exits answered by the policy, by the VMM, #GP, carried out as KVM would,
-    sent to the introspection tool."""
+    and `tool`: guest writes caught by the introspection tool's filter (docs/introspection.md §3,
+    "When control starts").  `tool` counts writes offered to the session, not MSR events
+    sent: a write that does not change the value sends none (KVMI's rule), nor does one caught
+    between the shim's filter taking the MSR and the tool's VCPU_CONTROL_MSR being answered;
+    the session's own count of events sent is `WrapBackend.msr_events`."""
     out = {}
     size = C.sizeof(layout.ShimStats)
     for i in _vcpus(header, plan):

@@ -220,6 +220,9 @@ def test_wrap_introspect_bench(tmp_path):
     assert res["rounds"] == 7 and res["writes"] == 100
     ex = res["last_round_exits"]
     assert ex["policy"]["policy"] == 101 and ex["policy"]["tool"] == 0
-    assert ex["event"]["tool"] == ex["event"]["events"] == 101
+    # 100 timed writes + the sync write the tool reverted; the shim's `tool` counter also
+    # counts writes caught before the tool's VCPU_CONTROL_MSR was answered (no event for those,
+    # docs/introspection.md §3 "When control starts"): seen 116 on a loaded machine
+    assert ex["event"]["events"] == 101 and ex["event"]["tool"] >= 101
     assert res["policy_cycles_per_write"] > 0 and res["event_cycles_per_write"] > 0
     assert len(res["load_average"]) == 2
