@@ -275,6 +275,33 @@ def test_logged_actions_are_recorded_and_unlogged_ones_counted():
         ("0x1a0", "deny", "#GP"): 1, ("0x4b564d00", "deny", "#GP"): 1}
 
 
+def test_a_wide_range_rule_answers_every_msr_it_covers():
+    """A rule over more than ActionTable.SHORT MSRs is kept as a span, not per MSR: the handler
+    must find it for an MSR in the middle and at both ends, and not past them."""
+    h, _ = handler_for(ALLOW + "[[rule]]\nmsr=0x10\naction='constant'\nvalue=1\n"
+                       "[[rule]]\nrange=[0x40000000, 0x400000ff]\naction='constant'\nvalue=7\n")
+    for msr in (0x40000000, 0x40000080, 0x400000FF):
+        assert h(Exit(msr, False)) == 7
+        assert h(Exit(msr, True, 1)) is None               # a constant drops writes
+    assert h(Exit(0x10, False)) == 1
+    assert h(Exit(0x40000100, False)) is InjectGP          # no action: the filter's own #GP
+
+
+def test_a_record_whose_registers_cannot_be_read_has_no_rip():
+    """exit.regs() failing (KVM_GET_REGS refused) must not lose the record: rip is null."""
+    from kvmgate.errors import KvmError
+
+    class NoRegs(Exit):
+        def regs(self):
+            raise KvmError(5, "KVM_GET_REGS", "vcpu0")
+
+    buf = io.StringIO()
+    h, _ = handler_for("[policy]\ndefault='deny'\n", AuditLog(buf, clock=lambda: 5.0))
+    assert h(NoRegs(0x1A0, False)) is InjectGP
+    (rec,) = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert rec["rip"] is None and rec["msr"] == "0x1a0" and rec["result"] == "#GP"
+
+
 # ---- the result text each action gives the audit log ---------------------------------------
 
 PERFORM_POLICY = (ALLOW + "[[rule]]\nmsr=0x20\naction='ignore'\n"
