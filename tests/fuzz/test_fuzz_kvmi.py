@@ -6,8 +6,8 @@ The only allowed outcomes are success (a reply whose framing and error code are 
 reply while kvmi-v7 replies are off) or the project's own ProtocolError (the connection would
 close).  Any other exception, a handler error caught by the server's safety net, or a reply
 that is not a well-formed answer to the message fails.  Fixed seed and a small budget in CI;
-KVMGATE_SLOW=1 runs 20,000 byte strings and 7,000 streams of up to 8 structured messages per
-ABI (54,000 inputs, over 50,000 decoded messages).  Counts go to the summary.
+KVMGATE_SLOW=1 runs 50,000 byte strings and 10,000 streams of up to 8 structured messages per
+ABI (at least 50,000 inputs of each kind per ABI).  Counts go to the summary.
 """
 import os
 import socket
@@ -25,8 +25,8 @@ from kvmgate.introspection.server import IntrospectionServer
 from ..introspection_fake import FakeBackend
 
 SLOW = os.environ.get("KVMGATE_SLOW") == "1"
-EXAMPLES = 20000 if SLOW else 300          # byte strings per ABI
-STREAMS = 7000 if SLOW else 100            # structured streams per ABI, up to 8 messages each
+EXAMPLES = 50000 if SLOW else 300          # byte strings per ABI
+STREAMS = 10000 if SLOW else 100           # structured streams per ABI, up to 8 messages each
 HDR = struct.Struct("<HHI")                 # {u16 id; u16 size; u32 seq}
 ERRC = struct.Struct("<iI")                 # {s32 err; u32 padding}
 KVM_ERRORS = {0, -1, -2, -7, -11, -12, -14, -16, -22, -95, -1000}
