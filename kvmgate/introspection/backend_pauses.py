@@ -41,7 +41,11 @@ class Pauses:
         return 0
 
     def _on_kick(self, vid: int) -> None:
-        """A Machine kick hook: on vCPU `vid`'s thread after each kick (KVM_RUN returned EINTR)."""
+        """A Machine kick hook: on vCPU `vid`'s thread after each kick (KVM_RUN returned EINTR)
+        and before its first KVM_RUN of a run.  The latter sends the PAUSE events of a vCPU
+        paused while its thread did not run before it executes any guest instruction, as
+        KVMI does, even when the worker's hold (_pause_parked) has not begun yet: the tool's
+        pause-all of a VM about to start must not let its vCPUs run first."""
         self._kicked[vid].set()
         if self._injections:
             self._take_injection(vid)

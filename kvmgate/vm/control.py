@@ -50,7 +50,9 @@ class VcpuControl:
     """Thread controls of a Machine (`self._threads`: a vm.threads.VcpuThreads)."""
 
     def add_kick_hook(self, fn: Callable[[int], None]) -> Callable[[int], None]:
-        """fn(vcpu index), called on that vCPU's thread after each kick(); several may be added."""
+        """fn(vcpu index), called on that vCPU's thread after each kick() and once before its
+        first KVM_RUN of each run (work queued while it did not run is done before any guest
+        instruction); several may be added."""
         return self._threads.add_kick_hook(fn)
 
     def remove_kick_hook(self, fn: Callable[[int], None]) -> None:

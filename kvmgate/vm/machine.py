@@ -227,6 +227,7 @@ class Machine(Configuration, Extensions, VcpuControl):
         threads = self._threads
         threads.enter(st)
         try:
+            threads.started(st)
             run_vcpu(st, cx)
         except BaseException as e:  # noqa: BLE001 - carried to run()'s caller
             st.error = e

@@ -71,7 +71,9 @@ class VcpuState:
 class VcpuThreads:
     """The threads of a run and the kick/park/quiesce/stop protocol between them.
 
-    `kick_hooks`: fn(vcpu index) called on a vCPU's own thread after each kick
+    `kick_hooks`: fn(vcpu index) called on a vCPU's own thread after each kick, and once
+    before its first KVM_RUN of a run (`started`), so work queued for a vCPU whose thread was
+    not running (an introspection tool's VM_PAUSE_VCPU) is done before it runs guest code
     (add_kick_hook / remove_kick_hook; several at once)."""
 
     def __init__(self, states: list[VcpuState]):
@@ -125,6 +127,12 @@ class VcpuThreads:
                 st.parked = True
                 self._await_pause_end()
                 st.parked = False
+
+    def started(self, st: VcpuState) -> None:
+        """On the vCPU's own thread after enter(), before its first KVM_RUN: the kick hooks,
+        as after a kick (a hook that finds nothing to do returns at once)."""
+        for hook in self._kick_hooks:
+            hook(st.index)
 
     def leave(self, st: VcpuState) -> None:
         with self._park:

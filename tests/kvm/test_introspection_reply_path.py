@@ -171,3 +171,50 @@ def test_pause_all_before_run_then_control_msr_then_reply():
     assert order == [(ids.VCPU_EVENT_PAUSE, 0), (ids.VCPU_EVENT_PAUSE, 1),
                      (ids.VCPU_EVENT_MSR, 0, FIRST)]
     assert r.vcpus[0].regs.rbx == SECOND
+
+
+def test_a_vcpu_paused_before_run_sends_its_pause_event_before_any_guest_instruction():
+    """VM_PAUSE_VCPU on a vCPU whose thread does not run yet: its PAUSE event must come before
+    the vCPU executes anything (KVMI's rule), even when the worker that sends the PAUSE events
+    of stopped vCPUs is late.  The worker is made late here on purpose (it waits until the
+    run has started), which is what a loaded machine did once: the guest then ran to HLT first
+    and the tool's MSR control came too late (seen in a stress round)."""
+    guest = f"""
+        mov ecx, {LSTAR:#x}
+        mov edx, {FIRST >> 32:#x}
+        mov eax, {FIRST & 0xFFFFFFFF:#x}
+        wrmsr
+        hlt"""
+    with Machine(guest) as m:
+        m.reset()
+        entry = m.vcpus[0].get_regs().rip
+        intro, c = hook(m, commands=[-1], events=[ids.VCPU_EVENT_PAUSE, ids.VCPU_EVENT_MSR])
+        backend = intro.backend
+        late = backend._pause_parked
+
+        def pause_parked_late(vid, ready):
+            if ready is not None:
+                ready.set()                  # VM_PAUSE_VCPU's reply goes out now
+            m.wait_running(HANG)             # ... but the worker acts only once the run began
+            late(vid, None)
+
+        backend._pause_parked = pause_parked_late
+        with c:
+            c.pause_vcpu(0)
+            seen = []
+
+            def tool():
+                ev = c.next_event()
+                seen.append((ev.event, p.Regs.unpack(ev.state.regs).rip))
+                watch(c)                     # control LSTAR while the vCPU is paused
+                ev.reply(CONTINUE)
+                ev = c.next_event()
+                seen.append((ev.event, ev.new))
+                ev.reply_msr(SECOND)
+
+            t = Spawn(tool)
+            m.run(timeout=HANG)
+            t.result()
+        lstar = m.vcpus[0].get_msrs([LSTAR])[LSTAR]
+    assert seen == [(ids.VCPU_EVENT_PAUSE, entry), (ids.VCPU_EVENT_MSR, FIRST)]
+    assert lstar == SECOND
