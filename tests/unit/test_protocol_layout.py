@@ -163,7 +163,7 @@ def test_reader_take_completes_the_buffered_message_not_the_new_bytes():
 
 def test_reader_take_refuses_an_oversized_message_even_when_whole():
     r = p.Reader(max_size=16)
-    with pytest.raises(p.ProtocolError, match=r"size 17 > 16$"):
+    with pytest.raises(p.ProtocolError, match=r"^VM_CHECK_COMMAND: size 17 > 16$"):
         r.take(struct.pack("<HHI", 4, 17, 1) + bytes(17))
     assert p.Reader(max_size=16).take(struct.pack("<HHI", 4, 16, 1) + bytes(16)) == \
         p.Message(4, 1, bytes(16))
