@@ -121,6 +121,8 @@ def test_add_counts_adds_to_the_summary_and_the_suppressed_total():
     assert [(r["msr"], r["access"], r["count"], r["unlogged"]) for r in audit.summary()] == \
         [("0x10", "read", 8, 3), ("0x10", "write", 1, 0)]
     assert audit.suppressed == 3
+    audit.add_counts([(0x11, False, "deny", "#GP", 1, 0)])      # none suppressed by default
+    assert audit.suppressed == 3
 
 
 def test_owed_suppressed_counts_are_written_at_close_once():
@@ -331,3 +333,49 @@ def test_a_fifo_gets_whole_lines_and_a_short_write_there_counts_nothing(tmp_path
 def test_a_bad_failure_mode_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^on_failure='sometimes': one of \('stop', 'warn'\)$"):
         AuditLog(None, on_failure="sometimes")
+
+
+def test_a_short_write_keeps_every_whole_line_before_the_cut(tmp_path, file_size_limit):
+    """Room for 2.5 of 4 lines: the two whole lines stay (cut back to the last newline
+    written, not the first), the half line goes."""
+    line = len(lines_of(1))
+    path = tmp_path / "a.jsonl"
+    audit = AuditLog(path, on_failure="warn", warn=lambda m: None)
+    file_size_limit(2 * line + line // 2)
+    try:
+        done = audit.write_lines(lines_of(4), 4)
+    finally:
+        file_size_limit(1 << 40)
+    assert done == 2 and audit.written == 2 and audit.failed == 2
+    assert path.read_bytes() == lines_of(4)[:2 * line]
+    audit.close()
+
+
+def test_a_log_that_gets_descriptor_0_works(tmp_path):
+    """A daemon started with stdin closed: the log's open(2) returns 0, which is a descriptor
+    like any other (the closed log is -1)."""
+    import os
+    saved = os.dup(0)
+    path = tmp_path / "a.jsonl"
+    try:
+        os.close(0)
+        audit = AuditLog(path, rate=1e6, burst=10)
+        assert not audit.closed
+        assert audit.write_lines(lines_of(2), 2) == 2
+        os.rename(path, tmp_path / "a.jsonl.1")  # logrotate moves it away, then reopen
+        audit.reopen()
+        assert audit.record(vcpu=0, rip=None, index=0x10, write=False, value=0, reason=4,
+                            action="deny", result="#GP")
+        audit.owe(0x10, False, 3)
+        audit.close()
+        assert audit.closed
+        reopened = os.open(os.devnull, os.O_RDONLY)      # fd 0 is free again after close()
+        os.close(reopened)
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+    assert reopened == 0
+    assert (tmp_path / "a.jsonl.1").read_bytes() == lines_of(2)
+    recs = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert [(r["msr"], r.get("result"), r.get("suppressed")) for r in recs] == \
+        [("0x10", "#GP", None), ("0x10", None, 3)]
