@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -289,37 +291,52 @@ class Qmp:
 
 def test_monitor_stop_cont_reset_quit_while_the_policy_answers(tmp_path):
     """The guest spins on an MSR the shim answers (never returning to QEMU): QEMU's kicks
-    still get its vCPUs out for stop, cont, system_reset (the guest starts again) and quit."""
+    still get its vCPUs out for stop, cont, system_reset (the guest starts again) and quit.
+    Each step waits until the shim has answered the spin (the decision counter on the metrics
+    port rises): a "W" on the serial port alone does not say the vCPU got that far."""
+    from .test_wrap_metrics import Lines, decisions, scrape
     elf = pvhguest.build([(0x40001234, 0, 0)], tmp_path, vcpus=2, wait=2)
     pol = policy(tmp_path, '[policy]\ndefault = "allow"\n[[rule]]\nmsr = 0x40001234\n'
                            'access = "read"\naction = "constant"\nlog = false\nvalue = 1\n')
     sock = tmp_path / "qmp.sock"
     argv = [a for a in pvhguest.qemu_argv(elf, 2) if a != "-no-reboot"]   # reset = reboot
     argv += ["-qmp", f"unix:{sock},server=on,wait=off"]
-    proc = subprocess.Popen(wrap_argv("--policy", str(pol), "--json") + argv, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
+    proc = subprocess.Popen(wrap_argv("--policy", str(pol), "--metrics-port", "0", "--json") + argv,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = Lines(proc)
+
+    def answered_more_than(url, n):
+        deadline = time.monotonic() + TIMEOUT
+        while (got := decisions(scrape(url))) <= n:
+            assert time.monotonic() < deadline, f"the shim answered no spin: {''.join(lines.seen)}"
+            time.sleep(0.01)
+        return got
+
     qmp = None
     try:
-        _until(proc.stdout, "W", lines)
+        url = re.search(r"(http://\S+/metrics)", lines.wait("stderr", "metrics on")).group(1)
+        lines.wait("stdout", "W")
+        answered_more_than(url, 0)
         qmp = Qmp(sock)
         qmp("stop")
         assert qmp("query-status")["status"] == "paused"
         qmp("cont")
         assert qmp("query-status")["status"] == "running"
+        before = answered_more_than(url, 0)
         qmp("system_reset")
-        _until(proc.stdout, "W", lines)              # the guest booted again and spins again
+        lines.wait("stdout", "W")                    # the guest booted again and spins again
+        answered_more_than(url, before)
         qmp("quit")
-        _, err = proc.communicate(timeout=TIMEOUT)
+        proc.wait(timeout=TIMEOUT)
+        summary = json.loads(lines.wait("stderr", r'^\{.*"exits"'))
     finally:
         if qmp is not None:
             qmp.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    assert proc.returncode == 0, err
-    summary = json.loads(err.strip().splitlines()[-1])
-    assert summary["exits"]["policy"] > 0
+    assert proc.returncode == 0, "".join(lines.seen)
+    assert summary["exits"]["policy"] > before
 
 
 def test_learn_on_qemu_then_the_learned_policy_changes_nothing(tmp_path, basic_guest, unwrapped):
