@@ -47,6 +47,10 @@ def cp():
                        "handled_by": "user space: ignore", "logged": False, "rule": "p.toml:11 (rule 3)"}),
     (0x830, WRITE, H, {"filter": "allow (x2APIC: never filtered)", "outcome": "kernel",
                        "handled_by": "kernel", "logged": False, "rule": ""}),
+    (0x800, READ, H, {"filter": "allow (x2APIC: never filtered)", "outcome": "kernel"}),
+    (0x8FF, READ, H, {"filter": "allow (x2APIC: never filtered)", "outcome": "kernel"}),
+    (0x7FF, READ, H, {"filter": "deny (default)", "outcome": "exit(FILTER)"}),   # just outside
+    (0x900, READ, H, {"filter": "deny (default)", "outcome": "exit(FILTER)"}),
     (0x12345678, READ, H, {"filter": "deny (default)", "outcome": "exit(FILTER)",
                            "handled_by": "user space: deny", "logged": True, "rule": "[policy] default"}),
 ])
@@ -64,8 +68,8 @@ def test_explain_names_the_msr(cp):
 def test_explain_without_exits_is_a_plain_gp():
     cp = compile_policy(parse_policy("[policy]\ndefault='deny'\nlog=false\n[[rule]]\nmsr=0x10\naction='allow'\n"))
     row = cp.explain(0x11, WRITE)
-    assert (row["filter"], row["outcome"], row["handled_by"], row["logged"]) == \
-        ("deny (default)", "#GP(FILTER)", "gp", False)
+    assert (row["filter"], row["outcome"], row["handled_by"], row["logged"], row["rule"]) == \
+        ("deny (default)", "#GP(FILTER)", "gp", False, "")       # the kernel's #GP: no rule runs
     assert cp.explain(0x10, WRITE)["filter"] == "allow (range 0)"    # only 0x10 needs a range
 
 

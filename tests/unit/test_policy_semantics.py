@@ -302,6 +302,29 @@ def test_a_record_whose_registers_cannot_be_read_has_no_rip():
     assert rec["rip"] is None and rec["msr"] == "0x1a0" and rec["result"] == "#GP"
 
 
+def test_bind_gives_the_filter_the_exit_mask_and_a_handler_that_carries_registers():
+    """CompiledPolicy.bind (what Machine.set_policy installs): the compiled filter and exit
+    mask, a handler for this policy, and the emulated registers, carried into the next bind
+    only when given as `carry`; Policy.bind compiles first."""
+    Exit.machine = FakeMachine()
+    text = ALLOW + "[[rule]]\nmsr=0x10\naction='emulate'\ninitial=4\nlog=true\n"
+    cp = compiled(text)
+    b = cp.bind(None)
+    assert b.filter is cp.filter and b.exit_mask == cp.exit_mask and b.policy is cp
+    assert b.handler(Exit(0x10, True, 9)) is None
+    assert cp.bind(None, carry=b.carry).handler(Exit(0x10, False)) == 9     # carried over
+    assert cp.bind(None).handler(Exit(0x10, False)) == 4                   # a fresh start
+    assert cp.bind(None, carry="not registers").handler(Exit(0x10, False)) == 4
+    buf = io.StringIO()
+    logged = cp.bind(None, AuditLog(buf, clock=lambda: 5.0))
+    assert logged.handler(Exit(0x10, False)) == 4
+    (rec,) = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert (rec["msr"], rec["action"], rec["result"]) == ("0x10", "emulate", "read 0x4")
+    pb = parse_policy(text, "p.toml").bind(None)
+    assert pb.exit_mask == cp.exit_mask and pb.filter.ranges == cp.filter.ranges
+    assert pb.handler(Exit(0x10, False)) == 4
+
+
 # ---- the result text each action gives the audit log ---------------------------------------
 
 PERFORM_POLICY = (ALLOW + "[[rule]]\nmsr=0x20\naction='ignore'\n"
