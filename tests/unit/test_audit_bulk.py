@@ -379,3 +379,17 @@ def test_a_log_that_gets_descriptor_0_works(tmp_path):
     recs = [json.loads(x) for x in path.read_bytes().splitlines()]
     assert [(r["msr"], r.get("result"), r.get("suppressed")) for r in recs] == \
         [("0x10", "#GP", None), ("0x10", None, 3)]
+
+
+def test_a_stream_error_keeps_its_own_errno():
+    """A stream's OSError says why (ENOSPC here, not the EIO fallback of errors without one)."""
+    import errno
+
+    class Full(io.StringIO):
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(AuditFailure) as ei:
+        AuditLog(Full()).write_lines(lines_of(1), 1)
+    assert ei.value.errno == errno.ENOSPC
+    assert str(ei.value).startswith("[Errno 28] audit log stream: write failed: [Errno 28] No space")
