@@ -216,3 +216,15 @@ def test_policy_modules_import_in_one_direction():
 
     for mod in graph:
         visit(mod, [])
+
+
+def test_overlapping_agreeing_rules_give_one_row_per_deciding_rule():
+    """Rule 2 overlaps the end of rule 1 and agrees with it: rule 2 (the last listed) decides
+    0x1800-0x2fff, one row per direction even though rule 1 ends inside it (the segment is not
+    split where the other rule ends)."""
+    cp = compile_policy(parse_policy("[policy]\ndefault='allow'\n"
+                                     "[[rule]]\nrange=[0x1000, 0x1fff]\naction='ignore'\n"
+                                     "[[rule]]\nrange=[0x1800, 0x2fff]\naction='ignore'\n", "p.toml"))
+    rows = [(lo, hi, write, act.rule) for lo, hi, write, act in cp.actions.rows()]
+    assert rows == [(0x1000, 0x17FF, False, "p.toml:3 (rule 1)"), (0x1000, 0x17FF, True, "p.toml:3 (rule 1)"),
+                    (0x1800, 0x2FFF, False, "p.toml:6 (rule 2)"), (0x1800, 0x2FFF, True, "p.toml:6 (rule 2)")]
