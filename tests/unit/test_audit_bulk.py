@@ -353,32 +353,42 @@ def test_a_short_write_keeps_every_whole_line_before_the_cut(tmp_path, file_size
 
 def test_a_log_that_gets_descriptor_0_works(tmp_path):
     """A daemon started with stdin closed: the log's open(2) returns 0, which is a descriptor
-    like any other (the closed log is -1)."""
+    like any other (the closed log is -1): records, batches, the owed counts at close, a
+    reopen after logrotate moved the file."""
     import os
+
+    def record(audit):
+        return audit.record(vcpu=0, rip=None, index=0x10, write=False, value=0, reason=4,
+                            action="deny", result="#GP")
+
     saved = os.dup(0)
-    path = tmp_path / "a.jsonl"
+    path, rotated = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     try:
         os.close(0)
         audit = AuditLog(path, rate=1e6, burst=10)
         assert not audit.closed
         assert audit.write_lines(lines_of(2), 2) == 2
-        os.rename(path, tmp_path / "a.jsonl.1")  # logrotate moves it away, then reopen
-        audit.reopen()
-        assert audit.record(vcpu=0, rip=None, index=0x10, write=False, value=0, reason=4,
-                            action="deny", result="#GP")
+        assert record(audit)                         # on descriptor 0
         audit.owe(0x10, False, 3)
-        audit.close()
+        audit.close()                                # the owed count, then descriptor 0 closed
         assert audit.closed
-        reopened = os.open(os.devnull, os.O_RDONLY)      # fd 0 is free again after close()
-        os.close(reopened)
+        free = os.open(os.devnull, os.O_RDONLY)      # so 0 is free again
+        os.close(free)
+        log = AuditLog(rotated, rate=1e6, burst=10)  # descriptor 0 again
+        os.rename(rotated, tmp_path / "b.jsonl.1")   # logrotate moves it away, then reopen
+        log.reopen()
+        assert record(log)
+        log.close()
     finally:
         os.dup2(saved, 0)
         os.close(saved)
-    assert reopened == 0
-    assert (tmp_path / "a.jsonl.1").read_bytes() == lines_of(2)
+    assert free == 0
     recs = [json.loads(x) for x in path.read_bytes().splitlines()]
-    assert [(r["msr"], r.get("result"), r.get("suppressed")) for r in recs] == \
+    assert [r.get("n") for r in recs[:2]] == [0, 1]
+    assert [(r["msr"], r.get("result"), r.get("suppressed")) for r in recs[2:]] == \
         [("0x10", "#GP", None), ("0x10", None, 3)]
+    assert (tmp_path / "b.jsonl.1").read_bytes() == b""
+    assert [json.loads(x)["result"] for x in rotated.read_bytes().splitlines()] == ["#GP"]
 
 
 def test_a_stream_error_keeps_its_own_errno():
