@@ -44,7 +44,7 @@ def test_domain_under_policy_audit_destroy_restart_reload(world):
     before = len(log_text(f))
     virsh("start", name)
     wait_for(lambda: f["serial"].exists() and "W" in f["serial"].read_text(), "the guest to spin")
-    assert "active in VMM" in log_text(f)[before:]
+    wait_for(lambda: "active in VMM" in log_text(f)[before:], "the shim's line (via virtlogd)")
     virsh("destroy", name)                                      # destroy and start again
     before = len(log_text(f))
     f["serial"].unlink()
