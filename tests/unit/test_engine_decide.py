@@ -5,15 +5,24 @@ import time
 
 import pytest
 
-from kvmgate.engine import Engine, Ring, State, decode, verdict
-from kvmgate.engine import binding, ring as ring_mod
-from kvmgate.engine.binding import (DF_LOG, DF_WOULD_DENY, RES_DROPPED, RES_GP, RES_HOST,
-                                    RES_VALUE, RES_WRITTEN)
+from kvmgate.engine import Engine, Ring, State, binding, decode, verdict
+from kvmgate.engine import ring as ring_mod
+from kvmgate.engine.binding import (
+    DF_LOG,
+    DF_STATE_FULL,
+    DF_WOULD_DENY,
+    RES_DROPPED,
+    RES_GP,
+    RES_HOST,
+    RES_VALUE,
+    RES_WRITTEN,
+)
+from kvmgate.engine.table import read_table
 from kvmgate.policy import compile_policy, parse_policy
 
 from ..engine_policies import require_engine
-
 from .test_engine_table import POLICY
+
 
 @pytest.fixture(autouse=True)
 def _engine_built():
@@ -123,3 +132,65 @@ def test_decode_names_unknown_codes_without_failing():
     raw = ring_mod.RECORD.pack(0, 0, 0, 0, 1, 0, 99, 4, 42, 9, 0)
     rec = decode(raw, ())[0]
     assert rec.fields["action"] == "action(42)" and rec.fields["rule"] == ""
+
+
+def test_emulated_registers_that_collide_in_the_state_keep_their_own_values():
+    """kg_state is open addressing with linear probing from slot index * 0x9E3779B1 mod slots:
+    with 8 slots, MSRs 8 apart share a home slot and form one probe chain, which a write and
+    the later read must walk the same way (with free slots left, a read that walked another
+    way would stop at a free slot and answer the initial value)."""
+    cp8 = compile_policy(parse_policy("""
+[policy]
+name = "c"
+default = "deny"
+[[rule]]
+range = [0x40000000, 0x40000040]
+action = "emulate"
+initial = 0x77
+""", "c.toml"))
+    st = State(slots=8)
+    e = Engine(cp8, state=st)
+    msrs = [0x40000000 + 8 * i for i in range(9)]
+    for i, m in enumerate(msrs[:3]):
+        assert e.decide(m, True, FILTER, 0x100 + i).result == RES_WRITTEN
+    for i, m in enumerate(msrs[:3]):
+        assert e.decide(m, False, FILTER)[:2] == (RES_VALUE, 0x100 + i)
+        assert st.get(m) == 0x100 + i
+    assert e.decide(msrs[1], True, FILTER, 0x555).result == RES_WRITTEN    # rewrite in place
+    assert [st.get(m) for m in msrs[:3]] == [0x100, 0x555, 0x102]
+    assert st.get(msrs[3]) is None and e.decide(msrs[3], False, FILTER)[:2] == (RES_VALUE, 0x77)
+    # fill the other five slots; a ninth register finds none: #GP, flagged, the rest untouched
+    for i, m in enumerate(msrs[3:8], 3):
+        assert e.decide(m, True, FILTER, 0x100 + i).result == RES_WRITTEN
+    d = e.decide(msrs[8], True, FILTER, 1)
+    assert (d.result, d.action, d.flags & DF_STATE_FULL) == (RES_GP, "emulate", DF_STATE_FULL)
+    assert e.decide(msrs[8], False, FILTER)[:2] == (RES_VALUE, 0x77)
+    assert [st.get(m) for m in msrs[:8]] == [0x100, 0x555] + [0x100 + i for i in range(2, 8)]
+
+
+def test_each_emulate_rule_checks_against_its_own_allowed_values():
+    """Two emulate rules: the second rule's allowed values sit after the first's in the table
+    (a non-zero offset into the allowed section)."""
+    two = compile_policy(parse_policy("""
+[policy]
+name = "two"
+default = "deny"
+[[rule]]
+msr = 0x40000000
+action = "emulate"
+allowed = [1, 2]
+initial = 1
+[[rule]]
+msr = 0x40000001
+action = "emulate"
+allowed = [10, 20, 30]
+initial = 10
+""", "two.toml"))
+    e = Engine(two)
+    assert sorted(a[5:] for a in read_table(e.table.data).actions if a[6]) == [(0, 2), (2, 3)]
+    for m, ok, bad in ((0x40000000, (1, 2), (10, 20, 30, 3)),
+                       (0x40000001, (10, 20, 30), (1, 2, 0, 31))):
+        for x in ok:
+            assert e.decide(m, True, FILTER, x).result == RES_WRITTEN, (hex(m), x)
+        for x in bad:
+            assert e.decide(m, True, FILTER, x).result == RES_GP, (hex(m), x)

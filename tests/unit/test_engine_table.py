@@ -5,12 +5,11 @@ import zlib
 import pytest
 
 from kvmgate.engine import EngineTableError, build_table, read_table
-from kvmgate.engine.table import CHECKSUM_AT, KINDS, MAX_EMULATED, NONE
 from kvmgate.engine.binding import native
+from kvmgate.engine.table import CHECKSUM_AT, KINDS, MAX_EMULATED, NONE
 from kvmgate.policy import compile_policy, parse_policy
 
 from ..engine_policies import require_engine
-
 
 POLICY = """
 [policy]
@@ -143,6 +142,14 @@ def test_c_validator_accepts_built_tables_and_names_each_defect():
     s0, s1 = b[spans_at:spans_at + 16], b[spans_at + 16:spans_at + 32]
     b[spans_at:spans_at + 32] = s1 + s0
     assert native().validate(fixed(b)) == -8
+    # span boundaries, exactly: action == nactions is one past the end; a span that starts on
+    # the previous span's last MSR overlaps it by one; starting one after it is fine
+    assert native().validate(with_field("<I", spans_at + 8, len(v.actions))) == -8
+    assert native().validate(with_field("<I", spans_at + 8, len(v.actions) - 1)) == 0
+    (_lo0, hi0, _a0), (lo1, hi1, _a1) = v.reads[:2]
+    assert hi0 + 1 < lo1 <= hi1                              # the layout the next lines assume
+    assert native().validate(with_field("<I", spans_at + 16, hi0)) == -8
+    assert native().validate(with_field("<I", spans_at + 16, hi0 + 1)) == 0
     # the allowed slice out of order
     b = bytearray(good)
     at = len(good) - 8 * len(v.allowed)
