@@ -188,3 +188,39 @@ def test_audit_mode_replays_as_enforce_mode(mode):
     cp = compile_policy(parse_policy(AUDITED, "audited.toml"))
     got = {key: [replay_verdict(cp, *key, k, mode=mode) for k in KernelMsr] for key in AUDITED_TABLE}
     assert got == AUDITED_TABLE
+
+
+PY_VERDICTS = """
+[policy]
+default = 'deny'
+[[rule]]
+msr = 0x40000001
+action = 'emulate'
+allowed = [5]
+initial = 1
+[[rule]]
+msr = 0x40000002
+action = 'ignore'
+[[rule]]
+msr = 0x40000003
+action = 'constant'
+value = 9
+"""
+
+
+@pytest.mark.parametrize("index,write,data,want", [
+    (0x40000001, True, 5, ("emulate", "written", 0)),       # an allowed value is stored
+    (0x40000001, True, 6, ("emulate", "#GP", 0)),
+    (0x40000001, False, 0, ("emulate", "value", 1)),        # the initial value
+    (0x40000002, True, 7, ("ignore", "dropped", 0)),
+    (0x40000002, False, 0, ("ignore", "value", 0)),
+    (0x40000003, True, 7, ("constant", "dropped", 0)),      # writes = 'ignore' (the default)
+    (0x40000003, False, 0, ("constant", "value", 9)),
+    (0x40000004, True, 7, ("deny", "#GP", 0)),
+])
+def test_python_verdicts_by_hand(index, write, data, want):
+    """The Python path's verdicts (no C engine), against expectations read off the policy."""
+    from kvmgate.engine.verdict import python_verdict
+    cp = compile_policy(parse_policy(PY_VERDICTS, "p.toml"))
+    v = python_verdict(cp, index, write, 4, data)
+    assert (v.action, v.result, v.value) == want
