@@ -228,3 +228,50 @@ def test_overlapping_agreeing_rules_give_one_row_per_deciding_rule():
     rows = [(lo, hi, write, act.rule) for lo, hi, write, act in cp.actions.rows()]
     assert rows == [(0x1000, 0x17FF, False, "p.toml:3 (rule 1)"), (0x1000, 0x17FF, True, "p.toml:3 (rule 1)"),
                     (0x1800, 0x2FFF, False, "p.toml:6 (rule 2)"), (0x1800, 0x2FFF, True, "p.toml:6 (rule 2)")]
+
+
+X2APIC_RULES = """
+[policy]
+default = "allow"
+x2apic = "warn"
+[[rule]]
+range = [0x800, 0x87f]
+access = "read"
+action = "deny"
+[[rule]]
+range = [0x800, 0x80f]
+access = "write"
+action = "deny"
+[[rule]]
+msr = 0x8f0
+action = "deny"
+[[rule]]
+msr = 0x8f8
+action = "deny"
+"""
+
+
+def test_x2apic_notes_one_per_rule_and_segment_in_msr_then_access_order():
+    """Hand-written expectation: read before write at the same first MSR (not the shorter
+    segment first), a rule over both directions noted once, and every rule after it still noted;
+    each note is a PolicyWarning."""
+    from kvmgate.policy.compile import PolicyWarning
+    policy = parse_policy(X2APIC_RULES, "x.toml")
+    with pytest.warns(PolicyWarning) as rec:
+        cp = compile_policy(policy)
+    assert cp.policy is policy
+    notes = [n for n in cp.warnings if "x2APIC" in n]
+    assert len(notes) == 4 and len(rec) >= 4
+    assert all(issubclass(w.category, PolicyWarning) for w in rec)
+    assert "0x800..0x87f are x2APIC MSRs" in notes[0] and "rule 1" in notes[0]
+    assert "0x800..0x80f are x2APIC MSRs" in notes[1] and "rule 2" in notes[1]
+    assert "0x8f0" in notes[2] and "is an x2APIC MSR" in notes[2] and "rule 3" in notes[2]
+    assert "0x8f8" in notes[3] and "is an x2APIC MSR" in notes[3] and "rule 4" in notes[3]
+
+
+def test_reliance_on_unknown_exits_under_ignore_msrs_names_the_unknown_table():
+    policy = parse_policy('[policy]\ndefault = "allow"\n[unknown]\naction = "ignore"\n', "u.toml")
+    with pytest.raises(PolicyError) as e:
+        compile_policy(policy, host_ignore_msrs=True)
+    assert e.value.where == "u.toml [unknown]"
+    assert "kvm.ignore_msrs=Y" in e.value.what and 'host_ignore_msrs = "warn"' in e.value.what
