@@ -258,7 +258,10 @@ class Wrap(VmmChannel, ToolHookup):
             return False
         self._rules = c.table.rules          # a superset: old rule ids keep their meaning
         seq = self._write_mailbox(c)
-        os.write(self.ctl_w, b"R")
+        try:
+            os.write(self.ctl_w, b"R")
+        except BrokenPipeError:
+            pass                             # the VMM is gone: the wait below sees it
         with self._cv:
             ok = self._cv.wait_for(lambda: seq in self._replies or self._vmm_gone, RELOAD_TIMEOUT)
             why = self._replies.pop(seq, None)
@@ -286,6 +289,10 @@ class Wrap(VmmChannel, ToolHookup):
         self._done.set()
         self._reload_wanted.set()
         self._threads[0].join(timeout=5)      # the status pipe closes with the VMM
+        # a reload in flight when the VMM exited: the VMM may have applied it (the guest saw the
+        # new policy) without saying so; wait for the controller to settle and report it before
+        # the exit summary, or an applied reload would go unreported (stress round, session 6)
+        self._threads[2].join(timeout=RELOAD_TIMEOUT + 5)
         self._unhook_tool()
         self.drain()
         self.collect_counts()
