@@ -83,6 +83,8 @@ def test_verdict_labels(cp):
     assert verdict(cp, 0x36, False, FILTER).label == "constant"
     assert verdict(cp, 0x99999, True, FILTER).label == "deny"            # default deny
     assert verdict(cp, 0x5555, True, INVAL).label == "deny"              # no action
+    assert verdict(cp, 0xC0000082, True, FILTER).result == "#GP"      # data defaults to 0: not allowed
+    assert verdict(cp, 0xC0000082, True, FILTER, 1).result == "written"
     v = verdict(cp, 0xC0000082, True, FILTER, 4)
     assert (v.result, v.label, v.value_dependent) == ("#GP", "emulate", True)
     assert verdict(cp, 0x10, True, FILTER).result == "host"
@@ -194,3 +196,21 @@ initial = 10
             assert e.decide(m, True, FILTER, x).result == RES_WRITTEN, (hex(m), x)
         for x in bad:
             assert e.decide(m, True, FILTER, x).result == RES_GP, (hex(m), x)
+
+
+def test_verdict_engine_cache_lets_a_dead_policy_go():
+    """`verdict` keeps one C engine per live CompiledPolicy; when the policy is collected its
+    engine and table go too (a long `trace replay` over many policies must not grow)."""
+    import gc
+    import importlib
+    verdict_mod = importlib.import_module("kvmgate.engine.verdict")
+    p = compile_policy(parse_policy(POLICY, "t.toml"))
+    key = id(p)
+    assert verdict_mod.verdict(p, 0x35, False, FILTER).value == 0x10001
+    assert key in verdict_mod._tables
+    first = verdict_mod._tables[key][2]
+    verdict_mod.verdict(p, 0x36, False, FILTER)
+    assert verdict_mod._tables[key][2] is first                    # reused, not rebuilt
+    del p
+    gc.collect()
+    assert key not in verdict_mod._tables
