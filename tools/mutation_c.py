@@ -31,6 +31,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mutation import repo_files      # tools/mutation.py: the repository's files, as git sees them
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "csrc/engine.c"
 # fastest first (pytest -x stops at the first failure)
@@ -39,8 +41,7 @@ TESTS = ["tests/unit/test_engine_decide.py", "tests/unit/test_engine_table.py",
          "tests/unit/test_policy_explain.py", "tests/differential/test_engine_verdicts.py",
          "tests/differential/test_engine_vs_handlers.py", "tests/kvm/test_engine_kvm.py",
          "tests/kvm/test_runloop_kvm.py"]
-# Validation-time helpers whose every mutant only changes error texts or the CRC (the
-# checksum tests catch those wholesale); --functions picks any function explicitly.
+# Functions whose every mutant only changes an error text; --functions picks any explicitly.
 SKIP = {"kg_strerror"}
 
 # (pattern, replacement) per operator; each match of a pattern in a body line is one mutant
@@ -122,13 +123,10 @@ def mutants(lines: list[str], names: list[str] | None) -> list[tuple[int, str, s
 
 
 def prepare(work: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for f in files:
-        src, dst = ROOT / f, work / f
-        if src.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+    for f in repo_files():
+        dst = work / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst)
 
 
 def run(work: Path, cmd: list[str], timeout: float) -> int:
@@ -150,7 +148,8 @@ def test_one(work: Path, original: list[str], mutant, tests: list[str]) -> str:
         if run(work, [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], 300) != 0:
             return "not compiled"
         rc = run(work, [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                        "-o", "addopts=", "--timeout=120", *tests], 900)
+                        "-o", "addopts=", "--timeout=120", "--timeout-method=thread",
+                        *tests], 900)
         return "survived" if rc == 0 else "killed"
     finally:
         (work / SOURCE).write_text("\n".join(original) + "\n")

@@ -1,9 +1,11 @@
 """tools/mutation_c.py's mutant generator (pure): which mutants it plants in C source, and
 that comments, strings and code outside function bodies are left alone."""
 import importlib.util
+import sys
 from pathlib import Path
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "mutation_c.py"
+sys.path.insert(0, str(TOOL.parent))     # as when run as a script: it imports tools/mutation.py
 spec = importlib.util.spec_from_file_location("mutation_c", TOOL)
 mc = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mc)
