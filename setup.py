@@ -11,8 +11,9 @@ CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off
 ENGINE = Extension(
     "kvmgate.engine._engine",
     sources=["csrc/engine.c", "csrc/runloop.c", "csrc/auditfmt.c", "csrc/engine_module.c",
-             "csrc/loop_module.c"],
-    depends=["csrc/engine.h", "csrc/runloop.h", "csrc/auditfmt.h", "csrc/pymodule.h"],
+             "csrc/loop_module.c", "csrc/kvmi_event.c", "csrc/event_module.c"],
+    depends=["csrc/engine.h", "csrc/runloop.h", "csrc/auditfmt.h", "csrc/pymodule.h",
+             "csrc/kvmi_event.h"],
     include_dirs=["csrc"],
     extra_compile_args=CFLAGS,
     optional=True,

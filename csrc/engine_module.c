@@ -423,6 +423,7 @@ PyMODINIT_FUNC PyInit__engine(void)
         return NULL;
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 || kg_py_add_types(m) < 0 ||
+        kg_py_add_event_types(m) < 0 ||
         PyModule_AddIntConstant(m, "API_VERSION", KG_API_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "TABLE_VERSION", KG_TABLE_VERSION) < 0) {
         Py_DECREF(m);

@@ -25,6 +25,7 @@
 #include <sys/ioctl.h>
 
 #include "auditfmt.h"
+#include "kvmi_event.h"
 #include "runloop.h"
 
 /* ---------------------------------------------------------------- Loop */
@@ -268,13 +269,22 @@ static PyTypeObject LoopType = {
  * exit, as the Python loop does); its answer applied in kvm_run: InjectGP (returned or raised)
  * or None for a read -> #GP (reply "gp"); a read's value & 2**64-1 -> data (reply = value).
  * Any other exception ends run() with it.  run() returns as Loop.run() does (0: an exit that is
- * no MSR exit is in kvm_run; -errno of KVM_RUN). */
+ * no MSR exit is in kvm_run; -errno of KVM_RUN).
+ * configure_events(port, msrs): guest writes of `msrs` (sorted) with reason FILTER go to the
+ * EventPort's C MSR event path first (csrc/kvmi_event.h), with the GIL released; what it
+ * answers never calls the handler (the exit is still counted and kept, reply None or "gp");
+ * what it leaves goes to the handler as above.  configure_events(None, ()) turns it off.  Only
+ * between run() calls, on the thread that calls run(). */
 typedef struct {
     PyObject_HEAD
     int fd;
     struct kvm_run *run;
     PyObject *gate, *exit_type, *inject_gp, *vid, *owner, *keep;
     uint64_t live;
+    PyObject *port_obj;             /* EventPort or NULL */
+    struct kg_ev_port *port;
+    uint32_t *ev_msrs, ev_n;
+    uint32_t vcpu;
 } HandlerLoopObject;
 
 static PyObject *S_HANDLER, *S_REPLY, *S_GP, *U64_MASK;
@@ -304,6 +314,9 @@ static int HandlerLoop_init(HandlerLoopObject *self, PyObject *args, PyObject *k
     }
     self->fd = fd;
     self->run = run;
+    self->vcpu = (uint32_t)PyLong_AsUnsignedLong(vid);
+    if (PyErr_Occurred())
+        return -1;
     PyObject *objs[] = {gate, exit_type, inject_gp, vid, owner, keep};
     PyObject **slots[] = {&self->gate, &self->exit_type, &self->inject_gp, &self->vid,
                           &self->owner, &self->keep};
@@ -322,7 +335,86 @@ static void HandlerLoop_dealloc(HandlerLoopObject *self)
     Py_XDECREF(self->vid);
     Py_XDECREF(self->owner);
     Py_XDECREF(self->keep);
+    Py_XDECREF(self->port_obj);
+    free(self->ev_msrs);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *HandlerLoop_configure_events(HandlerLoopObject *self, PyObject *args)
+{
+    PyObject *port_obj, *msrs;
+    if (!PyArg_ParseTuple(args, "OO", &port_obj, &msrs))
+        return NULL;
+    struct kg_ev_port *p = NULL;
+    if (port_obj != Py_None && (p = kg_py_event_port(port_obj)) == NULL)
+        return NULL;
+    PyObject *seq = PySequence_Fast(msrs, "msrs must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    uint32_t *v = n ? malloc((size_t)n * sizeof *v) : NULL;
+    if (n && v == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long x = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (PyErr_Occurred() || x > 0xFFFFFFFFul || (i && x <= v[i - 1])) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "msrs must be sorted u32 indices");
+            Py_DECREF(seq);
+            free(v);
+            return NULL;
+        }
+        v[i] = (uint32_t)x;
+    }
+    Py_DECREF(seq);
+    free(self->ev_msrs);
+    self->ev_msrs = v;
+    self->ev_n = (uint32_t)n;
+    Py_XINCREF(p != NULL ? port_obj : NULL);
+    Py_XSETREF(self->port_obj, p != NULL ? port_obj : NULL);
+    self->port = p;
+    Py_RETURN_NONE;
+}
+
+static int ev_routed(const HandlerLoopObject *self, uint32_t index)
+{
+    uint32_t lo = 0, hi = self->ev_n;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (self->ev_msrs[mid] < index)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < self->ev_n && self->ev_msrs[lo] == index;
+}
+
+/* An exit the C event path answered: counted, and kept as an MsrExit when exits are kept. */
+static int ev_answered(HandlerLoopObject *self, struct kvm_run *run)
+{
+    __atomic_store_n(&self->live, self->live + 1, __ATOMIC_RELAXED);
+    if (self->keep == Py_None)
+        return 0;
+    PyObject *a[7];
+    a[0] = PyLong_FromUnsignedLong(run->msr.index);
+    a[1] = Py_True;
+    a[2] = PyLong_FromUnsignedLongLong(run->msr.data);
+    a[3] = PyLong_FromUnsignedLong(run->msr.reason);
+    a[4] = self->vid;
+    a[5] = run->msr.error ? S_GP : Py_None;
+    a[6] = self->owner;
+    PyObject *rec = (a[0] && a[2] && a[3]) ? PyObject_Vectorcall(self->exit_type, a, 7, NULL)
+                                           : NULL;
+    Py_XDECREF(a[0]);
+    Py_XDECREF(a[2]);
+    Py_XDECREF(a[3]);
+    if (rec == NULL)
+        return -1;
+    int rc = PyList_Append(self->keep, rec);
+    Py_DECREF(rec);
+    return rc;
 }
 
 /* One MSR exit through the handler: 0, or -1 with an exception set. */
@@ -398,16 +490,25 @@ static PyObject *HandlerLoop_run(HandlerLoopObject *self, PyObject *unused)
         return NULL;
     }
     for (;;) {
-        int rc, err = 0;
+        int rc, err = 0, ev = KG_EV_PYTHON;
         Py_BEGIN_ALLOW_THREADS
         rc = ioctl(self->fd, KVM_RUN, 0);
         if (rc < 0)
             err = errno;
+        else if (self->port != NULL && run->exit_reason == KVM_EXIT_X86_WRMSR &&
+                 run->msr.reason == KVM_MSR_EXIT_REASON_FILTER && ev_routed(self, run->msr.index))
+            ev = kg_ev_msr_write(self->port, self->vcpu, self->fd, run);
         Py_END_ALLOW_THREADS
         if (rc < 0) {
             if (err == EINTR && PyErr_CheckSignals() < 0)
                 return NULL;
             return PyLong_FromLong(-err);
+        }
+        if (ev == KG_EV_DONE) {
+            /* answered in C; signal handlers run here as they would in the handler */
+            if (ev_answered(self, run) < 0 || PyErr_CheckSignals() < 0)
+                return NULL;
+            continue;
         }
         uint32_t reason = run->exit_reason;
         if (reason != KVM_EXIT_X86_RDMSR && reason != KVM_EXIT_X86_WRMSR)
@@ -426,6 +527,8 @@ static PyObject *HandlerLoop_answered(HandlerLoopObject *self, void *closure)
 static PyMethodDef HandlerLoop_methods[] = {
     {"run", (PyCFunction)HandlerLoop_run, METH_NOARGS,
      "run() -> rc: KVM_RUN, MSR exits through gate.handler, until another exit"},
+    {"configure_events", (PyCFunction)HandlerLoop_configure_events, METH_VARARGS,
+     "configure_events(port, msrs): routed writes to the C MSR event path first"},
     {NULL, NULL, 0, NULL},
 };
 

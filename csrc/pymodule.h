@@ -21,4 +21,11 @@ int kg_py_get_ring(Py_buffer *v, struct kg_ring **out);
 /* Adds Loop, Rules, Audit and the formatting functions to the module. */
 int kg_py_add_types(PyObject *m);
 
+/* event_module.c: EventPort (csrc/kvmi_event.h) */
+struct kg_ev_port;
+extern PyTypeObject EventPortType;
+/* The port of an EventPort object, else NULL with TypeError. */
+struct kg_ev_port *kg_py_event_port(PyObject *obj);
+int kg_py_add_event_types(PyObject *m);
+
 #endif

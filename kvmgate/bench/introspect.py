@@ -8,10 +8,12 @@
   * `event`   - introspection, v12: a tool in its own process (a minimal responder) controls
                 LSTAR with the MSR event enabled and answers CONTINUE (exit + the owner's
                 KVM_GET_MSRS, registers from kvm_run.s + event message + reply, read by the
-                vCPU thread itself + KVM_SET_MSRS; docs/introspection.md §5),
-  * `event_v7` - the same in the kvmi-v7 (libkvmi) ABI,
-  * `event_sleep` - `event` with the vCPU sleeping in recv(2) for the reply at once (no
-                polling first: kvmgate.introspection.inbox.POLL_NS = 0 during its runs),
+                vCPU thread itself + KVM_SET_MSRS; docs/introspection.md §5), on the C event
+                path when the C engine is built (csrc/kvmi_event.h: no Python per event),
+  * `event_py` - the same on the Python event path (fast_events.ENABLED = False),
+  * `event_v7` - `event` in the kvmi-v7 (libkvmi) ABI,
+  * `event_sleep` - `event` with the vCPU sleeping for the reply at once (no polling first:
+                kvmgate.introspection.inbox.POLL_NS = 0 while it is set up and runs),
   * `quiet`   - LSTAR controlled but the MSR event not enabled: the exit, no message,
   * the C floor (exit_loop.c, no Python on either side): `c_exit` - the plain exit that stores
                 the value (KVM_SET_MSRS) in a C loop; `c_event` - the same plus what an event
@@ -21,7 +23,8 @@
                 `floor_ratio` (c_event / c_exit) is the least an event can cost on this host.
 Every path runs once per round, the paths interleaved, for `rounds` (>= 7) rounds after a
 warm-up; each figure is the median per-write time, and `ratio` the median of the per-round
-event / exit ratios.  The load average is reported with them.
+event / exit ratios (`ratio_c`: event / c_exit, against the C loop's plain exit).  The load
+average is reported with them.  `c_path` says whether `event` ran on the C event path.
 `kvmgate bench introspect [-n N] [--rounds R] [--pin-cpu C] [--json]` prints it; with
 --pin-cpu every path (the vCPU threads and the tools' processes) runs on CPU C only, which shows
 what the round trip costs without cross-CPU wake-ups (reported as pinned: not the default).
@@ -39,7 +42,7 @@ from pathlib import Path
 
 from ..machine import Machine
 from ..msr.model import EXIT_REASON_FILTER, WRITE, MsrFilter, MsrRange
-from ..introspection import inbox
+from ..introspection import fast_events, inbox
 from ..introspection.abi import V7, V12, Dialect
 from ..introspection.machine_backend import attach
 from .common import count_arg, cpu_arg, emit, load_row, parser, with_load_average
@@ -138,11 +141,19 @@ def _plain_exit(stack, n: int, store: bool) -> _Path:
     return path
 
 
-def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
+def _introspected(stack, n: int, enable_event: bool, abi: Dialect, fast: bool = True,
+                  poll_ns: int | None = None) -> _Path:
     path = _Path(stack, n)
+    if poll_ns is not None:
+        path.poll_ns = poll_ns
     intro = attach(path.m)
     a, b = socket.socketpair()
-    intro.hook(a, b"kvmgate-bench-00", commands=[-1], events=[-1], abi=abi)
+    saved = fast_events.ENABLED, inbox.POLL_NS
+    fast_events.ENABLED, inbox.POLL_NS = fast, path.poll_ns   # the session's port is made here
+    try:
+        intro.hook(a, b"kvmgate-bench-00", commands=[-1], events=[-1], abi=abi)
+    finally:
+        fast_events.ENABLED, inbox.POLL_NS = saved
     a.close()
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -161,6 +172,7 @@ def _introspected(stack, n: int, enable_event: bool, abi: Dialect) -> _Path:
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("the bench tool did not start")
     path.backend = intro.backend
+    path.port = intro.server.port
     return path
 
 
@@ -205,11 +217,6 @@ class _CPath:
         return elapsed / self.n
 
 
-def _sleeping(path: _Path) -> _Path:
-    path.poll_ns = 0
-    return path
-
-
 def bench_events(n: int = 2000, rounds: int = ROUNDS, pin_cpu: int | None = None) -> dict:
     """Per-write cost (microseconds, median of `rounds` interleaved rounds) of each path, and
     the median per-round event / plain-exit ratio.  `pin_cpu`: run everything on that CPU."""
@@ -230,8 +237,9 @@ def _bench_events(n: int, rounds: int) -> dict:
             "exit": _plain_exit(stack, n, store=True),
             "exit_bare": _plain_exit(stack, n, store=False),
             "event": _introspected(stack, n, True, V12),
+            "event_py": _introspected(stack, n, True, V12, fast=False),
             "event_v7": _introspected(stack, n, True, V7),
-            "event_sleep": _sleeping(_introspected(stack, n, True, V12)),
+            "event_sleep": _introspected(stack, n, True, V12, poll_ns=0),
             "quiet": _introspected(stack, n, False, V12),
             "c_exit": _CPath(stack, n, False, 0),
             "c_event": _CPath(stack, n, True, inbox.POLL_NS),
@@ -246,14 +254,21 @@ def _bench_events(n: int, rounds: int) -> dict:
                 times[k].append(p.run())
         events = {k: (p.backend.msr_events - before[k]) // rounds
                   for k, p in paths.items() if k in before}
-        exits = {k: paths[k].exits for k in ("exit", "event", "event_v7", "event_sleep", "quiet")}
+        exits = {k: paths[k].exits
+                 for k in ("exit", "event", "event_py", "event_v7", "event_sleep", "quiet")}
+        c_path = paths["event"].port is not None and paths["event"].port.events > 0
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "writes": n,
         "rounds": rounds,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         **{f"{k}_us": round(v * 1e6, 3) for k, v in med.items()},
+        "c_path": c_path,
         "ratio": round(statistics.median(e / x for e, x in zip(times["event"], times["exit"])), 2),
+        "ratio_c": round(statistics.median(e / x for e, x in zip(times["event"],
+                                                                  times["c_exit"])), 2),
+        "ratio_py": round(statistics.median(e / x for e, x in zip(times["event_py"],
+                                                                   times["exit"])), 2),
         "ratio_v7": round(statistics.median(e / x for e, x in zip(times["event_v7"],
                                                                     times["exit"])), 2),
         "ratio_sleep": round(statistics.median(e / x for e, x in zip(times["event_sleep"],
@@ -282,13 +297,17 @@ def main(argv: list[str]) -> int:
         ("native (no exit)", us("native")),
         ("user-space exit, value stored", us("exit")),
         ("user-space exit, write dropped", us("exit_bare")),
-        ("MSR event round trip (v12)", us("event")),
+        ("MSR event round trip (v12)", us("event") + (" (C event path)" if res["c_path"]
+                                                       else " (Python: no C engine)")),
+        ("MSR event, Python path (v12)", us("event_py")),
         ("MSR event round trip (kvmi-v7)", us("event_v7")),
         ("MSR event, no polling (v12)", us("event_sleep")),
         ("controlled, event off", us("quiet")),
         ("ratio event / exit", (f"{res['ratio']:.2f}x (v7 {res['ratio_v7']:.2f}x, no polling "
-                                f"{res['ratio_sleep']:.2f}x, event off {res['quiet_ratio']:.2f}x), "
+                                f"{res['ratio_sleep']:.2f}x, event off {res['quiet_ratio']:.2f}x, "
+                                f"Python path {res['ratio_py']:.2f}x), "
                                 f"median of {res['rounds']} interleaved rounds")),
+        ("ratio event / C loop's exit", f"{res['ratio_c']:.2f}x"),
         ("C floor: exit storing the value", us("c_exit")),
         ("C floor: event round trip", us("c_event")),
         ("C floor: event, no polling", us("c_event_sleep")),

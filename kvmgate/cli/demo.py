@@ -28,8 +28,9 @@ def cmd_info(a) -> int:
     info = host_info(a.device)
     info["engine"] = {"available": engine_available(), "reason": unavailable_reason()}
     info["exit_path"] = ("C run loop (csrc/runloop.c) for policies bound through the C engine "
-                         "(kvmgate run --policy, EnginePolicy); Python exit loop for on_msr "
-                         "handlers" if engine_available() else
+                         "(kvmgate run --policy, EnginePolicy); on_msr handlers called from the "
+                         "C handler loop; introspection MSR events in C (csrc/kvmi_event.c)"
+                         if engine_available() else
                          "Python exit loop (no C engine: " + unavailable_reason() + ")")
     if a.json:
         emit(info, True)

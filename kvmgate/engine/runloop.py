@@ -8,7 +8,9 @@ interception takes (Machine.add_interception, introspection).
 Python on_msr handlers (and Python policies) run from C too, with HANDLERS_IN_C:
 _engine.HandlerLoop does the exit loop's MSR branch (an MsrExit per exit, gate.handler read at
 each exit, its answer applied, InjectGP and exceptions as in vm/loop.py) without Python
-bytecode of the loop itself.
+bytecode of the loop itself.  The handler loop also runs an interception's registered C path
+(MsrGate.native_interception: an introspection EventPort) on the writes routed to it, with the
+GIL released, before any handler (csrc/kvmi_event.h).
 
 Registration: importing kvmgate.engine registers `CRunLoop.for_run` with
 vm.register_run_loop when the C engine is built, so every Machine.run() uses it.  Within the
@@ -206,6 +208,12 @@ class VcpuLoop:
                 self._h = binding.native().HandlerLoop(
                     self.vcpu.fd, self.vcpu.run_addr, gate, MsrExit, InjectGP, st.index,
                     self.vcpu, st.msr_exits if self.keep_exits else None)
+            if self._h is not None:
+                # an interception's C path (introspection MSR events, csrc/kvmi_event.h)
+                native, msrs = gate.native_interception()
+                if native is not None and not isinstance(native, binding.native().EventPort):
+                    native, msrs = None, ()
+                self._h.configure_events(native, msrs)
             self._loop = self._h
             self._handler = handler
             return

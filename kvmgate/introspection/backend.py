@@ -10,7 +10,8 @@ PAUSE of a vCPU whose thread is not running) a worker while every vCPU is held o
 KVM_SET_REGS is fine there.  `control_msr(..., False)`
 is also called from whichever thread closes the connection (reader, vCPU or owner thread).
 The three methods with a default (`get_cpuid`, `inject_exception`, `max_gfn`) answer
--KVM_EOPNOTSUPP unless a backend implements them.
+-KVM_EOPNOTSUPP unless a backend implements them; `event_port` is None unless a backend has a
+C event path.
 A method that raises makes the command fail with -KVM_E<errno> when the exception is an OSError
 whose errno is a KVM code, else -KVM_EFAULT; it never breaks the connection.
 """
@@ -81,6 +82,13 @@ class Backend(abc.ABC):
     def max_gfn(self) -> int:
         """The highest guest frame number backed by memory."""
         raise Unsupported("GET_MAX_GFN")
+
+    def event_port(self, sock, abi, event_timeout: float | None):
+        """A registration point for a backend's own MSR event path: an armed EventPort
+        (kvmgate/introspection/fast_events.py) for the session on `sock`, or None (the
+        default: every event goes through the server in Python).  Called once per session,
+        by the server's constructor."""
+        return None
 
 
 class Unsupported(OSError):

@@ -25,12 +25,12 @@ class Connection:
     """A connected stream socket that this object owns (and closes), read by `handle`."""
 
     def __init__(self, sock: socket.socket, handle: Callable[[Message], None],
-                 on_end: Callable[[str], object], name: str = "kvmi"):
+                 on_end: Callable[[str], object], name: str = "kvmi", port=None):
         self._sock = sock
         self._on_end = on_end
         self._send_lock = threading.Lock()
         self.internal_errors: list[BaseException] = []               # bugs caught by the net
-        self.inbox = Inbox(sock, handle, self._internal_error)
+        self.inbox = Inbox(sock, handle, self._internal_error, port)   # port: inbox.py
         self._thread = threading.Thread(target=self._run, name=f"{name}-reader", daemon=True)
 
     def start(self) -> None:

@@ -25,6 +25,15 @@ reply reaches it with no thread hand-off:
 
 `handle` raises ProtocolError when the connection must close; the holder then stops reading and
 the reason goes back to its caller, which closes the session.
+
+With an `EventPort` (kvmgate/introspection/fast_events.py, csrc/kvmi_event.h) the token is also
+a word that a vCPU thread in C can take, send an MSR event and read its reply with, without
+Python: every Python move of the token is also a move of that word (taking it fails while C
+holds it; a Python thread that waits for it looks again every C_WAIT seconds, since C wakes no
+Python condition), C does not take it while a Python thread wants it or the reader's buffer
+holds bytes, and the reader thread lingers after C's last use as after Python's.  When C leaves
+an event half done (a command came first, a kick, EOF...) the vCPU thread `adopt`s the token
+and the bytes C read, and goes on as `wait` does.
 """
 from __future__ import annotations
 
@@ -49,7 +58,28 @@ LINGER = 0.005                # the token stays with the vCPU side this long aft
 # (or an affinity) with a single CPU.
 POLL_NS = 200_000 if len(os.sched_getaffinity(0)) > 1 else 0
 TIMED_OUT = object()          # _recv: no bytes before the deadline
+C_WAIT = 0.0005               # a thread waiting for a token C holds looks again this often
 _READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+class _NoPort:
+    """The token word without a C event path: only Python moves the token."""
+    released_at = 0.0
+
+    def token_take(self) -> bool:
+        return True
+
+    def token_release(self, pending: bool) -> None:
+        pass
+
+    def token_kill(self) -> bool:
+        return True
+
+    def want(self, delta: int) -> None:
+        pass
+
+
+_NO_PORT = _NoPort()
 
 
 class Waiter:
@@ -70,8 +100,10 @@ class Inbox:
     """The reader token of one session socket (see the module docstring)."""
 
     def __init__(self, sock, handle: Callable[[Message], None],
-                 on_internal: Callable[[BaseException], None] | None = None):
+                 on_internal: Callable[[BaseException], None] | None = None, port=None):
         self._sock = sock
+        self.port = port                        # EventPort (C MSR events) or None
+        self._word = _NO_PORT if port is None else port     # the token word
         self._handle = handle
         self._on_internal = on_internal
         self.reader = Reader()                  # the bytes read so far; only the holder uses it
@@ -88,30 +120,29 @@ class Inbox:
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self._poll.register(self._efd, select.POLLIN)
-        self._sock_poll = select.poll()         # a waiting thread's, with a deadline
-        self._sock_poll.register(sock.fileno(), select.POLLIN)
+        self._waiting_reads = _WaitingReads(sock, lambda: self._stop)
 
     # --- the reader thread ----------------------------------------------------------------
 
     def serve(self) -> str:
         """The reader thread's loop: hold the token whenever nobody waits for a reply, read and
         handle messages.  Returns why it ended (EOF, a protocol or socket error, a stop)."""
-        me = threading.get_ident()
+        me, word = threading.get_ident(), self._word
         while True:
             with self._lock:
                 while True:
                     if self._stop:
                         return "closed"
                     if self._holder is None and not self._wanted:
-                        idle = time.monotonic() - self._released_at
-                        if idle >= LINGER:
+                        idle = time.monotonic() - max(self._released_at, word.released_at)
+                        if idle >= LINGER and self._take(me):
                             break
-                        self._reader_cond.wait(LINGER - idle)
+                        # (C holding it: no hurry, the next look is LINGER away too)
+                        self._reader_cond.wait(LINGER - idle if idle < LINGER else LINGER)
                     else:
                         # Not woken when the token comes back (that would cost a wake-up
                         # per event): it looks again every LINGER.
                         self._reader_cond.wait(LINGER)
-                self._holder = me
             try:
                 reason = self._read_safely(None, None, True)
             finally:
@@ -123,8 +154,9 @@ class Inbox:
         """The reader thread's last act: once nobody reads the socket, close it (and the
         eventfd).  After stop()."""
         with self._cond:
-            while self._holder is not None:
-                self._cond.wait()
+            # C never takes a dead token; while it holds one, look again every C_WAIT
+            while self._holder is not None or not self._word.token_kill():
+                self._cond.wait(C_WAIT if self._holder is None else None)
             self._holder = -1                   # nobody gets the token any more
         os.close(self._efd)
 
@@ -134,6 +166,7 @@ class Inbox:
         """Before sending an event: the next wait() will need the token."""
         with self._lock:                        # the Condition's lock (no Python-level enter)
             self._wanted += 1
+            self._word.want(1)                  # C leaves the token to us from now on
             if self._polling and not self._kicked:
                 self._kicked = True
                 os.eventfd_write(self._efd, 1)
@@ -149,21 +182,39 @@ class Inbox:
             try:
                 nested = self._holder == me     # sent from inside a handler of the holder
                 if not nested:
-                    while self._holder is not None and not w.done and not self._stop:
+                    while True:
+                        if w.done or self._stop:
+                            return None
+                        if self._take(me):
+                            break
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             return "timeout"
+                        if self._holder is None:        # C holds it: no wake-up will come
+                            left = C_WAIT if left is None else min(left, C_WAIT)
                         cond.wait(left)
-                    if w.done or self._stop:
-                        return None
-                    self._holder = me
             finally:
                 self._wanted -= 1
+                self._word.want(-1)
         try:
             return self._read_safely(w, deadline, False)
         finally:
             if not nested:
                 self._release(True)
+
+    def adopt(self, w: Waiter, data: bytes, deadline: float | None) -> str | None:
+        """A vCPU thread whose event C sent and left half done (the token C took is now this
+        thread's, `data` the bytes C read of the socket): read until `w` is finished, as wait()
+        does.  Returns None or why the connection must close."""
+        me = threading.get_ident()
+        with self._lock:
+            self.port.token_adopt()
+            self._holder = me
+        try:
+            self.reader.feed(data)
+            return self._read_safely(w, deadline, False)
+        finally:
+            self._release(True)
 
     def finish_waiter(self, w: Waiter) -> None:
         """Mark `w` finished (its reply was handled, or it is released) and wake it."""
@@ -186,9 +237,17 @@ class Inbox:
 
     # --- the holder -------------------------------------------------------------------------
 
+    def _take(self, me: int) -> bool:
+        """Under the lock: the token is free (for C too, with a port) and now `me`'s."""
+        if self._holder is not None or not self._word.token_take():
+            return False
+        self._holder = me
+        return True
+
     def _release(self, linger: bool) -> None:
         with self._lock:
             self._holder = None
+            self._word.token_release(self.reader.pending() > 0)   # C: only with nothing buffered
             if linger:
                 self._released_at = time.monotonic()
             if self._wanted or self._stop:
@@ -236,13 +295,13 @@ class Inbox:
             if msg is None:
                 if self._stop:
                     return "closed"
-                data = self._poll_briefly() if POLL_NS else None
+                data = self._waiting_reads.poll_briefly() if POLL_NS else None
                 if data is not None:
                     pass
                 elif deadline is None:
                     data = recv(CHUNK)
                 else:
-                    data = self._recv(deadline)
+                    data = self._waiting_reads.recv(deadline)
                     if data is TIMED_OUT:
                         return "timeout"
                 if not data:
@@ -252,19 +311,6 @@ class Inbox:
                     continue
             handle(msg)
         return None
-
-    def _poll_briefly(self) -> bytes | None:
-        """A waiting thread, before it sleeps: the socket's bytes if some arrive within POLL_NS
-        (non-blocking recv(2) and sched_yield(2) in turn), else None."""
-        recv, yield_cpu, now = self._sock.recv, os.sched_yield, time.perf_counter_ns
-        end = now() + POLL_NS
-        while True:
-            try:
-                return recv(CHUNK, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if now() >= end or self._stop:
-                    return None
-                yield_cpu()
 
     def _eof(self) -> str:
         if self.reader.pending():
@@ -298,10 +344,33 @@ class Inbox:
             return None
         return self._sock.recv(CHUNK)
 
-    def _recv(self, deadline: float | None):
-        """A waiting thread: recv(2) (blocking), or TIMED_OUT past `deadline`."""
+
+class _WaitingReads:
+    """How a thread waiting for its event reply reads the socket (holding the token)."""
+
+    def __init__(self, sock, stopped: Callable[[], bool]):
+        self._sock = sock
+        self._stopped = stopped
+        self._poll = select.poll()              # with a deadline
+        self._poll.register(sock.fileno(), select.POLLIN)
+
+    def poll_briefly(self) -> bytes | None:
+        """Before sleeping: the socket's bytes if some arrive within POLL_NS (non-blocking
+        recv(2) and sched_yield(2) in turn), else None."""
+        recv, yield_cpu, now = self._sock.recv, os.sched_yield, time.perf_counter_ns
+        end = now() + POLL_NS
+        while True:
+            try:
+                return recv(CHUNK, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if now() >= end or self._stopped():
+                    return None
+                yield_cpu()
+
+    def recv(self, deadline: float | None):
+        """recv(2) (blocking), or TIMED_OUT past `deadline`."""
         if deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock_poll.poll(max(1, int(left * 1000))):
+            if left <= 0 or not self._poll.poll(max(1, int(left * 1000))):
                 return TIMED_OUT
         return self._sock.recv(CHUNK)

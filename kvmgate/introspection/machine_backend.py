@@ -17,6 +17,10 @@ How each part maps onto the Machine:
   the socket itself until its reply, inbox.py); CONTINUE
   stores the tool's `new_val` (host-initiated KVM_SET_MSRS, by the machine), RETRY keeps the
   old value, CRASH raises `IntrospectionCrash` out of `m.run()`.
+  With the C engine built, the C handler loop does all of that for the common case without
+  Python (the session's EventPort, registered with the interception: fast_events.py,
+  csrc/kvmi_event.h); what it sends but cannot finish (a command before the reply, a kick,
+  CRASH, EOF, a timeout) `_on_write` adopts and finishes as above (backend_msr_events.py).
 * While a vCPU waits for the tool it counts as parked for `Machine.quiesced()`, so the tool may
   send VCPU_CONTROL_MSR (a filter swap) from its event handler without a deadlock.
 * Commands run on the thread holding the session's reader token (inbox.py): the reader thread,
@@ -54,10 +58,10 @@ from ..msr.model import WRITE
 from . import ids
 from .backend import Backend
 from .backend_cpu import CpuidAndExceptions
+from .backend_msr_events import MsrEvents
 from .backend_pauses import Pauses
 from .controlled import ControlledMsrs
 from .errors_crash import IntrospectionCrash
-from .ids import CRASH, RETRY
 from .owner import Introspection
 from .protocol import PAGE_SIZE, pack_state
 from .vcpu_state import STATE_MSR_INDICES, SYNC_MASK, EventState, vcpu_mode
@@ -72,7 +76,7 @@ APPLY_LOCK_TIMEOUT = 2.0  # a command waiting for another filter swap / PAUSE: -
 
 # --- the backend -----------------------------------------------------------------------------
 
-class MachineBackend(CpuidAndExceptions, Pauses, Backend):
+class MachineBackend(CpuidAndExceptions, Pauses, MsrEvents, Backend):
     """The live-VM side of KVMI for one Machine (see the module docstring)."""
 
     def __init__(self, machine):
@@ -96,10 +100,9 @@ class MachineBackend(CpuidAndExceptions, Pauses, Backend):
         self._held_applies: list = []           # [(done Event, result box)] for the holder
         self._worker: threading.Thread | None = None
         sync = bool(machine.kvm.check_extension(u.KVM_CAP_SYNC_REGS) & SYNC_MASK == SYNC_MASK)
+        self._sync_regs = sync
         self._states = [EventState(v, sync) for v in self._vcpus]   # vcpu_state.py
-        # Counters (for tests and the bench).
-        self.msr_writes = 0          # intercepted guest writes seen
-        self.msr_events = 0          # of which sent to the tool
+        self._init_msr_events()                 # backend_msr_events.py: msr_writes, msr_events
         self.pause_events = 0
         self.crashes: list[IntrospectionCrash] = []
         machine.add_kick_hook(self._on_kick)
@@ -277,7 +280,7 @@ class MachineBackend(CpuidAndExceptions, Pauses, Backend):
             return 0
         m = self.machine
         try:
-            m.intercept_msr_writes(want, self._on_write if want else None)
+            m.intercept_msr_writes(want, self._on_write if want else None, native=self._port)
         except FilterError as exc:
             log.warning("cannot intercept MSR writes %s: %s", sorted(map(hex, want)), exc)
             return -ids.KVM_ENOMEM
@@ -285,43 +288,6 @@ class MachineBackend(CpuidAndExceptions, Pauses, Backend):
             return -ids.KVM_EBUSY
         self._installed = want
         return 0
-
-    def _on_write(self, ex):
-        """Machine interception callback (vCPU thread): the value to store, or None."""
-        self.msr_writes += 1
-        intro = self.intro
-        vid, msr, new = ex.vcpu, ex.index, ex.data
-        if intro is None or not intro.msr_wanted(vid, msr):
-            return None
-        # One KVM_GET_MSRS (prebuilt) for the old value and the event's state MSRs; the
-        # registers from kvm_run.s (vcpu_state.py).
-        st = self._states[vid]
-        values = None
-        old = st.read_msrs(msr)
-        if old is None:                 # KVM cannot read one of them: ask one by one
-            wanted = STATE_MSR_INDICES if msr in STATE_MSR_INDICES \
-                else STATE_MSR_INDICES + (msr,)
-            values = self._vcpus[vid].get_msrs(wanted)
-            old = values.get(msr)
-        if old is None or old == new:
-            return None
-        self.msr_events += 1
-        state = st.fill(values)
-        self._waiting[vid] = True           # _blocked(), inline: this is the hot path
-        parked = self.machine.blocked(vid)
-        parked.__enter__()
-        try:
-            action, value = intro.msr_event(vid, msr, old, new, state)
-        finally:
-            parked.__exit__(None, None, None)
-            self._waiting[vid] = False
-        if action == CRASH:
-            exc = IntrospectionCrash(vid, ids.VCPU_EVENT_MSR, msr)
-            self.crashes.append(exc)
-            raise exc
-        if action == RETRY:
-            return old
-        return value
 
 def new_introspection(machine) -> Introspection:
     """The factory registered as Machine extension "introspection"."""

@@ -143,6 +143,8 @@ class Introspection:
                 perms.allow_command(fid, allow)
             else:
                 perms.allow_event(fid, allow)
+                if self._server is not None:
+                    self._server.publish()      # the C event path follows the permission
 
     def _closed(self, reason: str) -> None:
         cb = self.on_close

@@ -43,6 +43,7 @@ import itertools
 import logging
 import socket
 import threading
+import time
 from typing import Callable, NamedTuple
 
 from ..uapi import U64
@@ -77,6 +78,15 @@ class EventResult(NamedTuple):
 RELEASED = EventResult(CONTINUE, b"", False)
 
 
+def _msr_answer(res: EventResult, old: int, new: int) -> tuple[Action, int]:
+    """(action, value to write) of an MSR event's result (see msr_event)."""
+    if not res.delivered:
+        return CONTINUE, new
+    if res.action == CONTINUE:
+        return CONTINUE, MSR_REPLY.unpack(res.data)[0]
+    return res.action, old
+
+
 class IntrospectionServer(ToolState):
     """KVMI on a connected stream socket that this object owns (and closes), in one dialect:
     the connection (connection.py), the commands (commands.py, command_handlers.py), the state
@@ -90,11 +100,18 @@ class IntrospectionServer(ToolState):
         self._on_close = on_close
         self._event_timeout = event_timeout
         self.abi = abi
-        self._seq = itertools.count(1)
+        # The C MSR event path of the backend, if it has one (Backend.event_port): it shares
+        # the reader token (inbox.py) and the event seq, and reads what publish() tells it.
+        self._port = backend.event_port(sock, abi, event_timeout)
+        if self._port is not None:
+            self._next_seq = self._port.next_seq
+        else:
+            counter = itertools.count(1)
+            self._next_seq = lambda: next(counter) & 0xFFFFFFFF
         self._vcpu_locks: dict[int, threading.Lock] = {}
         self.close_reason: str | None = None
         self.messages = 0
-        self._conn = Connection(sock, self.process, self.close, name)
+        self._conn = Connection(sock, self.process, self.close, name, port=self._port)
         self._inbox = self._conn.inbox
         self._send = self._conn.send
         self.internal_errors = self._conn.internal_errors
@@ -115,6 +132,11 @@ class IntrospectionServer(ToolState):
         return self
 
     @property
+    def port(self):
+        """The session's C MSR event path (Backend.event_port), or None."""
+        return self._port
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -132,6 +154,7 @@ class IntrospectionServer(ToolState):
             self._vcpu_events.clear()
             self._vm_events.clear()
             self._pauses.clear()
+        self.publish()
         self._conn.shutdown()
         # Undo the interceptions before the waiting vCPUs go on (they count as parked while
         # they wait): a released vCPU's next write must not exit to a tool that is gone.
@@ -168,6 +191,18 @@ class IntrospectionServer(ToolState):
             self._event_reply(msg)
         else:
             self._command(msg)
+            if self._port is not None:
+                self.publish()          # before the token goes back: C sees the new state
+
+    def publish(self) -> None:
+        """Tell the C MSR event path, per vCPU, which MSR writes are events now (msr_wanted's
+        rule: controlled, MSR event enabled and allowed, connection open).  After every command
+        and permission change, and on close."""
+        port = self._port
+        if port is not None:
+            wanted = self.wanted_msr_events()
+            for v in range(self._backend.vcpu_count()):
+                port.set_wanted(v, wanted.get(v, ()))
 
     # --- events (vCPU threads) ------------------------------------------------------------
 
@@ -196,11 +231,8 @@ class IntrospectionServer(ToolState):
                  reply_size: int) -> EventResult:
         """Send the event (`state` block, `payload`) and read the socket (inbox.py) until the
         matching reply, a close, or the event timeout."""
-        lock = self._vcpu_locks.get(vcpu)
-        if lock is None:
-            lock = self._vcpu_locks.setdefault(vcpu, threading.Lock())
-        with lock:
-            seq = next(self._seq) & 0xFFFFFFFF
+        with self._vcpu_lock(vcpu):
+            seq = self._next_seq()
             w = Waiter(seq, event, reply_size)
             data = self.abi.pack_vcpu_event(seq, event, vcpu, state, payload)
             with self._lock:
@@ -210,18 +242,25 @@ class IntrospectionServer(ToolState):
             inbox = self._inbox
             inbox.want()                      # the reader thread leaves poll(2) meanwhile
             self._send(data)
-            reason = inbox.wait(w, self._event_timeout)
-            if reason is not None:
-                self.close(f"no reply to {ids.event_name(event)} on vCPU {vcpu} within "
-                           f"{self._event_timeout}s" if reason == "timeout" else reason)
-            if w.action is None:
-                return RELEASED
-            if w.regs is not None:
-                try:
-                    self._backend.set_registers(vcpu, w.regs)
-                except Exception:
-                    log.exception("VCPU_SET_REGISTERS on vCPU %d failed", vcpu)
-            return EventResult(w.action, w.data, True)
+            return self._delivered(vcpu, w, inbox.wait(w, self._event_timeout))
+
+    def _vcpu_lock(self, vcpu: int) -> threading.Lock:
+        """One event at a time per vCPU."""
+        return self._vcpu_locks.get(vcpu) or self._vcpu_locks.setdefault(vcpu, threading.Lock())
+
+    def _delivered(self, vcpu: int, w: Waiter, reason: str | None) -> EventResult:
+        """The end of an event's wait: close when `reason` says so; the tool's answer."""
+        if reason is not None:
+            self.close(f"no reply to {ids.event_name(w.event)} on vCPU {vcpu} within "
+                       f"{self._event_timeout}s" if reason == "timeout" else reason)
+        if w.action is None:
+            return RELEASED
+        if w.regs is not None:
+            try:
+                self._backend.set_registers(vcpu, w.regs)
+            except Exception:
+                log.exception("VCPU_SET_REGISTERS on vCPU %d failed", vcpu)
+        return EventResult(w.action, w.data, True)
 
     def send_event(self, vcpu: int, event: int, payload: bytes = b"", state=None) -> EventResult:
         """Send a vCPU event if allowed and wait for the reply (on the vCPU thread).
@@ -256,11 +295,25 @@ class IntrospectionServer(ToolState):
             state = state_bytes(state)          # of vcpu_state.py, packed before it changes
         res = self._deliver(vcpu, Event.MSR, state, MSR_EVENT.pack(msr, 0, old, new),
                             MSR_REPLY.size)
-        if not res.delivered:
-            return CONTINUE, new
-        if res.action == CONTINUE:
-            return CONTINUE, MSR_REPLY.unpack(res.data)[0]
-        return res.action, old
+        return _msr_answer(res, old, new)
+
+    def adopt_msr_event(self, vcpu: int, seq: int, old: int, new: int, data: bytes,
+                        elapsed: float) -> tuple[Action, int]:
+        """The MSR event `seq` that the C event path sent on `vcpu`'s thread and left to
+        Python (csrc/kvmi_event.h, KG_EV_HANDOFF), with the `data` it read so far, `elapsed`
+        seconds ago: wait for its reply as msr_event does (the token is C's, now ours)."""
+        w = Waiter(seq, Event.MSR, MSR_REPLY.size)
+        with self._lock:
+            if not self._closed:
+                self._waiting[vcpu] = w
+        timeout = self._event_timeout
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout - elapsed)
+        with self._vcpu_lock(vcpu):
+            reason = self._inbox.adopt(w, data, deadline)
+            with self._lock:
+                if self._waiting.get(vcpu) is w:      # not answered: nobody else will
+                    del self._waiting[vcpu]
+            return _msr_answer(self._delivered(vcpu, w, reason), old, new)
 
     def pause_event(self, vcpu: int, state=None) -> Action:
         """Consume one VM_PAUSE_VCPU request and send its PAUSE event; the tool's action."""
@@ -281,4 +334,4 @@ class IntrospectionServer(ToolState):
         if self._closed or ids.VM_EVENT_UNHOOK not in self._vm_events \
                 or not self._perms.event_allowed(ids.VM_EVENT_UNHOOK):
             return False
-        return self._send(self.abi.pack_vm_event(next(self._seq) & 0xFFFFFFFF, Event.UNHOOK))
+        return self._send(self.abi.pack_vm_event(self._next_seq(), Event.UNHOOK))

@@ -41,6 +41,14 @@ class ToolState:
         return bool(evs) and ids.VCPU_EVENT_MSR in evs \
             and self._perms.event_allowed(ids.VCPU_EVENT_MSR)
 
+    def wanted_msr_events(self) -> dict[int, list[int]]:
+        """{vcpu: sorted MSRs} whose guest writes msr_wanted() says go to the tool."""
+        with self._lock:
+            if self._closed or not self._perms.event_allowed(ids.VCPU_EVENT_MSR):
+                return {}
+            return {v: sorted(ms) for v, ms in self._msrs.items()
+                    if ms and ids.VCPU_EVENT_MSR in self._vcpu_events.get(v, ())}
+
     def _take_pause(self, vcpu: int) -> bool:
         with self._lock:
             n = self._pauses.get(vcpu, 0)

@@ -68,12 +68,13 @@ class Configuration:
         other's handlers.  A failure changes nothing."""
         self.gate.set_policy(self, policy, audit)
 
-    def add_interception(self, msrs, callback: Callable) -> Interception:
+    def add_interception(self, msrs, callback: Callable, native=None) -> Interception:
         """See MsrGate.add_interception: guest WRMSRs of `msrs` to callback(exit), layered over
-        the owner's gate; returns a handle with update(msrs) and remove()."""
-        return self.gate.add_interception(msrs, callback)
+        the owner's gate; returns a handle with update(msrs) and remove().  `native`: a C
+        path the exit loop may answer them with first (see MsrGate.add_interception)."""
+        return self.gate.add_interception(msrs, callback, native)
 
-    def intercept_msr_writes(self, msrs, callback: Callable | None) -> None:
+    def intercept_msr_writes(self, msrs, callback: Callable | None, native=None) -> None:
         """One replaceable interception: guest WRMSRs of `msrs` to callback(exit) -> value to
         store (None: the guest's) or InjectGP; an empty set or None callback removes it."""
-        self.gate.intercept_msr_writes(msrs, callback)
+        self.gate.intercept_msr_writes(msrs, callback, native)

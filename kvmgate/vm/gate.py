@@ -56,10 +56,11 @@ def marshal_filter(flt: MsrFilter) -> tuple[u.kvm_msr_filter, list]:
 
 class Interception:
     """One registration of `MsrGate.add_interception`: guest WRMSRs of `msrs` go to
-    `callback(exit)`.  update(msrs) changes the set, remove() ends it."""
+    `callback(exit)` (and to `native` first, when the exit loop has a C path for it).
+    update(msrs) changes the set, remove() ends it."""
 
-    def __init__(self, gate: "MsrGate", msrs: frozenset, callback: Callable):
-        self.gate, self.msrs, self.callback = gate, msrs, callback
+    def __init__(self, gate: "MsrGate", msrs: frozenset, callback: Callable, native=None):
+        self.gate, self.msrs, self.callback, self.native = gate, msrs, callback, native
 
     def update(self, msrs) -> None:
         self.gate._change(self, frozenset(msrs))
@@ -83,6 +84,7 @@ class MsrGate:
         self._interceptions: tuple[Interception, ...] = ()
         self._slot: Interception | None = None    # intercept_msr_writes' registration
         self.handler: Callable | None = None      # what the exit loop calls
+        self._native: tuple = (None, ())         # native_interception()
 
     @property
     def owner(self) -> Callable | None:
@@ -142,27 +144,33 @@ class MsrGate:
             self.policy, self._carry = b.policy, b.carry
 
     # ---- interceptions layered over the owner's gate
-    def add_interception(self, msrs, callback: Callable) -> Interception:
+    def add_interception(self, msrs, callback: Callable, native=None) -> Interception:
         """Send guest WRMSRs of `msrs` to callback(exit) -> value to store (None: the guest's),
         or InjectGP; layered over the owner's filter, mask and handler, never weakening them
         (writes the owner's filter denies still go to the owner).  Several registrations may
         exist; for an MSR in several, the first registered gets the write.  FilterError if
-        the filter has no room left (nothing changes then)."""
-        reg = Interception(self, frozenset(), callback)
+        the filter has no room left (nothing changes then).
+
+        `native`: an explicit registration of a C path for these writes, which the C exit
+        loop may answer a write with before the callback (an introspection EventPort,
+        kvmgate/introspection/fast_events.py); what it leaves still reaches the callback.
+        See native_interception()."""
+        reg = Interception(self, frozenset(), callback, native)
         self._change(reg, frozenset(msrs))
         return reg
 
-    def intercept_msr_writes(self, msrs, callback: Callable | None) -> None:
+    def intercept_msr_writes(self, msrs, callback: Callable | None, native=None) -> None:
         """One replaceable interception (an empty set or None callback removes it)."""
         if self._slot is not None:
             if msrs and callback is not None:
                 self._slot.callback = callback
+                self._slot.native = native
                 self._slot.update(msrs)
                 return
             self._slot.remove()
             self._slot = None
         if msrs and callback is not None:
-            self._slot = self.add_interception(msrs, callback)
+            self._slot = self.add_interception(msrs, callback, native)
 
     def _change(self, reg: Interception, msrs: frozenset | None) -> None:
         """Install `reg` with `msrs` (None: remove it), whole, or raise and change nothing."""
@@ -184,17 +192,31 @@ class MsrGate:
     def _intercepted(self) -> frozenset:
         return frozenset().union(*(r.msrs for r in self._interceptions))
 
+    def native_interception(self) -> tuple:
+        """(native, sorted MSRs) for the exit loop's C path: the first registration with a
+        `native`, and the MSRs whose FILTER writes the router would give to its callback (the
+        first registered wins; the owner's filter allows the write); (None, ()) when none.
+        Rebuilt with the handler, under the quiesce of every change."""
+        return self._native
+
     def _routing_handler(self) -> Callable | None:
         """The owner's handler, or, while writes are intercepted, a router in front of it."""
         owner = self._owner
+        self._native = (None, ())
         if not self._interceptions:
             return owner
-        table = {}
+        table, first = {}, {}
         for reg in reversed(self._interceptions):      # the first registered wins
             for i in reg.msrs:
                 table[i] = reg.callback
+                first[i] = reg
         owner_filter = self.msr_filter or MsrFilter()
         owner_mask = self.exit_mask
+        native = next((r.native for r in self._interceptions if r.native is not None), None)
+        if native is not None:
+            self._native = (native, tuple(sorted(
+                i for i, reg in first.items()
+                if reg.native is native and owner_filter.allows(i, WRITE))))
 
         def route(ex):
             if ex.reason == EXIT_REASON_FILTER:

@@ -8,6 +8,8 @@ from importlib import resources
 
 import pytest
 
+from kvmgate.engine import binding
+
 from kvmgate import bench
 from kvmgate.bench.cbaseline import c_loop
 from kvmgate.bench.common import BenchError
@@ -77,12 +79,15 @@ def test_introspect_bench_reports_every_path_and_the_load(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["rounds"] == 7 and res["writes"] == 200
-    assert res["events"] == {"event": 200, "event_v7": 200, "event_sleep": 200, "quiet": 0}
-    assert res["exits"] == {"exit": 200, "event": 200, "event_v7": 200, "event_sleep": 200,
-                            "quiet": 200}
-    assert all(res[k + "_us"] > 0 for k in ("native", "exit", "exit_bare", "event", "event_v7",
-                                            "event_sleep", "quiet", "c_exit", "c_event",
-                                            "c_event_sleep"))
+    assert res["events"] == {"event": 200, "event_py": 200, "event_v7": 200, "event_sleep": 200,
+                             "quiet": 0}
+    assert res["exits"] == {"exit": 200, "event": 200, "event_py": 200, "event_v7": 200,
+                            "event_sleep": 200, "quiet": 200}
+    assert all(res[k + "_us"] > 0 for k in ("native", "exit", "exit_bare", "event", "event_py",
+                                            "event_v7", "event_sleep", "quiet", "c_exit",
+                                            "c_event", "c_event_sleep"))
     assert res["floor_ratio"] > 0 and res["floor_sleep_ratio"] > 0
+    assert res["ratio_py"] > 0 and res["ratio_c"] > 0
+    assert res["c_path"] is binding.available()       # `event` ran on the C event path
     assert "pinned_cpu" not in res
     assert len(res["load_average"]) == 2 and all(len(x) == 3 for x in res["load_average"])

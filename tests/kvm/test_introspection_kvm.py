@@ -985,9 +985,10 @@ def test_register_adds_the_subcommand():
 def test_bench_events_smoke():
     from kvmgate.bench.introspect import bench_events
     r = bench_events(n=100, rounds=1)
-    assert r["events"] == {"event": 100, "event_v7": 100, "event_sleep": 100, "quiet": 0}
-    assert r["exits"] == {"exit": 100, "event": 100, "event_v7": 100, "event_sleep": 100,
-                          "quiet": 100}
+    assert r["events"] == {"event": 100, "event_py": 100, "event_v7": 100, "event_sleep": 100,
+                           "quiet": 0}
+    assert r["exits"] == {"exit": 100, "event": 100, "event_py": 100, "event_v7": 100,
+                          "event_sleep": 100, "quiet": 100}
     assert r["rounds"] == 1 and len(r["loadavg"]) == 3
 
 
