@@ -224,3 +224,81 @@ def test_python_verdicts_by_hand(index, write, data, want):
     cp = compile_policy(parse_policy(PY_VERDICTS, "p.toml"))
     v = python_verdict(cp, index, write, 4, data)
     assert (v.action, v.result, v.value) == want
+
+
+# Every field of a verdict, by hand from the policy below (docs: a rule's description is
+# "FILE:LINE (rule N)", the default's "[policy] default", a section's "[unknown]"; `allow` with
+# log = true is carried out host-initiated, "forward"; a deny default logs; an exit reason the
+# policy has no section for is #GP with no action and no record).
+WHOLE = """
+[policy]
+default = 'deny'
+[unknown]
+action = 'ignore'
+log = true
+[[rule]]
+msr = 0x40000001
+action = 'emulate'
+allowed = [5]
+initial = 1
+log = true
+[[rule]]
+msr = 0x40000005
+action = 'allow'
+log = true
+[[rule]]
+msr = 0x40000003
+action = 'constant'
+value = 9
+log = true
+"""
+WHOLE_TABLE = [
+    # (index, write, reason, data): (action, result, value, rule, log, would_deny, value_dep)
+    ((0x40000001, True, 4, 5), ("emulate", "written", 0, "whole.toml:7 (rule 1)", True, False,
+                                True)),
+    ((0x40000001, True, 4, 6), ("emulate", "#GP", 0, "whole.toml:7 (rule 1)", True, False,
+                                True)),
+    ((0x40000001, False, 4, 0), ("emulate", "value", 1, "whole.toml:7 (rule 1)", True, False,
+                                 False)),
+    ((0x40000005, True, 4, 3), ("forward", "host", 0, "whole.toml:13 (rule 2)", True, False,
+                                False)),
+    ((0x40000005, False, 4, 0), ("forward", "host", 0, "whole.toml:13 (rule 2)", True, False,
+                                 False)),
+    ((0x40000003, False, 4, 0), ("constant", "value", 9, "whole.toml:17 (rule 3)", True, False,
+                                 False)),
+    ((0x40000003, True, 4, 7), ("constant", "dropped", 0, "whole.toml:17 (rule 3)", True,
+                                False, False)),
+    ((0x40000004, False, 4, 0), ("deny", "#GP", 0, "[policy] default", True, False, False)),
+    ((0x123, False, 2, 0), ("ignore", "value", 0, "[unknown]", True, False, False)),
+    ((0x123, True, 2, 8), ("ignore", "dropped", 0, "[unknown]", True, False, False)),
+    ((0x123, True, 1, 0), (None, "#GP", 0, "", False, False, False)),     # no [invalid]
+]
+
+
+@pytest.mark.parametrize("key,want", WHOLE_TABLE)
+def test_python_verdicts_whole(key, want):
+    from kvmgate.engine.verdict import python_verdict
+    cp = compile_policy(parse_policy(WHOLE, "whole.toml"))
+    assert tuple(python_verdict(cp, *key)) == want
+
+
+@pytest.mark.parametrize("key,want", WHOLE_TABLE)
+def test_engine_verdicts_whole(key, want):
+    from kvmgate.engine.verdict import verdict
+    pytest.importorskip("kvmgate.engine._engine", reason="the C engine's verdicts")
+    cp = compile_policy(parse_policy(WHOLE, "whole.toml"))
+    assert tuple(verdict(cp, *key)) == want
+
+
+def test_without_the_engine_verdict_is_the_python_one_and_audit_mode_says_why(monkeypatch):
+    from kvmgate.engine import binding
+    from kvmgate.engine.verdict import verdict
+    monkeypatch.setattr(binding, "available", lambda: False)
+    monkeypatch.setattr(binding, "unavailable_reason", lambda: "no compiler (test)")
+    cp = compile_policy(parse_policy(WHOLE, "whole.toml"))
+    assert [tuple(verdict(cp, *key)) for key, _ in WHOLE_TABLE] == [w for _, w in WHOLE_TABLE]
+    assert [tuple(verdict(cp, *key, mode="enforce")) for key, _ in WHOLE_TABLE] == \
+        [w for _, w in WHOLE_TABLE]
+    with pytest.raises(binding.EngineUnavailable) as e:
+        verdict(cp, 0x40000004, False, 4, mode="audit")
+    assert str(e.value) == "audit-mode verdicts need the C engine: no compiler (test)"
