@@ -378,17 +378,25 @@ static PyObject *HandlerLoop_configure_events(HandlerLoopObject *self, PyObject 
     Py_RETURN_NONE;
 }
 
-static int ev_routed(const HandlerLoopObject *self, uint32_t index)
+/* exit_type(index, is_write, data, reason, vcpu, reply, owner) for the MSR exit in kvm_run
+ * (an MsrExit); NULL with an exception set. */
+static PyObject *msr_record(HandlerLoopObject *self, struct kvm_run *run, int is_write,
+                            PyObject *reply)
 {
-    uint32_t lo = 0, hi = self->ev_n;
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        if (self->ev_msrs[mid] < index)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo < self->ev_n && self->ev_msrs[lo] == index;
+    PyObject *a[7];
+    a[0] = PyLong_FromUnsignedLong(run->msr.index);
+    a[1] = is_write ? Py_True : Py_False;
+    a[2] = PyLong_FromUnsignedLongLong(run->msr.data);
+    a[3] = PyLong_FromUnsignedLong(run->msr.reason);
+    a[4] = self->vid;
+    a[5] = reply;
+    a[6] = self->owner;
+    PyObject *rec = (a[0] && a[2] && a[3]) ? PyObject_Vectorcall(self->exit_type, a, 7, NULL)
+                                           : NULL;
+    Py_XDECREF(a[0]);
+    Py_XDECREF(a[2]);
+    Py_XDECREF(a[3]);
+    return rec;
 }
 
 /* An exit the C event path answered: counted, and kept as an MsrExit when exits are kept. */
@@ -397,19 +405,7 @@ static int ev_answered(HandlerLoopObject *self, struct kvm_run *run)
     __atomic_store_n(&self->live, self->live + 1, __ATOMIC_RELAXED);
     if (self->keep == Py_None)
         return 0;
-    PyObject *a[7];
-    a[0] = PyLong_FromUnsignedLong(run->msr.index);
-    a[1] = Py_True;
-    a[2] = PyLong_FromUnsignedLongLong(run->msr.data);
-    a[3] = PyLong_FromUnsignedLong(run->msr.reason);
-    a[4] = self->vid;
-    a[5] = run->msr.error ? S_GP : Py_None;
-    a[6] = self->owner;
-    PyObject *rec = (a[0] && a[2] && a[3]) ? PyObject_Vectorcall(self->exit_type, a, 7, NULL)
-                                           : NULL;
-    Py_XDECREF(a[0]);
-    Py_XDECREF(a[2]);
-    Py_XDECREF(a[3]);
+    PyObject *rec = msr_record(self, run, 1, run->msr.error ? S_GP : Py_None);
     if (rec == NULL)
         return -1;
     int rc = PyList_Append(self->keep, rec);
@@ -420,19 +416,7 @@ static int ev_answered(HandlerLoopObject *self, struct kvm_run *run)
 /* One MSR exit through the handler: 0, or -1 with an exception set. */
 static int handle_msr(HandlerLoopObject *self, struct kvm_run *run, int is_write)
 {
-    PyObject *a[7];
-    a[0] = PyLong_FromUnsignedLong(run->msr.index);
-    a[1] = is_write ? Py_True : Py_False;
-    a[2] = PyLong_FromUnsignedLongLong(run->msr.data);
-    a[3] = PyLong_FromUnsignedLong(run->msr.reason);
-    a[4] = self->vid;
-    a[5] = Py_None;
-    a[6] = self->owner;
-    PyObject *rec = (a[0] && a[2] && a[3]) ? PyObject_Vectorcall(self->exit_type, a, 7, NULL)
-                                           : NULL;
-    Py_XDECREF(a[0]);
-    Py_XDECREF(a[2]);
-    Py_XDECREF(a[3]);
+    PyObject *rec = msr_record(self, run, is_write, Py_None);
     if (rec == NULL)
         return -1;
     __atomic_store_n(&self->live, self->live + 1, __ATOMIC_RELAXED);
@@ -496,7 +480,7 @@ static PyObject *HandlerLoop_run(HandlerLoopObject *self, PyObject *unused)
         if (rc < 0)
             err = errno;
         else if (self->port != NULL && run->exit_reason == KVM_EXIT_X86_WRMSR &&
-                 run->msr.reason == KVM_MSR_EXIT_REASON_FILTER && ev_routed(self, run->msr.index))
+                 run->msr.reason == KVM_MSR_EXIT_REASON_FILTER && kg_sorted_has(self->ev_msrs, self->ev_n, run->msr.index))
             ev = kg_ev_msr_write(self->port, self->vcpu, self->fd, run);
         Py_END_ALLOW_THREADS
         if (rc < 0) {

@@ -81,19 +81,6 @@ static void count_decision(struct kg_counts *c, const struct kg_decision *d, uin
     e->count = 1;
 }
 
-static int intercepted(const struct kg_loop *l, uint32_t index)
-{
-    uint32_t lo = 0, hi = l->nintercept;
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        if (l->intercept[mid] < index)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo < l->nintercept && l->intercept[lo] == index;
-}
-
 int kg_loop_run(struct kg_loop *l)
 {
     const struct kg_loop_ops *ops = l->ops ? l->ops : &sys_ops;
@@ -127,7 +114,7 @@ int kg_loop_run(struct kg_loop *l)
         uint64_t data = is_write ? run->msr.data : 0;
         if (why == KG_REASON_FILTER &&
             ((l->flags & KG_LOOP_FILTER_RETURNS) ||
-             (is_write && l->nintercept && intercepted(l, index)))) {
+             (is_write && l->nintercept && kg_sorted_has(l->intercept, l->nintercept, index)))) {
             rc = KG_LOOP_EXIT;
             break;
         }
