@@ -118,6 +118,13 @@ def parse_dask(spec: str | None) -> str | None:
 
 DASK_CONNECT_TIMEOUT = 10.0      # seconds to reach a --dask scheduler before giving up
 
+# --dask local:N's cluster: threads in this process, no dashboard, and the scheduler's HTTP
+# server (health and metrics routes, which distributed starts even without a dashboard) on a
+# free port rather than 8787, so two replays at once do not collide (distributed would fall
+# back to another port but print "Port 8787 is already in use").
+LOCAL_CLUSTER_OPTIONS = {"threads_per_worker": 1, "processes": False, "dashboard_address": None,
+                         "scheduler_kwargs": {"dashboard_address": ":0"}}
+
 
 def _map_dask(spec: str, fn: Callable, items: list) -> list:
     try:
@@ -125,8 +132,8 @@ def _map_dask(spec: str, fn: Callable, items: list) -> list:
     except ImportError:
         raise UserError("--dask needs dask.distributed (pip install 'kvmgate[fleet]')") from None
     if spec.startswith("local:"):
-        with LocalCluster(n_workers=int(spec[6:]), threads_per_worker=1, processes=False,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with LocalCluster(n_workers=int(spec[6:]), **LOCAL_CLUSTER_OPTIONS) as cluster, \
+                Client(cluster) as client:
             return client.gather(client.map(fn, *zip(*items), pure=False))
     try:
         client = Client(spec, timeout=DASK_CONNECT_TIMEOUT)

@@ -23,6 +23,7 @@ from kvmgate.trace import (SCHEMA, Summary, Trace, TraceFile, TraceFormatError, 
 from kvmgate.bench.replay import bench_replay, sixteen_range_filter, synthetic_columns
 from kvmgate.trace.pagecheck import PageError, check_column_chunk
 from kvmgate.trace.schema import META_KEY, document_crc
+from kvmgate.trace.sources import LOCAL_CLUSTER_OPTIONS
 from kvmgate.trace.writing import MARKER
 from kvmgate.trace.textimport import parse_lines
 from kvmgate.trace.tracefs import EventLayout, TimeMerger, event_columns, parse_page
@@ -409,8 +410,7 @@ def test_fleet_on_a_dask_local_cluster_equals_in_process(tmp_path):
     paths, _ = _fleet(tmp_path, hosts=50, per_host=1)            # 50 hosts' directories
     decide = lambda i, w, e: "deny" if i % 3 == 0 else "allow"  # noqa: E731
     here = replay(paths, decide, by_host=True)
-    with distributed.LocalCluster(n_workers=3, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=3, **LOCAL_CLUSTER_OPTIONS) as cluster:
         there = replay(paths, decide, by_host=True, dask=cluster.scheduler_address)
         assert len(cluster.scheduler.workers) == 3
     local = replay(paths, decide, by_host=True, dask="local:2")
@@ -418,6 +418,30 @@ def test_fleet_on_a_dask_local_cluster_equals_in_process(tmp_path):
         assert [r.to_dict() for r in rep.rows] == [r.to_dict() for r in here.rows]
         assert rep.totals == here.totals and rep.by_host == here.by_host
         assert [f.to_dict() for f in rep.files] == [f.to_dict() for f in here.files]
+
+
+def test_dask_local_replay_does_not_collide_on_port_8787(tmp_path):
+    """Two `--dask local:N` replays at once (or one beside any program on 8787): the local
+    cluster's HTTP server takes a free port, so distributed has nothing to warn about."""
+    pytest.importorskip("distributed")
+    import socket
+    import warnings
+    paths, _ = _fleet(tmp_path, hosts=2, per_host=1)
+    decide = lambda i, w, e: "allow"  # noqa: E731
+    holder = socket.socket()
+    try:
+        holder.bind(("", 8787))
+        holder.listen()
+    except OSError:                     # already held (e.g. by a second copy of the suite)
+        pass
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rep = replay(paths, decide, by_host=True, dask="local:1")
+    finally:
+        holder.close()
+    assert rep.totals == replay(paths, decide, by_host=True).totals
+    assert [str(w.message) for w in caught if "8787" in str(w.message)] == []
 
 
 def test_duckdb_reads_the_files_and_counts_the_same(tmp_path):
