@@ -91,9 +91,16 @@ def run_vcpu(st, cx: LoopContext) -> None:
             cls = ex.__class__
             if cls is Interrupted:
                 st.live = (n, m, c)
+                # Clear immediate_exit *before* looking at `stopping`: stop() sets `stopping`
+                # first and immediate_exit second, so either this look sees the stop or the
+                # stop's immediate_exit comes after the clear and the next KVM_RUN returns at
+                # once.  The other order loses a stop that lands between the look and the
+                # clear (its signal already spent outside KVM_RUN): the guest runs on.  A
+                # SIGINT that the kernel hands to this thread wakes it at the very moment the
+                # supervisor calls stop(), which is how it was found.
+                vcpu.set_immediate_exit(False)
                 if threads.stopping:
                     return
-                vcpu.set_immediate_exit(False)
                 threads.interrupted(st)
                 continue
             n += 1

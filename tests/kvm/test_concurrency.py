@@ -88,10 +88,8 @@ def test_policy_swaps_under_load_are_atomic_and_audit_counts_add_up():
 
 def test_error_in_one_vcpu_stops_all():
     with Machine("cmp rdi, 1\njne spin\nud2\nspin: jmp spin", vcpus=3) as m:
-        t = time.monotonic()
         with pytest.raises(GuestError, match="vCPU 1.*#UD"):
-            m.run(timeout=30)
-        assert time.monotonic() - t < 5
+            m.run()        # no timeout: only vCPU 1's error can end the run (else pytest-timeout)
 
 
 def test_timeout_stops_all_vcpus():

@@ -181,6 +181,45 @@ def test_interrupted_clears_immediate_exit_and_calls_the_threads_or_stops():
     assert threads.kicks == 0 and st.exits == 0
 
 
+class StopBetween:
+    """vCPU threads whose stop() (as VcpuThreads.stop: `stopping` first, then the kick's
+    immediate_exit; its signal is spent, the thread being outside KVM_RUN) runs right after the
+    loop's first look at `stopping`: the supervisor acting on a SIGINT the kernel delivered to
+    this vCPU's thread, which woke both at once."""
+
+    def __init__(self, vcpu):
+        self.vcpu, self.looks, self.kicks, self._stopping = vcpu, 0, 0, False
+
+    @property
+    def stopping(self):
+        seen = self._stopping
+        self.looks += 1
+        if self.looks == 1:
+            self._stopping = True
+            self.vcpu.set_immediate_exit(True)
+        return seen
+
+    def interrupted(self, st):
+        self.kicks += 1
+
+
+def guest_spins(v):
+    """KVM_RUN of a guest that makes no exits: EINTR at once when immediate_exit is set
+    (KVM_CAP_IMMEDIATE_EXIT), else it would run for ever (the test fails instead)."""
+    if v.run_struct.immediate_exit:
+        return interrupted(v)
+    raise AssertionError("KVM_RUN entered with immediate_exit clear after stop(): stop lost")
+
+
+def test_a_stop_landing_between_the_look_and_the_clear_is_not_lost():
+    v = FakeVcpu([interrupted, guest_spins])      # a stray signal, then the spinning guest
+    threads = StopBetween(v)
+    st = VcpuState(0, v)
+    run_vcpu(st, LoopContext(Gate(None), threads, {}, "machine", None, True))
+    assert threads.looks == 2 and threads.kicks == 1 and v.script == []
+    assert v.run_struct.immediate_exit == 0
+
+
 def test_ports_out_in_and_unhandled_in_reads_all_ones():
     seen = []
     ports = {0x80: lambda m, value: seen.append((m, value)), 0x81: lambda m, value: 0x1234}
