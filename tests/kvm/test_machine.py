@@ -10,6 +10,7 @@ from kvmgate.kvm import Kvm
 from kvmgate import (DEFAULT_ALLOW, DEFAULT_DENY, EXIT_REASON_FILTER,
                      EXIT_REASON_UNKNOWN, READ, WRITE, FilterError, GuestError, InjectGP,
                      KvmError, Machine, MsrFilter, MsrRange)
+from tests.stop_race import StopBetween
 
 pytestmark = pytest.mark.kvm
 
@@ -171,23 +172,7 @@ def test_a_stop_between_the_loops_look_and_its_clear_stops_the_real_vcpu():
         m.reset()                                    # long mode at the program's start
         vcpu = m.vcpus[0]
 
-        class StopBetween:
-            looks = kicks = 0
-            _stopping = False
-
-            @property
-            def stopping(self):
-                seen = self._stopping
-                self.looks += 1
-                if self.looks == 1:
-                    self._stopping = True
-                    vcpu.set_immediate_exit(True)
-                return seen
-
-            def interrupted(self, st):
-                self.kicks += 1
-
-        threads, done, lost = StopBetween(), threading.Event(), []
+        threads, done, lost = StopBetween(vcpu), threading.Event(), []
         me = threading.get_ident()
 
         def watchdog():

@@ -13,6 +13,7 @@ from kvmgate.exits import GuestError
 from kvmgate.msr.model import EXIT_REASON_FILTER, EXIT_REASON_UNKNOWN, MsrFilter, MsrRange, READ, WRITE
 from kvmgate.vcpu_exit import HLT, INTERRUPTED, ExitDecoder, Other, PortIo, Rdmsr, Wrmsr
 from kvmgate.vm import LoopContext, MsrGate, VcpuState, run_vcpu
+from tests.stop_race import StopBetween
 
 IO_DATA = 0x800          # where our fake KVM puts port data (kvm_run.io.data_offset)
 
@@ -179,28 +180,6 @@ def test_interrupted_clears_immediate_exit_and_calls_the_threads_or_stops():
     stopping.stopping = True
     v, st, threads = loop([kicked], None, threads=stopping)       # returns: no HLT needed
     assert threads.kicks == 0 and st.exits == 0
-
-
-class StopBetween:
-    """vCPU threads whose stop() (as VcpuThreads.stop: `stopping` first, then the kick's
-    immediate_exit; its signal is spent, the thread being outside KVM_RUN) runs right after the
-    loop's first look at `stopping`: the supervisor acting on a SIGINT the kernel delivered to
-    this vCPU's thread, which woke both at once."""
-
-    def __init__(self, vcpu):
-        self.vcpu, self.looks, self.kicks, self._stopping = vcpu, 0, 0, False
-
-    @property
-    def stopping(self):
-        seen = self._stopping
-        self.looks += 1
-        if self.looks == 1:
-            self._stopping = True
-            self.vcpu.set_immediate_exit(True)
-        return seen
-
-    def interrupted(self, st):
-        self.kicks += 1
 
 
 def guest_spins(v):
