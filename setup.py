@@ -13,7 +13,7 @@ ENGINE = Extension(
     sources=["csrc/engine.c", "csrc/runloop.c", "csrc/auditfmt.c", "csrc/engine_module.c",
              "csrc/loop_module.c", "csrc/kvmi_event.c", "csrc/event_module.c"],
     depends=["csrc/engine.h", "csrc/runloop.h", "csrc/auditfmt.h", "csrc/pymodule.h",
-             "csrc/kvmi_event.h"],
+             "csrc/kvmi_event.h", "csrc/sorted.h"],
     include_dirs=["csrc"],
     extra_compile_args=CFLAGS,
     optional=True,
@@ -25,7 +25,7 @@ ENGINE = Extension(
 SHIM = Extension(
     "kvmgate.wrap._kvmgate_shim",
     sources=["csrc/shim.c", "csrc/engine.c"],
-    depends=["csrc/engine.h", "csrc/shim_abi.h"],
+    depends=["csrc/engine.h", "csrc/shim_abi.h", "csrc/sorted.h"],
     include_dirs=["csrc"],
     extra_compile_args=CFLAGS,
     libraries=["dl", "pthread"],

@@ -3,6 +3,7 @@
  * the two equal. */
 #define _POSIX_C_SOURCE 200809L
 #include "engine.h"
+#include "sorted.h"
 
 #include <time.h>
 
@@ -232,16 +233,7 @@ static int refused(const struct kg_table_header *t, const struct kg_action *a, u
         return 1;
     if (!(a->flags & KG_AF_HAS_ALLOWED))
         return 0;
-    const uint64_t *v = allowed_of(t) + a->allowed_off;
-    uint32_t lo = 0, hi = a->allowed_n;
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        if (v[mid] < new)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return !(lo < a->allowed_n && v[lo] == new);
+    return !kg_sorted_has64(allowed_of(t) + a->allowed_off, a->allowed_n, new);
 }
 
 /* emulate write: check-and-set against the register (or the initial value if never written) */

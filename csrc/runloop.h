@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "engine.h"
+#include "sorted.h"        /* kg_sorted_has: the intercepted MSRs, the MSRs routed to the C event path */
 
 /* kg_loop_run results (>= 0); negative: -errno of a failed KVM_RUN (-EINTR when interrupted) */
 #define KG_LOOP_EXIT  0   /* kvm_run holds an exit for the caller, unanswered */
@@ -97,20 +98,5 @@ struct kg_loop {
 };
 
 int kg_loop_run(struct kg_loop *l);
-
-/* Whether the ascending array a[0..n) holds x (binary search): the intercepted MSRs here, the
- * MSRs routed to the C event path in csrc/loop_module.c. */
-static inline int kg_sorted_has(const uint32_t *a, uint32_t n, uint32_t x)
-{
-    uint32_t lo = 0, hi = n;
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        if (a[mid] < x)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo < n && a[lo] == x;
-}
 
 #endif
