@@ -1,8 +1,7 @@
 """Supervisor: a running Machine driven by process signals, with no work in a signal handler.
 
-The Python handlers of SIGHUP, SIGINT, SIGTERM and SIGUSR1 do nothing; CPython's C-level
-handler writes each signal's number to a pipe (`signal.set_wakeup_fd`), whichever thread the
-kernel delivered it to.  One ordinary thread reads that pipe and acts:
+SIGHUP, SIGINT, SIGTERM and SIGUSR1 arrive as numbers in a pipe, whichever thread the kernel
+delivered them to (kvmgate.signal_pipe).  One ordinary thread reads that pipe and acts:
 
 * SIGHUP: load, compile and swap the policy file (`Machine.set_policy`; the audit log takes
   its audit_rate, audit_burst and audit_failure).  Any failure is
@@ -18,18 +17,14 @@ thread that holds a lock.  Signals that arrive before the guest runs wait in the
 from __future__ import annotations
 
 import os
-import select
 import signal
 import sys
 import threading
 from typing import Callable
 
-_QUIT = 0          # not a signal number: asks the thread to end
+from .signal_pipe import QUIT, SignalPipe
+
 HANDLED = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-def _ignore(_sig, _frame) -> None:
-    """The Python-level handler: the wakeup fd already has the signal's number."""
 
 
 class Supervisor:
@@ -50,45 +45,22 @@ class Supervisor:
         self.reloads = 0
         self.refused = 0
         self._thread: threading.Thread | None = None
-        self._old_handlers: dict = {}
-        self._old_wakeup = -1
-        self._r = self._w = -1
+        self._pipe = SignalPipe(HANDLED)
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("Supervisor must be entered from the main thread (signals)")
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            for sig in HANDLED:
-                self._old_handlers[sig] = signal.signal(sig, _ignore)
-            self._old_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-        except BaseException:
-            self._restore()
-            raise
+        self._pipe.open()
         self._thread = threading.Thread(target=self._main, name="kvmgate-supervisor", daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         if self._thread is not None:
-            try:
-                os.write(self._w, bytes([_QUIT]))
-            except OSError:
-                pass
+            self._pipe.quit()
             self._thread.join()
             self._thread = None
-        self._restore()
-
-    def _restore(self) -> None:
-        if self._w >= 0:
-            signal.set_wakeup_fd(self._old_wakeup)
-        for sig, h in self._old_handlers.items():
-            signal.signal(sig, h if h is not None else signal.SIG_DFL)
-        self._old_handlers = {}
-        for fd in (self._r, self._w):
-            if fd >= 0:
-                os.close(fd)
-        self._r = self._w = -1
+        self._pipe.close()
 
     # ---- the supervisor thread
     def _main(self) -> None:
@@ -99,7 +71,7 @@ class Supervisor:
         while True:
             sigs = set(pending)
             pending = []
-            if _QUIT in sigs:
+            if QUIT in sigs:
                 return
             if sigs & {signal.SIGINT, signal.SIGTERM}:
                 if self.stop_signal is None:
@@ -109,24 +81,16 @@ class Supervisor:
                 self._reopen()
             if signal.SIGHUP in sigs and self.stop_signal is None:
                 self.reload()
-            pending = self._read(block=True)
+            pending = self._pipe.read(block=True)
 
     def _wait_running(self, pending: list[int]) -> bool:
         """Until the guest runs, keep what arrives in `pending`; False if asked to quit."""
         while not self.machine.wait_running(0.1):
-            if select.select([self._r], [], [], 0.1)[0]:
-                pending.extend(self._read(block=False))
-                if _QUIT in pending:
+            if self._pipe.readable(0.1):
+                pending.extend(self._pipe.read(block=False))
+                if QUIT in pending:
                     return False
         return True
-
-    def _read(self, block: bool) -> list[int]:
-        if block:
-            select.select([self._r], [], [])
-        try:
-            return list(os.read(self._r, 4096))
-        except BlockingIOError:
-            return []
 
     def reload(self) -> bool:
         """Load, compile and swap the policy file; on any failure say why and keep the old one."""

@@ -10,6 +10,7 @@ import subprocess
 import threading
 
 from ..errors import UserError
+from ..signal_pipe import SignalPipe
 from . import layout
 from .result import report
 
@@ -17,6 +18,8 @@ from .result import report
 class VmmChannel:
     """Needs from session.Wrap: argv, plan, compiled, learner, introspect, shim, err, audit,
     _write_mailbox(), _hook_tool(), the reply condition `_cv` and the threads' targets."""
+
+    _signals: SignalPipe | None = None        # install_signal_handlers()
 
     def _setup_memory(self) -> None:
         p = self.plan
@@ -128,8 +131,9 @@ class VmmChannel:
                 if pidfile:
                     with open(pidfile, "w") as f:
                         f.write(f"{os.getpid()}\n")
-                signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                SignalPipe((signal.SIGHUP,)).open().serve(
+                    {signal.SIGHUP: lambda _sig: self.request_reload()}, "kvmgate-keeper-signals")
                 self._start_threads()
                 report(self.wait(), self.err)
                 code = 0
@@ -151,12 +155,19 @@ class VmmChannel:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
-    def install_signal_handlers(self) -> dict:
-        """SIGHUP reloads; SIGINT/SIGTERM go to the VMM.  Returns the old handlers."""
-        old = {signal.SIGHUP: signal.signal(signal.SIGHUP, lambda *_: self.request_reload())}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old[s] = signal.signal(s, lambda n, _f: self.signal(n))
-        return old
+    def install_signal_handlers(self) -> None:
+        """SIGHUP reloads; SIGINT/SIGTERM go to the VMM; whichever thread of this process the
+        kernel hands them to (kvmgate/signal_pipe.py: a Python handler alone would wait for the
+        main thread, blocked in waitpid, for ever).  wait() puts the old handlers back."""
+        pipe = SignalPipe((signal.SIGHUP, signal.SIGINT, signal.SIGTERM)).open()
+        pipe.serve({signal.SIGHUP: lambda _sig: self.request_reload(),
+                    signal.SIGINT: self.signal, signal.SIGTERM: self.signal}, "kvmgate-wrap-signals")
+        self._signals = pipe
+
+    def restore_signal_handlers(self) -> None:
+        pipe, self._signals = self._signals, None
+        if pipe is not None:
+            pipe.close()
 
 
 __all__ = ["VmmChannel"]

@@ -2,12 +2,14 @@
 reload on a real, unmodified QEMU (microvm + the PVH test guest of pvhguest.py)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -212,6 +214,71 @@ def test_sighup_reloads_into_the_running_vm_and_a_bad_file_keeps_the_old(tmp_pat
     seen = {(r["result"], r["rule"]) for r in audit_records(audit) if "rule" in r}
     assert ("read 0x1", f"{pol}:3 (rule 1)") in seen
     assert seen <= {("read 0x1", f"{pol}:3 (rule 1)"), ("read 0x2", f"{pol}:5 (rule 1)")}
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """A signal for one thread of another process (what the kernel does with a process signal
+    when it picks that thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, sig) != 0:               # SYS_tgkill on x86-64
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {sig})")
+
+
+def _helper_threads(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_a_signal_the_kernel_hands_to_a_helper_thread_still_acts(tmp_path, sig):
+    """A process signal may go to any thread that does not block it.  Handled only as a Python
+    handler it waited for the main thread, blocked in waitpid until the VMM exits: a SIGHUP
+    left the guest spinning on the old policy (found by the two-copy stress, round 11), a
+    SIGTERM never reached QEMU.  Each helper thread of `kvmgate wrap` gets one here; a
+    watchdog kills the wrap and its QEMU after TIMEOUT s, so a lost signal fails the test."""
+    elf = pvhguest.build([(0x40001234, 0, 0)], tmp_path, vcpus=1, wait=2)
+    rule = '[policy]\ndefault = "allow"\n[[rule]]\nmsr = 0x40001234\naccess = "read"\n' \
+           'action = "constant"\nvalue = {}\n'
+    pol = policy(tmp_path, rule.format(1))
+    proc = subprocess.Popen(wrap_argv("--policy", str(pol)) + pvhguest.qemu_argv(elf, 1), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+    def kill_all():                       # the wrap and its QEMU (which holds the pipes too)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    dog = threading.Timer(TIMEOUT, kill_all)
+    dog.start()
+    lines: list[str] = []
+    try:
+        _until(proc.stderr, "active in VMM", lines)
+        _until(proc.stdout, "W", lines)                           # the guest spins on 1
+        pol.write_text(rule.format(2))
+        sent = 0
+        for tid in _helper_threads(proc.pid):
+            try:
+                _tgkill(proc.pid, tid, sig)
+            except ProcessLookupError:                            # a thread that just ended
+                continue
+            sent += 1
+            if sig == signal.SIGTERM:
+                break
+        assert sent
+        if sig == signal.SIGHUP:
+            _until(proc.stderr, "kvmgate: reloaded", lines)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        dog.cancel()
+        kill_all()
+        proc.wait()
+    if sig == signal.SIGHUP:
+        assert proc.returncode == pvhguest.EXIT_OK, "".join(lines) + err
+        assert pvhguest.parse(out)[(0, 0x40001234, 0)] == (2, 0)
+    else:
+        assert "terminating on signal 15" in err, "".join(lines) + err   # QEMU got it
+        assert proc.returncode == 0
 
 
 def test_sigterm_goes_to_the_vmm(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "kvmgate"
 LAYERS = [
     {"uapi", "errors", "report", "schemas", "inputs", "argtypes"},  # ABI facts, errors, tables, user files, options
-    {"kvm", "vcpu_exit", "asm", "hostinfo"},                   # fds, ioctls, decoded exits; the assembler
+    {"kvm", "vcpu_exit", "asm", "hostinfo", "signal_pipe"},    # fds, ioctls, decoded exits; the assembler; signals as fds
     {"msr"},                                                   # the pure MSR model
     {"guest", "exits", "vm", "machine"},                       # guests, the machine and its exit loop
     {"policy", "audit", "probe", "trace", "introspection", "learn", "demo", "supervise", "metrics",
