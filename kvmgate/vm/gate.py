@@ -106,27 +106,34 @@ class MsrGate:
 
     def enable_user_space_msr(self, mask: int) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): which failure reasons exit to user space
-        (interceptions add FILTER)."""
+        (interceptions add FILTER).  The interception router is rebuilt with the new mask, under
+        the quiesce, so it never answers by an older one."""
         if not isinstance(mask, int) or not 0 <= mask <= U64:
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", self.vm, f"mask {mask!r} is not a u64")
-        self.vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR,
-                           mask | (EXIT_REASON_FILTER if self._intercepted() else 0))
-        self.exit_mask = mask & EXIT_REASON_VALID_MASK
+        with self._quiesced():                    # the router answers by the owner's mask
+            self.vm.enable_cap(u.KVM_CAP_X86_USER_SPACE_MSR,
+                               mask | (EXIT_REASON_FILTER if self._intercepted() else 0))
+            self.exit_mask = mask & EXIT_REASON_VALID_MASK
+            self.handler = self._routing_handler()
 
     def set_msr_filter(self, flt: MsrFilter | None) -> None:
         """KVM_X86_SET_MSR_FILTER; None removes filtering.  Validated first: a rejected filter
-        raises FilterError with the kernel's errno and leaves the installed filter untouched."""
+        raises FilterError with the kernel's errno and leaves the installed filter untouched.
+        The interception router is rebuilt with the new filter, under the quiesce, so it never
+        lets an intercepted write through that the owner's filter now denies."""
         new = flt if flt is not None else MsrFilter()
         new.validate()
         msrs = self._intercepted()
         if msrs:
             new = deny_writes_first(new, msrs)
         raw, _bitmaps = marshal_filter(new)       # _bitmaps: alive until the ioctl returns
-        try:
-            self.vm.set_msr_filter(raw)
-        except KvmError as e:
-            raise FilterError(f"kernel rejected the filter: {e.strerror}", e.errno) from None
-        self.msr_filter = flt
+        with self._quiesced():                    # the router answers by the owner's filter
+            try:
+                self.vm.set_msr_filter(raw)
+            except KvmError as e:
+                raise FilterError(f"kernel rejected the filter: {e.strerror}", e.errno) from None
+            self.msr_filter = flt
+            self.handler = self._routing_handler()
 
     def set_policy(self, machine, policy, audit=None) -> None:
         """Bind and install filter, exit mask and handler whole (see Machine.set_policy)."""

@@ -96,3 +96,21 @@ def test_router_injects_gp_like_the_kernel_when_the_owner_has_no_filter_exits():
     assert routed.regs.r8 == alone.regs.r8 == 0
     assert routed.regs.r9 == alone.regs.r9
     assert owner_alone == [] and owner_routed == [] and tool == []
+
+
+def test_router_follows_an_owner_filter_and_mask_set_after_the_interception():
+    """The owner may change its filter and mask on their own while writes are intercepted: the
+    router must answer by the owner's current filter (LSTAR writes now denied: #GP as the
+    kernel alone, the tool never sees them), not the one it was built with (allow all)."""
+    alone, _, _ = _run(intercept=False)
+    tool_calls = []
+    with Machine(GUEST) as m:
+        m.on_msr(lambda ex: None if ex.is_write else 0x1234)
+        m.intercept_msr_writes({LSTAR, 0x1b}, lambda ex: tool_calls.append(ex))
+        m.set_msr_filter(OWNER)
+        m.enable_user_space_msr(0)
+        r = m.run(timeout=10)
+        assert [(f.index, f.rip) for f in r.gp_faults] == [(f.index, f.rip) for f in alone.gp_faults]
+        assert m.get_msrs([LSTAR])[LSTAR] != 0x1000
+    assert tool_calls == []
+    assert r.regs.r8 == 0 and r.regs.r9 == alone.regs.r9
