@@ -58,7 +58,7 @@ class BulkEntry:
         with self._lock:
             if self._fd < 0:
                 try:
-                    ok = self._write(data)
+                    ok = self._write(data.decode())
                 except AuditFailure as e:
                     self.failed += lines - 1
                     e.lines_written = 0
@@ -251,18 +251,18 @@ class AuditLog(BulkEntry):
                 raise error
 
     # ---- with _lock held
-    def _write(self, line: str | bytes) -> bool:
-        """One whole line (or several, as bytes), or nothing: True when written.  A failure raises AuditFailure
-        ("stop") or warns once per failing stretch ("warn")."""
+    def _write(self, line: str) -> bool:
+        """Whole lines (one record, or BulkEntry's several), or nothing: True when written.  A
+        failure raises AuditFailure ("stop") or warns once per failing stretch ("warn")."""
         if self._fd < 0:
             if self._out is None:
                 return True
             try:
-                self._out.write(line if isinstance(line, str) else line.decode())
+                self._out.write(line)
                 return True
             except (OSError, ValueError) as e:
                 return self._failed(getattr(e, "errno", None) or errno.EIO, str(e))
-        _keep, failure = self._append(line.encode() if isinstance(line, str) else line)
+        _keep, failure = self._append(line.encode())
         return True if failure is None else self._failed(*failure)
 
     def _append(self, data: bytes) -> tuple[int, tuple[int, str] | None]:

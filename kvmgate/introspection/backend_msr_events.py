@@ -63,7 +63,7 @@ class MsrEvents:
                 else STATE_MSR_INDICES + (msr,)
             values = self._vcpus[vid].get_msrs(wanted)
             old = values.get(msr)
-        if old is None or old == new:
+        if old is None or not ids.msr_write_is_event(old, new):
             return None
         self._events += 1
         state = st.fill(values)

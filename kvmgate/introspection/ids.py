@@ -21,6 +21,13 @@ def VCPU(n: int) -> int:
     return (n << 1) | 1
 
 
+def msr_write_is_event(old: int, new: int) -> bool:
+    """KVMI's rule for a write to an MSR the tool controls (docs/introspection.md §3, MSR):
+    only a write that changes the value is an MSR event.  The one place Python states it (the
+    server, and the backends that skip the event's work early); csrc/kvmi_event.c is C's."""
+    return old != new
+
+
 # Message ids the owner uses to send events (message 0 = VM event, 1 = vCPU event/its reply).
 MSG_VM_EVENT = VM(0)
 MSG_VCPU_EVENT = VCPU(0)

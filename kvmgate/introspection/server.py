@@ -280,7 +280,7 @@ class IntrospectionServer(ToolState):
         CONTINUE: write the returned value (the tool's); RETRY/CRASH: the value is `old`.
         No event (not controlled, not enabled, not allowed, unchanged, no tool): (CONTINUE, new).
         """
-        if old == new or self._closed:
+        if not ids.msr_write_is_event(old, new) or self._closed:
             return CONTINUE, new
         msrs = self._msrs.get(vcpu)
         if not msrs or msr not in msrs:

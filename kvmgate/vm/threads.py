@@ -131,8 +131,7 @@ class VcpuThreads:
     def started(self, st: VcpuState) -> None:
         """On the vCPU's own thread after enter(), before its first KVM_RUN: the kick hooks,
         as after a kick (a hook that finds nothing to do returns at once)."""
-        for hook in self._kick_hooks:
-            hook(st.index)
+        self._call_kick_hooks(st)
 
     def leave(self, st: VcpuState) -> None:
         with self._park:
@@ -144,6 +143,9 @@ class VcpuThreads:
         pause is requested, then call the kick hooks."""
         if self._pause_req:
             self._parked(st)
+        self._call_kick_hooks(st)
+
+    def _call_kick_hooks(self, st: VcpuState) -> None:
         for hook in self._kick_hooks:
             hook(st.index)
 

@@ -160,7 +160,7 @@ class WrapBackend(Backend):
         action, value = CONTINUE, slot.new_value
         if intro is not None and kind == layout.KVMI_KIND_MSR:
             if intro.msr_wanted(vid, slot.msr):
-                self.msr_events += slot.old_value != slot.new_value    # else no event (KVMI)
+                self.msr_events += ids.msr_write_is_event(slot.old_value, slot.new_value)
                 action, value = intro.msr_event(vid, slot.msr, slot.old_value, slot.new_value,
                                                 self._state(vid))
         elif intro is not None and kind == layout.KVMI_KIND_PAUSE:
