@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvmgate.wrap import pvhguest
+from tests.qemu import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 EFER = 0xC0000080
@@ -36,7 +37,7 @@ def wrap_argv(*opts) -> list[str]:
 
 
 def run(argv, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
+    return procs.run(argv, TIMEOUT, cwd=ROOT, env=env)
 
 
 def policy(tmp_path, text, name="p.toml") -> Path:
@@ -186,9 +187,9 @@ def test_sighup_reloads_into_the_running_vm_and_a_bad_file_keeps_the_old(tmp_pat
            'action = "constant"\nlog = true\nvalue = {}\n'
     pol = policy(tmp_path, rule.format("", 1))
     audit = tmp_path / "a.jsonl"
-    proc = subprocess.Popen(wrap_argv("--policy", str(pol), "--audit", str(audit))
-                            + pvhguest.qemu_argv(elf, 2), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = procs.start(wrap_argv("--policy", str(pol), "--audit", str(audit))
+                       + pvhguest.qemu_argv(elf, 2), cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
         _until(proc.stderr, "active in VMM", lines)
@@ -203,9 +204,7 @@ def test_sighup_reloads_into_the_running_vm_and_a_bad_file_keeps_the_old(tmp_pat
         _until(proc.stderr, "kvmgate: reloaded", lines)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        procs.kill_group(proc)
     assert proc.returncode == pvhguest.EXIT_OK, "".join(lines) + err
     res = pvhguest.parse(out)
     assert res[(0, 0x40001234, 0)] == (2, 0) and res[(1, 0x40001234, 0)] == (2, 0)
@@ -239,17 +238,9 @@ def test_a_signal_the_kernel_hands_to_a_helper_thread_still_acts(tmp_path, sig):
     rule = '[policy]\ndefault = "allow"\n[[rule]]\nmsr = 0x40001234\naccess = "read"\n' \
            'action = "constant"\nvalue = {}\n'
     pol = policy(tmp_path, rule.format(1))
-    proc = subprocess.Popen(wrap_argv("--policy", str(pol)) + pvhguest.qemu_argv(elf, 1), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-    def kill_all():                       # the wrap and its QEMU (which holds the pipes too)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    dog = threading.Timer(TIMEOUT, kill_all)
+    proc = procs.start(wrap_argv("--policy", str(pol)) + pvhguest.qemu_argv(elf, 1), cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dog = threading.Timer(TIMEOUT, procs.kill_group, (proc,))   # the wrap and its QEMU
     dog.start()
     lines: list[str] = []
     try:
@@ -271,8 +262,7 @@ def test_a_signal_the_kernel_hands_to_a_helper_thread_still_acts(tmp_path, sig):
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         dog.cancel()
-        kill_all()
-        proc.wait()
+        procs.kill_group(proc)
     if sig == signal.SIGHUP:
         assert proc.returncode == pvhguest.EXIT_OK, "".join(lines) + err
         assert pvhguest.parse(out)[(0, 0x40001234, 0)] == (2, 0)
@@ -283,7 +273,7 @@ def test_a_signal_the_kernel_hands_to_a_helper_thread_still_acts(tmp_path, sig):
 
 def test_sigterm_goes_to_the_vmm(tmp_path):
     elf = pvhguest.build([(0x40001234, 0, 0)], tmp_path, vcpus=1, wait=7)   # spins for ever
-    proc = subprocess.Popen(wrap_argv() + pvhguest.qemu_argv(elf, 1), cwd=ROOT,
+    proc = procs.start(wrap_argv() + pvhguest.qemu_argv(elf, 1), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
@@ -291,9 +281,7 @@ def test_sigterm_goes_to_the_vmm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        procs.kill_group(proc)
     assert "terminating on signal 15" in err                     # QEMU got it
     assert proc.returncode == 0                                  # and QEMU's code is ours
 
@@ -368,8 +356,8 @@ def test_monitor_stop_cont_reset_quit_while_the_policy_answers(tmp_path):
     sock = tmp_path / "qmp.sock"
     argv = [a for a in pvhguest.qemu_argv(elf, 2) if a != "-no-reboot"]   # reset = reboot
     argv += ["-qmp", f"unix:{sock},server=on,wait=off"]
-    proc = subprocess.Popen(wrap_argv("--policy", str(pol), "--metrics-port", "0", "--json") + argv,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = procs.start(wrap_argv("--policy", str(pol), "--metrics-port", "0", "--json") + argv,
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = Lines(proc)
 
     def answered_more_than(url, n):
@@ -399,9 +387,7 @@ def test_monitor_stop_cont_reset_quit_while_the_policy_answers(tmp_path):
     finally:
         if qmp is not None:
             qmp.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        procs.kill_group(proc)
     assert proc.returncode == 0, "".join(lines.seen)
     assert summary["exits"]["policy"] > before
 

@@ -5,7 +5,6 @@ audit records except time and RIP (the two images differ)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from kvmgate.audit import AuditLog
 from kvmgate.machine import Machine
 from kvmgate.policy import load_policy
 from kvmgate.wrap import pvhguest
+from tests.qemu import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 LSTAR_OK = 0xFFFFFFFF81A00000
@@ -119,9 +119,8 @@ def run_machine(policy_path: Path, audit_path: Path) -> dict:
 
 def run_wrap(policy_path: Path, audit_path: Path, tmp: Path) -> dict:
     elf = pvhguest.build(ACCESSES, tmp, vcpus=2)
-    r = subprocess.run([sys.executable, "-m", "kvmgate", "wrap", "--policy", str(policy_path),
-                        "--audit", str(audit_path), "--", *pvhguest.qemu_argv(elf, 2)],
-                       check=False, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = procs.run([sys.executable, "-m", "kvmgate", "wrap", "--policy", str(policy_path),
+                   "--audit", str(audit_path), "--", *pvhguest.qemu_argv(elf, 2)], 60, cwd=ROOT)
     assert r.returncode == pvhguest.EXIT_OK, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("R ")]
     out = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmgate.wrap import pvhguest
+from tests.qemu import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
@@ -71,10 +72,10 @@ def _run_scraped(tmp_path, log: str):
     pol.write_text(RULE.format(log=log, value=1))
     prom = tmp_path / "prom" / "kvmgate.prom"
     prom.parent.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "kvmgate", "wrap", "--policy", str(pol),
-                             "--metrics-port", "0", "--metrics-file", str(prom), "--json", "--"]
-                            + pvhguest.qemu_argv(elf, 1), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = procs.start([sys.executable, "-m", "kvmgate", "wrap", "--policy", str(pol),
+                        "--metrics-port", "0", "--metrics-file", str(prom), "--json", "--"]
+                       + pvhguest.qemu_argv(elf, 1), cwd=ROOT, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines = Lines(proc)
     try:
         url = re.search(r"(http://\S+/metrics)", lines.wait("stderr", "metrics on")).group(1)
@@ -91,9 +92,7 @@ def _run_scraped(tmp_path, log: str):
         lines.wait("stderr", "kvmgate: reloaded")
         proc.wait(timeout=TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        procs.kill_group(proc)
     assert proc.returncode == pvhguest.EXIT_OK, "".join(lines.seen)
     return first, second, prom
 
