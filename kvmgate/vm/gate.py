@@ -194,7 +194,7 @@ class MsrGate:
                 self._interceptions, reg.msrs = old_regs, old_msrs
                 self.set_msr_filter(self.msr_filter)
                 raise
-            self.handler = self._routing_handler()
+            # the handler: rebuilt with the new interceptions by the two calls above
 
     def _intercepted(self) -> frozenset:
         return frozenset().union(*(r.msrs for r in self._interceptions))

@@ -158,7 +158,9 @@ class VmmChannel:
     def install_signal_handlers(self) -> None:
         """SIGHUP reloads; SIGINT/SIGTERM go to the VMM; whichever thread of this process the
         kernel hands them to (kvmgate/signal_pipe.py: a Python handler alone would wait for the
-        main thread, blocked in waitpid, for ever).  wait() puts the old handlers back."""
+        main thread, blocked in waitpid, for ever).  They stay until restore_signal_handlers():
+        a SIGHUP or SIGTERM after the VMM is gone then does nothing (SIG_DFL would end the
+        wrap before its summary)."""
         pipe = SignalPipe((signal.SIGHUP, signal.SIGINT, signal.SIGTERM)).open()
         pipe.serve({signal.SIGHUP: lambda _sig: self.request_reload(),
                     signal.SIGINT: self.signal, signal.SIGTERM: self.signal}, "kvmgate-wrap-signals")

@@ -305,8 +305,6 @@ class Wrap(VmmChannel, ToolHookup):
         if rc is not None and rc < 0:
             rc = 128 - rc
         exits = self.stats()
-        if threading.current_thread() is threading.main_thread():
-            self.restore_signal_handlers()
         return WrapResult(rc, self.active.is_set(), list(self.failures), self.audit.summary(),
                           exits, {"written": self.audit.written, "suppressed": self.audit.suppressed,
                                   "ring_dropped": self.ring_drops()}, dict(self.reloads))
